@@ -1,0 +1,99 @@
+// CPU kernel of fastdiff::timestep_embedding: rows in parallel (at::parallel_for), the
+// per-row frequency loop vectorized by the compiler through the branch-free sincos of
+// csrc/kernels/embedding.h (built for AVX-512, AVX2 and baseline; picked at load time).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include <cstring>
+
+#include "../kernels/embedding.h"
+#include "../checks.h"
+
+namespace fastdiff {
+namespace {
+
+using embedding::Layout;
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTDIFF_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define FASTDIFF_CLONES
+#endif
+
+// One row's sin/cos columns; out has `dim` entries.
+template <typename acc>
+FASTDIFF_CLONES void embed_row(acc ts, acc slope, const acc* __restrict freqs, acc scale,
+                               bool derivative, const Layout L, acc* __restrict out) {
+  acc* __restrict sin_col = out + L.sin_off;
+  acc* __restrict cos_col = out + L.cos_off;
+  if (derivative) {
+    for (int64_t k = 0; k < L.half; ++k)
+      embedding::pair<acc>(ts, slope, freqs[k], scale, true, sin_col + k, cos_col + k);
+  } else {
+    for (int64_t k = 0; k < L.half; ++k)
+      embedding::pair<acc>(ts, slope, freqs[k], scale, false, sin_col + k, cos_col + k);
+  }
+  if (L.dim % 2) out[L.dim - 1] = acc(0);
+}
+
+template <typename T, typename acc>
+void embed_rows(const T* t, const acc* freqs, const acc* table, int64_t rows, int64_t B,
+                const Layout L, acc scale, double width, double end, bool derivative, acc* out) {
+  constexpr bool kInt = std::is_integral<T>::value;
+  // Mapping precision: double for integer t (exact), else t's accumulation type; the
+  // shared time is rounded back to t's own type, as fastdiff.TimeSharing returns it.
+  using map_t = typename std::conditional<kInt, double, acc_t<T>>::type;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(L.dim, 1));
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      acc* row = out + b * L.dim;
+      if (kInt && table != nullptr && !derivative) {
+        const int64_t ti = static_cast<int64_t>(t[b]);
+        if (ti >= 0 && ti < rows) {
+          std::memcpy(row, table + ti * L.dim, sizeof(acc) * L.dim);
+          continue;
+        }
+      }
+      const map_t tv = static_cast<map_t>(t[b]);
+      const map_t ts = static_cast<map_t>(static_cast<T>(
+          embedding::share<map_t>(tv, static_cast<map_t>(width), static_cast<map_t>(end))));
+      const acc slope = embedding::share_slope<map_t>(tv, static_cast<map_t>(end));
+      embed_row<acc>(static_cast<acc>(ts), slope, freqs, scale, derivative, L, row);
+    }
+  });
+}
+
+at::Tensor timestep_embedding_cpu(const at::Tensor& t, const at::Tensor& freqs,
+                                  const c10::optional<at::Tensor>& table, int64_t dim,
+                                  bool flip, double scale, double width, double end,
+                                  bool derivative) {
+  check_embedding_args(t, freqs, table, dim, width, end);
+  auto tc = t.contiguous();
+  auto fc = freqs.contiguous();
+  const int64_t B = tc.size(0);
+  auto out = at::empty({B, dim}, freqs.options());
+  at::Tensor tab;
+  if (table.has_value() && table->defined()) tab = table->contiguous();
+  const Layout L(dim, flip);
+  AT_DISPATCH_FLOATING_TYPES(freqs.scalar_type(), "timestep_embedding_cpu_out", [&] {
+    using acc = scalar_t;
+    const acc* tab_ptr = tab.defined() ? tab.data_ptr<acc>() : nullptr;
+    const int64_t rows = tab.defined() ? tab.size(0) : 0;
+    AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, tc.scalar_type(),
+                               "timestep_embedding_cpu", [&] {
+      embed_rows<scalar_t, acc>(tc.data_ptr<scalar_t>(), fc.data_ptr<acc>(), tab_ptr, rows, B, L,
+                                static_cast<acc>(scale), width, end, derivative,
+                                out.data_ptr<acc>());
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {
+  m.impl("timestep_embedding", &timestep_embedding_cpu);
+}
+
+}  // namespace fastdiff

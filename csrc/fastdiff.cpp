@@ -1,0 +1,21 @@
+// Op schemas: the one place every fastdiff op is declared. Backends register
+// implementations with TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp and csrc/cuda/*.cpp; fake
+// kernels, autograd and forward-AD rules live in fastdiff/_ops.py and fastdiff/embedding.py.
+// fastdiff/_ops.py holds the same strings for the no-extension fallback.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastdiff, m) {
+  m.def(
+      "timestep_embedding(Tensor t, Tensor freqs, Tensor? table, int dim, bool flip_sin_to_cos, "
+      "float scale, float share_width, float share_end, bool derivative) -> Tensor");
+  m.def(
+      "sampler_step(Tensor x, Tensor? x_base, Tensor model_out, Tensor? model_out_cond, "
+      "Tensor[] history, Tensor? noise, Tensor coeffs, bool clamp, int n_out) -> Tensor[]");
+  m.def("diff_norm(Tensor a, Tensor b) -> Tensor");
+}
+
+// A Python module so that `import fastdiff._C` loads the library (and runs the
+// registrations above); it exposes no functions of its own.
+static struct PyModuleDef fastdiff_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastdiff_module); }

@@ -1,0 +1,15 @@
+"""fastdiff: fused C++/CUDA/Triton kernels for diffusion models.
+
+E-TSDM time sharing, fused sampler steps, Lipschitz probes and SingDiffusion behind a
+thin API that drops into an existing PyTorch UNet.
+"""
+from ._ops import backends, get_backend, set_backend
+from .embedding import SinusoidalEmbedding, patch_time_embedding, timestep_embedding
+from .schedules import TimeSharing
+from .wrappers import ETSDM, etsdm
+
+__version__ = "0.1.0"
+
+__all__ = ["backends", "get_backend", "set_backend", "timestep_embedding",
+           "SinusoidalEmbedding", "patch_time_embedding", "TimeSharing", "ETSDM", "etsdm",
+           "__version__"]

@@ -1,0 +1,290 @@
+"""The op registry: loads the compiled extension, registers fake (meta) kernels and
+autograd / forward-AD / vmap rules, and holds the pure-PyTorch reference of every op.
+
+Schemas live in one place, ``csrc/fastdiff.cpp``; when the extension is missing the
+same schemas are defined here and the reference implementations registered for every
+device, so the public API behaves identically (only slower).
+
+Backends for an op call are chosen per tensor device:
+  * ``torch.ops.fastdiff.*`` dispatches to the C++ CPU or CUDA kernel;
+  * on CUDA tensors the Triton kernel is used instead when ``FASTDIFF_BACKEND=triton``
+    (or ``set_backend("triton")``) and triton is importable;
+  * ``set_backend("reference")`` forces the pure-torch path (for debugging).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from .schedules import share_tensor
+
+__all__ = ["backends", "set_backend", "get_backend", "HAS_EXTENSION"]
+
+# Every op's schema. Must match csrc/fastdiff.cpp exactly; used only when the
+# extension failed to load (then the references serve as the CPU/CUDA kernels).
+SCHEMAS = {
+    "timestep_embedding": (
+        "timestep_embedding(Tensor t, Tensor freqs, Tensor? table, int dim, bool flip_sin_to_cos, "
+        "float scale, float share_width, float share_end, bool derivative) -> Tensor"),
+    "sampler_step": (
+        "sampler_step(Tensor x, Tensor? x_base, Tensor model_out, Tensor? model_out_cond, "
+        "Tensor[] history, Tensor? noise, Tensor coeffs, bool clamp, int n_out) -> Tensor[]"),
+    "diff_norm": "diff_norm(Tensor a, Tensor b) -> Tensor",
+}
+
+_LOAD_ERROR = None
+try:
+    from . import _C  # noqa: F401  (registers the ops with the dispatcher)
+    HAS_EXTENSION = True
+except ImportError as e:  # pragma: no cover - exercised by the no-extension test
+    HAS_EXTENSION = False
+    _LOAD_ERROR = e
+
+_lib_fallback = None
+if not HAS_EXTENSION:
+    warnings.warn(
+        f"fastdiff: the compiled extension fastdiff._C could not be loaded ({_LOAD_ERROR}); "
+        "running on the pure-PyTorch reference ops (correct, but slower). Reinstall with "
+        "`pip install --no-build-isolation .` to build the kernels.", RuntimeWarning, stacklevel=2)
+    _lib_fallback = torch.library.Library("fastdiff", "DEF")
+    for _schema in SCHEMAS.values():
+        _lib_fallback.define(_schema)
+
+
+def _has_cuda_kernel(name: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdiff::{name}", "CUDA")
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+_BACKEND = os.environ.get("FASTDIFF_BACKEND", "auto").lower()
+_VALID_BACKENDS = ("auto", "kernels", "triton", "reference")
+if _BACKEND not in _VALID_BACKENDS:
+    raise ValueError(f"FASTDIFF_BACKEND must be one of {_VALID_BACKENDS}, got {_BACKEND!r}")
+
+
+def set_backend(name: str) -> None:
+    """Choose the implementation used by the public API.
+
+    ``"auto"`` (default): compiled kernels (C++ on CPU, CUDA on GPU); ``"kernels"``: the
+    same, explicitly; ``"triton"``: Triton kernels for CUDA tensors (and for CPU tensors
+    under ``TRITON_INTERPRET=1``, for testing); ``"reference"``: pure PyTorch.
+    """
+    global _BACKEND
+    if name not in _VALID_BACKENDS:
+        raise ValueError(f"backend must be one of {_VALID_BACKENDS}, got {name!r}")
+    _BACKEND = name
+
+
+def get_backend() -> str:
+    """The backend name set by :func:`set_backend` or ``FASTDIFF_BACKEND``."""
+    return _BACKEND
+
+
+def use_triton(device: torch.device) -> bool:
+    """Whether the Triton kernel should serve a call on tensors of ``device``."""
+    if _BACKEND != "triton":
+        return False
+    if device.type == "cuda":
+        return True
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_reference() -> bool:
+    return _BACKEND == "reference"
+
+
+def backends() -> dict:
+    """What is available: ``{"cpu_kernels", "cuda_kernels", "triton", "cuda_device",
+    "backend", "torch", "load_error"}``."""
+    ops = list(SCHEMAS)
+    return {
+        "cpu_kernels": HAS_EXTENSION,
+        "cuda_kernels": HAS_EXTENSION and all(_has_cuda_kernel(n) for n in ops),
+        "triton": _triton_available(),
+        "cuda_device": torch.cuda.is_available(),
+        "backend": _BACKEND,
+        "torch": torch.__version__,
+        "load_error": None if _LOAD_ERROR is None else str(_LOAD_ERROR),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# timestep_embedding
+# ---------------------------------------------------------------------------------------
+
+def embedding_ref(t, freqs, table, dim, flip_sin_to_cos, scale, share_width, share_end,
+                  derivative):
+    """Reference of ``fastdiff::timestep_embedding``.
+
+    t: [B] int or float timesteps; freqs: [dim // 2] float32/float64 frequencies (as
+    diffusers computes them); table: optional [R, dim] precomputed embedding of integer
+    t in [0, R) (ignored when ``derivative``). Returns [B, dim] in freqs' dtype: the
+    sinusoidal embedding of f(t) (f the sharing map when ``share_end > 0``), or with
+    ``derivative`` its derivative d emb / d t (zero where t is shared).
+    """
+    half = dim // 2
+    ts = share_tensor(t, share_width, share_end) if share_end > 0 else t
+    arg = scale * (ts.to(freqs.dtype)[:, None] * freqs[None, :])
+    if derivative:
+        dshare = (t >= share_end).to(freqs.dtype) if share_end > 0 else torch.ones_like(arg[:, 0])
+        k = (scale * freqs)[None, :] * dshare[:, None]
+        first, second = torch.cos(arg) * k, -torch.sin(arg) * k
+    else:
+        first, second = torch.sin(arg), torch.cos(arg)
+        if table is not None and not t.is_floating_point():
+            rows = table.shape[0]
+            inside = (t >= 0) & (t < rows)
+            gathered = table.index_select(0, t.clamp(0, rows - 1).long())
+            full = torch.cat([second, first] if flip_sin_to_cos else [first, second], dim=-1)
+            if dim % 2:
+                full = torch.nn.functional.pad(full, (0, 1))
+            return torch.where(inside[:, None], gathered.to(freqs.dtype), full)
+    out = torch.cat([second, first] if flip_sin_to_cos else [first, second], dim=-1)
+    if dim % 2:
+        out = torch.nn.functional.pad(out, (0, 1))
+    return out
+
+
+@torch.library.register_fake("fastdiff::timestep_embedding")
+def _embedding_fake(t, freqs, table, dim, flip_sin_to_cos, scale, share_width, share_end,
+                    derivative):
+    return t.new_empty((t.shape[0], dim), dtype=freqs.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# sampler_step
+# ---------------------------------------------------------------------------------------
+
+STEP_HEAD = 8  # coefficient columns before the output matrix; see step_ref
+
+
+def step_n_basis(n_history: int) -> int:
+    """Number of basis terms of sampler_step: x, x_base, d, noise, then the history."""
+    return 4 + n_history
+
+
+def step_ref(x, x_base, model_out, model_out_cond, history, noise, coeffs, clamp, n_out):
+    """Reference of ``fastdiff::sampler_step``: one fused sampler update.
+
+    All tensors share x's shape [B, ...] and dtype; math in float32 (float64 for float64).
+    ``coeffs`` [B or 1, STEP_HEAD + n_out * n_basis] per-sample scalars:
+
+      col 0  g     guidance: m = mu + g * (mc - mu) when ``model_out_cond`` is given
+      col 1  p_x   col 2 p_m:  x0 = p_x * x + p_m * m   (prediction -> data estimate)
+      col 3  s     col 4 s_div: x0c = clamp(x0, -s, s) / s_div   (only when ``clamp``)
+      col 5  w_x   col 6 w_m   col 7 w_c:  d = w_x * x + w_m * m + w_c * x0c
+      then, for each output o, n_basis coefficients over the basis
+      [x, x_base, d, noise, history_0, ..., history_{H-1}]:  out_o = sum_j C[o, j] * basis_j
+
+    Absent x_base / noise contribute zero. Returns a list of n_out tensors.
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    nb = step_n_basis(len(history))
+    c = coeffs.to(acc)
+    view = (-1,) + (1,) * (x.dim() - 1)
+
+    def col(j):
+        return c[:, j].reshape(view)
+
+    xf = x.to(acc)
+    m = model_out.to(acc)
+    if model_out_cond is not None:
+        m = m + col(0) * (model_out_cond.to(acc) - m)
+    d = col(5) * xf + col(6) * m
+    if clamp:
+        x0 = col(1) * xf + col(2) * m
+        s = col(3)
+        x0c = torch.maximum(torch.minimum(x0, s), -s) / col(4)
+        d = d + col(7) * x0c
+    zeros = torch.zeros_like(xf)
+    basis = [xf, x_base.to(acc) if x_base is not None else zeros, d,
+             noise.to(acc) if noise is not None else zeros] + [h.to(acc) for h in history]
+    outs = []
+    for o in range(n_out):
+        base = STEP_HEAD + o * nb
+        y = col(base) * basis[0]
+        for j in range(1, nb):
+            y = y + col(base + j) * basis[j]
+        outs.append(y.to(x.dtype))
+    return outs
+
+
+@torch.library.register_fake("fastdiff::sampler_step")
+def _step_fake(x, x_base, model_out, model_out_cond, history, noise, coeffs, clamp, n_out):
+    return [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(n_out)]
+
+
+# ---------------------------------------------------------------------------------------
+# diff_norm
+# ---------------------------------------------------------------------------------------
+
+def diff_norm_ref(a, b):
+    """Reference of ``fastdiff::diff_norm``: per-row L2 norm ``||a[i] - b[i]||_2``.
+
+    a, b: [B, ...] same shape and dtype. Returns [B] float32 (float64 for float64
+    inputs), accumulated in that precision.
+    """
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    d = (a.to(acc) - b.to(acc)).reshape(a.shape[0], -1)
+    return torch.linalg.vector_norm(d, dim=1)
+
+
+@torch.library.register_fake("fastdiff::diff_norm")
+def _diff_norm_fake(a, b):
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    return a.new_empty((a.shape[0],), dtype=acc)
+
+
+# ---------------------------------------------------------------------------------------
+# dispatch
+# ---------------------------------------------------------------------------------------
+
+REFERENCE = {"timestep_embedding": embedding_ref, "sampler_step": step_ref,
+             "diff_norm": diff_norm_ref}
+# Triton implementations take exactly the op's arguments (fastdiff/triton/<file>.py).
+TRITON = {"timestep_embedding": ("embedding", "timestep_embedding"),
+          "sampler_step": ("step", "sampler_step"),
+          "diff_norm": ("reduce", "diff_norm")}
+
+if _lib_fallback is not None:
+    for _name, _fn in REFERENCE.items():
+        for _key in ("CPU", "CUDA"):
+            _lib_fallback.impl(_name, _fn, _key)
+
+_kernel_cache: dict = {}
+
+
+def has_kernel(name: str, device_type: str) -> bool:
+    """Whether ``fastdiff::name`` has a compiled kernel for ``device_type`` ("cpu"/"cuda")."""
+    key = (name, device_type)
+    if key not in _kernel_cache:
+        _kernel_cache[key] = HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"fastdiff::{name}", device_type.upper())
+    return _kernel_cache[key]
+
+
+def triton_fn(name: str):
+    import importlib
+    mod, fn = TRITON[name]
+    return getattr(importlib.import_module(f"fastdiff.triton.{mod}"), fn)
+
+
+def call(name: str, *args):
+    """Run op ``name`` on the backend chosen for its first tensor argument's device."""
+    dev = args[0].device
+    if use_reference():
+        return REFERENCE[name](*args)
+    if use_triton(dev):
+        return triton_fn(name)(*args)
+    if not has_kernel(name, dev.type):
+        return REFERENCE[name](*args)
+    return getattr(torch.ops.fastdiff, name)(*args)

@@ -1,0 +1,222 @@
+"""The fused (E-TSDM shared) sinusoidal timestep embedding.
+
+``timestep_embedding`` equals diffusers' ``get_timestep_embedding(f(t), ...)`` with f the
+E-TSDM sharing map (identity when ``sharing=None``), computed in one kernel pass: the
+mapping and sin/cos together, or for integer t a row gather from a cached table.
+It is differentiable in t (backward, forward-AD for ``torch.func.jvp``) and vmappable.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from . import _ops
+from .schedules import TimeSharing
+
+__all__ = ["timestep_embedding", "SinusoidalEmbedding", "patch_time_embedding",
+           "embedding_frequencies"]
+
+# Integer timesteps below this are served from a cached table (a plain row copy);
+# others are computed. 1000 covers the usual DDPM training range.
+TABLE_ROWS = 1000
+
+
+def embedding_frequencies(dim: int, downscale_freq_shift: float = 1.0,
+                          max_period: float = 10000.0, device=None,
+                          dtype=torch.float32) -> torch.Tensor:
+    """The [dim // 2] frequencies, with diffusers' exact float32 arithmetic.
+
+    Computed by the same torch ops as ``diffusers.models.embeddings.get_timestep_embedding``
+    so that the kernel's products ``t * freq`` round identically.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(0, half, dtype=torch.float32, device=device)
+    exponent = exponent / (half - downscale_freq_shift)
+    freqs = torch.exp(exponent)
+    return freqs if dtype == torch.float32 else freqs.to(dtype)
+
+
+@lru_cache(maxsize=64)
+def _cached_freqs(dim, shift, max_period, device, dtype):
+    return embedding_frequencies(dim, shift, max_period, device, dtype)
+
+
+@lru_cache(maxsize=64)
+def _cached_table(dim, flip, shift, scale, max_period, width, end, device, dtype):
+    freqs = _cached_freqs(dim, shift, max_period, device, dtype)
+    t = torch.arange(TABLE_ROWS, device=device)
+    return _dispatch(t, freqs, None, dim, flip, scale, width, end, False)
+
+
+def _dispatch(t, freqs, table, dim, flip, scale, width, end, derivative):
+    return _ops.call("timestep_embedding", t, freqs, table, dim, flip, scale, width, end,
+                     derivative)
+
+
+class _Embedding(torch.autograd.Function):
+    """d emb / d t is itself one fused kernel pass (``derivative=True``)."""
+
+    @staticmethod
+    def forward(t, freqs, table, dim, flip, scale, width, end):
+        return _dispatch(t, freqs, table, dim, flip, scale, width, end, False)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        t, freqs, _, dim, flip, scale, width, end = inputs
+        ctx.save_for_backward(t, freqs)
+        ctx.args = (dim, flip, scale, width, end)
+
+    @staticmethod
+    def _derivative(ctx, t, freqs):
+        dim, flip, scale, width, end = ctx.args
+        return _dispatch(t, freqs, None, dim, flip, scale, width, end, True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        t, freqs = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 8
+        d = _Embedding._derivative(ctx, t.detach(), freqs)
+        return ((grad * d).sum(-1).to(t.dtype),) + (None,) * 7
+
+    @staticmethod
+    def jvp(ctx, t_dot, *_):
+        t, freqs = ctx.saved_tensors
+        d = _Embedding._derivative(ctx, t, freqs)
+        return d * t_dot.to(d.dtype)[:, None]
+
+    @staticmethod
+    def vmap(info, in_dims, t, freqs, table, dim, flip, scale, width, end):
+        # Only t may be batched: fold the vmapped dim into the op's batch dim.
+        if any(d is not None for d in in_dims[1:]):
+            raise ValueError("timestep_embedding: only t may be vmapped over")
+        bd = in_dims[0]
+        t = t.movedim(bd, 0)
+        v, b = t.shape[0], t.shape[1]
+        out = _Embedding.apply(t.reshape(v * b), freqs, table, dim, flip, scale, width, end)
+        return out.reshape(v, b, dim), 0
+
+
+def _check_t(t) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        if isinstance(t, (int, float)) and not isinstance(t, bool):
+            return torch.tensor([t])
+        raise TypeError(f"timestep_embedding: t must be a tensor of shape [B] (or a number), "
+                        f"got {type(t).__name__}")
+    if t.dim() == 0:
+        t = t[None]
+    if t.dim() != 1:
+        raise ValueError(f"timestep_embedding: t must have shape [B], got {tuple(t.shape)}")
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"timestep_embedding: t must be an integer or floating tensor, got {t.dtype}")
+    return t
+
+
+def timestep_embedding(t, dim: int, *, flip_sin_to_cos: bool = False,
+                       downscale_freq_shift: float = 1.0, scale: float = 1.0,
+                       max_period: float = 10000.0, sharing: TimeSharing | None = None
+                       ) -> torch.Tensor:
+    """Sinusoidal timestep embedding of the (optionally E-TSDM shared) time.
+
+    Equals ``diffusers.models.embeddings.get_timestep_embedding(f(t), dim,
+    flip_sin_to_cos, downscale_freq_shift, scale, max_period)``.
+
+    Args:
+        t: [B] integer or floating timesteps (schedule units), any device.
+        dim: embedding width (odd widths are zero-padded like diffusers).
+        sharing: a :class:`TimeSharing` (f of PAPERS.md section 1) or None.
+
+    Returns:
+        [B, dim] float32 (float64 when t is float64). Differentiable in floating t; its
+        derivative is zero inside shared sub-intervals.
+    """
+    t = _check_t(t)
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"timestep_embedding: dim must be a positive int, got {dim!r}")
+    if sharing is not None and not isinstance(sharing, TimeSharing):
+        raise TypeError(f"timestep_embedding: sharing must be a fastdiff.TimeSharing or None, "
+                        f"got {type(sharing).__name__}")
+    half = dim // 2
+    if half > 0 and half - downscale_freq_shift == 0:
+        raise ValueError(f"timestep_embedding: dim // 2 ({half}) must differ from "
+                         f"downscale_freq_shift ({downscale_freq_shift})")
+    width = float(sharing.width) if sharing is not None else 0.0
+    end = float(sharing.t_tilde) if sharing is not None else 0.0
+    out_dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    flip, shift, scale, mp = bool(flip_sin_to_cos), float(downscale_freq_shift), float(scale), float(max_period)
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        freqs = embedding_frequencies(dim, shift, mp, t.device, out_dtype)
+    else:
+        freqs = _cached_freqs(dim, shift, mp, t.device, out_dtype)
+    table = None
+    if not t.is_floating_point() and not compiling and not _ops.use_reference():
+        table = _cached_table(dim, flip, shift, scale, mp, width, end, t.device, out_dtype)
+    if t.is_floating_point() and (t.requires_grad or _is_functorch_wrapped(t)):
+        return _Embedding.apply(t, freqs, table, dim, flip, scale, width, end)
+    if torch._C._functorch.is_batchedtensor(t):
+        return _Embedding.apply(t, freqs, table, dim, flip, scale, width, end)
+    return _dispatch(t, freqs, table, dim, flip, scale, width, end, False)
+
+
+def _is_functorch_wrapped(t: torch.Tensor) -> bool:
+    # jvp / vmap / grad transforms wrap tensors; the autograd.Function path handles them.
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+class SinusoidalEmbedding(nn.Module):
+    """nn.Module form of :func:`timestep_embedding`; a drop-in for diffusers' ``Timesteps``.
+
+    ``forward(t)``: t [B] -> [B, dim] float32. ``sharing`` may be changed at any time.
+    """
+
+    def __init__(self, dim: int, flip_sin_to_cos: bool = False, downscale_freq_shift: float = 1.0,
+                 scale: float = 1.0, max_period: float = 10000.0,
+                 sharing: TimeSharing | None = None):
+        super().__init__()
+        self.num_channels = dim  # diffusers' Timesteps attribute name
+        self.flip_sin_to_cos = flip_sin_to_cos
+        self.downscale_freq_shift = downscale_freq_shift
+        self.scale = scale
+        self.max_period = max_period
+        self.sharing = sharing
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return timestep_embedding(t, self.num_channels, flip_sin_to_cos=self.flip_sin_to_cos,
+                                  downscale_freq_shift=self.downscale_freq_shift,
+                                  scale=self.scale, max_period=self.max_period,
+                                  sharing=self.sharing)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.num_channels}, flip_sin_to_cos={self.flip_sin_to_cos}, "
+                f"downscale_freq_shift={self.downscale_freq_shift}, scale={self.scale}, "
+                f"sharing={self.sharing}")
+
+
+def patch_time_embedding(unet: nn.Module, sharing: TimeSharing | None = None) -> nn.Module:
+    """Replace a diffusers UNet's sinusoidal projection (``unet.time_proj``) in place.
+
+    The new module is the fused :class:`SinusoidalEmbedding` with the same options
+    (dim, flip_sin_to_cos, downscale_freq_shift, scale). With ``sharing=None`` the UNet's
+    output is unchanged; with sharing it equals the original UNet called with f(t).
+    Returns the same ``unet`` object (no weights copied).
+    """
+    proj = getattr(unet, "time_proj", None)
+    if proj is None:
+        raise TypeError(f"patch_time_embedding: {type(unet).__name__} has no `time_proj`; "
+                        "expected a diffusers UNet2DModel / UNet2DConditionModel")
+    if isinstance(proj, SinusoidalEmbedding):
+        proj.sharing = sharing
+        return unet
+    needed = ("num_channels", "flip_sin_to_cos", "downscale_freq_shift")
+    if not all(hasattr(proj, a) for a in needed):
+        raise TypeError(f"patch_time_embedding: unet.time_proj is a {type(proj).__name__}, "
+                        "expected diffusers' sinusoidal `Timesteps` (Fourier projections are "
+                        "not supported)")
+    unet.time_proj = SinusoidalEmbedding(proj.num_channels, proj.flip_sin_to_cos,
+                                         proj.downscale_freq_shift, getattr(proj, "scale", 1),
+                                         sharing=sharing)
+    return unet

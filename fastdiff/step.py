@@ -1,0 +1,134 @@
+"""The fused sampler update: the one tensor pass every sampler step makes.
+
+A sampler computes per-sample scalar coefficients on the host (float64) and calls
+:func:`fused_step`, which reads x, the model output(s), the history and the noise once
+and writes each requested output once. The coefficient layout is documented in
+``fastdiff._ops.step_ref`` (the reference implementation); :class:`StepCoeffs` builds it.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import _ops
+from ._ops import STEP_HEAD, step_n_basis
+
+__all__ = ["fused_step", "StepCoeffs"]
+
+
+class StepCoeffs:
+    """Builder of the ``coeffs`` matrix of :func:`fused_step` (float64, on the host).
+
+    ``B`` rows (one per sample; 1 broadcasts), ``n_out`` outputs, ``n_history`` history
+    tensors. Columns are set by name so samplers read like their equations::
+
+        c = StepCoeffs(B, n_out=2, n_history=1)
+        c.convert(p_x=1/alpha, p_m=-sigma/alpha, w_m=...)      # d from the model output
+        c.out(0, x=a, d=b, h=[c1])                             # x_next
+        c.out(1, d=1.0)                                        # store d for the history
+
+    Every value may be a Python float or a float64 tensor [B].
+    """
+
+    def __init__(self, B: int, n_out: int = 1, n_history: int = 0):
+        self.n_out, self.n_history = n_out, n_history
+        self.nb = step_n_basis(n_history)
+        self.data = torch.zeros(B, STEP_HEAD + n_out * self.nb, dtype=torch.float64)
+        self.data[:, 4] = 1.0  # s_div: no division unless set
+
+    def guidance(self, g) -> "StepCoeffs":
+        """Classifier-free guidance m = m_uncond + g * (m_cond - m_uncond)."""
+        self.data[:, 0] = _col(g)
+        return self
+
+    def convert(self, *, p_x=0.0, p_m=0.0, w_x=0.0, w_m=0.0, w_c=0.0, s=0.0,
+                s_div=1.0) -> "StepCoeffs":
+        """x0 = p_x x + p_m m; x0c = clamp(x0, -s, s) / s_div; d = w_x x + w_m m + w_c x0c."""
+        for j, v in ((1, p_x), (2, p_m), (3, s), (4, s_div), (5, w_x), (6, w_m), (7, w_c)):
+            self.data[:, j] = _col(v)
+        return self
+
+    def out(self, o: int, *, x=0.0, x_base=0.0, d=0.0, noise=0.0, h: Sequence = ()) -> "StepCoeffs":
+        """Output ``o`` = x*x + x_base*x_base + d*d + noise*noise + sum_k h[k]*history[k]."""
+        if not 0 <= o < self.n_out:
+            raise ValueError(f"StepCoeffs.out: output index {o} not in [0, {self.n_out})")
+        if len(h) > self.n_history:
+            raise ValueError(f"StepCoeffs.out: {len(h)} history coefficients for "
+                             f"n_history={self.n_history}")
+        base = STEP_HEAD + o * self.nb
+        for j, v in enumerate((x, x_base, d, noise)):
+            self.data[:, base + j] = _col(v)
+        for k, v in enumerate(h):
+            self.data[:, base + 4 + k] = _col(v)
+        return self
+
+    def tensor(self, dtype=torch.float32, device="cpu") -> torch.Tensor:
+        """The matrix for the kernel: float32 (float64 for float64 samples)."""
+        return self.data.to(device=device, dtype=dtype, non_blocking=True)
+
+
+def _col(v):
+    if isinstance(v, torch.Tensor):
+        return v.to(torch.float64).reshape(-1)
+    return float(v)
+
+
+def _check_like(name, t, x):
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"fused_step: {name} must be a tensor, got {type(t).__name__}")
+    if t.shape != x.shape:
+        raise ValueError(f"fused_step: {name} has shape {tuple(t.shape)}, expected x's shape "
+                         f"{tuple(x.shape)}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"fused_step: {name} has dtype {t.dtype}, expected x's dtype {x.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"fused_step: {name} is on {t.device}, expected x's device {x.device}")
+
+
+def fused_step(x: torch.Tensor, model_out: torch.Tensor, coeffs: torch.Tensor, *,
+               x_base: torch.Tensor | None = None, model_out_cond: torch.Tensor | None = None,
+               history: Sequence[torch.Tensor] = (), noise: torch.Tensor | None = None,
+               clamp: bool = False, n_out: int = 1) -> list[torch.Tensor]:
+    """One fused sampler update (see ``fastdiff._ops.step_ref`` for the exact formula).
+
+    Args:
+        x: [B, ...] current sample (float32/float16/bfloat16/float64).
+        model_out: [B, ...] model output (the unconditional one under guidance).
+        coeffs: [B or 1, STEP_HEAD + n_out * (4 + len(history))] per-sample scalars, float32
+            (float64 when x is float64), on x's device; see :class:`StepCoeffs`.
+        x_base, model_out_cond, history, noise: optional [B, ...] tensors like x.
+        clamp: clamp the data estimate (static clip or dynamic thresholding).
+        n_out: number of outputs.
+
+    Returns:
+        list of ``n_out`` tensors shaped like x, in x's dtype.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"fused_step: x must be a tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[0] < 1:
+        raise ValueError(f"fused_step: x must have shape [B, ...] with B >= 1, got {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"fused_step: x must be float32/float16/bfloat16/float64, got {x.dtype}")
+    _check_like("model_out", model_out, x)
+    for name, t in (("x_base", x_base), ("model_out_cond", model_out_cond), ("noise", noise)):
+        _check_like(name, t, x)
+    history = list(history)
+    for k, h in enumerate(history):
+        _check_like(f"history[{k}]", h, x)
+    if not isinstance(n_out, int) or n_out < 1:
+        raise ValueError(f"fused_step: n_out must be a positive int, got {n_out!r}")
+    want = STEP_HEAD + n_out * step_n_basis(len(history))
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if coeffs.dim() != 2 or coeffs.shape[0] not in (1, x.shape[0]) or coeffs.shape[1] != want:
+        raise ValueError(f"fused_step: coeffs must have shape [{x.shape[0]} or 1, {want}] for "
+                         f"n_out={n_out} and {len(history)} history tensors, got "
+                         f"{tuple(coeffs.shape)}")
+    if coeffs.dtype != acc:
+        raise TypeError(f"fused_step: coeffs must be {acc} for {x.dtype} samples, got {coeffs.dtype}")
+    if coeffs.device != x.device:
+        raise ValueError(f"fused_step: coeffs is on {coeffs.device}, expected {x.device}")
+    return _ops.call("sampler_step", x, x_base, model_out, model_out_cond, history, noise,
+                     coeffs, bool(clamp), n_out)
