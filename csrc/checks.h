@@ -1,7 +1,10 @@
 // Argument checks shared by the CPU and CUDA registrations (torch side only): every op
 // validates at the boundary with TORCH_CHECK so bad input is a clear Python error.
 #pragma once
-#include <torch/torch.h>
+// Light headers only: <torch/torch.h> costs minutes of compile time per file.
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
 
 namespace fastdiff {
 
@@ -30,6 +33,66 @@ inline void check_embedding_args(const at::Tensor& t, const at::Tensor& freqs,
     TORCH_CHECK(table->device() == t.device(), "timestep_embedding: table is on ",
                 table->device(), " but t is on ", t.device());
   }
+}
+
+}  // namespace fastdiff
+
+namespace fastdiff {
+
+// fastdiff::sampler_step (semantics: fastdiff._ops.step_ref). Every optional / history
+// tensor must be like x (shape, dtype, device); coeffs [B or 1, 8 + n_out * (4 + H)] in
+// the accumulation dtype (float64 for float64 x, else float32).
+inline void check_step_args(const at::Tensor& x, const c10::optional<at::Tensor>& x_base,
+                            const at::Tensor& model_out,
+                            const c10::optional<at::Tensor>& model_out_cond,
+                            at::TensorList history, const c10::optional<at::Tensor>& noise,
+                            const at::Tensor& coeffs, int64_t n_out) {
+  TORCH_CHECK(x.dim() >= 1, "sampler_step: x must have shape [B, ...], got a 0-dim tensor");
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
+              "sampler_step: x must be float32, float16, bfloat16 or float64, got ", st);
+  auto like_x = [&](const at::Tensor& t, const char* name, int64_t k) {
+    const std::string label = k < 0 ? std::string(name) : std::string(name) + "[" +
+                                                              std::to_string(k) + "]";
+    TORCH_CHECK(t.sizes() == x.sizes(), "sampler_step: ", label, " has shape ", t.sizes(),
+                ", expected x's shape ", x.sizes());
+    TORCH_CHECK(t.scalar_type() == st, "sampler_step: ", label, " has dtype ", t.scalar_type(),
+                ", expected x's dtype ", st);
+    TORCH_CHECK(t.device() == x.device(), "sampler_step: ", label, " is on ", t.device(),
+                ", expected x's device ", x.device());
+  };
+  like_x(model_out, "model_out", -1);
+  if (x_base.has_value() && x_base->defined()) like_x(*x_base, "x_base", -1);
+  if (model_out_cond.has_value() && model_out_cond->defined())
+    like_x(*model_out_cond, "model_out_cond", -1);
+  if (noise.has_value() && noise->defined()) like_x(*noise, "noise", -1);
+  for (size_t k = 0; k < history.size(); ++k) like_x(history[k], "history", (int64_t)k);
+  TORCH_CHECK(n_out >= 1, "sampler_step: n_out must be >= 1, got ", n_out);
+  const int64_t B = x.size(0);
+  const int64_t want = 8 + n_out * (4 + (int64_t)history.size());
+  TORCH_CHECK(coeffs.dim() == 2 && (coeffs.size(0) == 1 || coeffs.size(0) == B) &&
+                  coeffs.size(1) == want,
+              "sampler_step: coeffs must have shape [", B, " or 1, ", want, "] for n_out=", n_out,
+              " and ", history.size(), " history tensors, got ", coeffs.sizes());
+  const auto acc = st == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(coeffs.scalar_type() == acc, "sampler_step: coeffs must be ", acc, " for ", st,
+              " samples, got ", coeffs.scalar_type());
+  TORCH_CHECK(coeffs.device() == x.device(), "sampler_step: coeffs is on ", coeffs.device(),
+              ", expected x's device ", x.device());
+}
+
+// fastdiff::diff_norm: a and b [B, ...] of the same shape, floating dtype and device.
+inline void check_diff_norm_args(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.dim() >= 1, "diff_norm: a must have shape [B, ...], got a 0-dim tensor");
+  TORCH_CHECK(a.sizes() == b.sizes(), "diff_norm: a has shape ", a.sizes(), " but b has shape ",
+              b.sizes());
+  const auto st = a.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
+              "diff_norm: a must be float32, float16, bfloat16 or float64, got ", st);
+  TORCH_CHECK(b.scalar_type() == st, "diff_norm: a has dtype ", st, " but b has dtype ",
+              b.scalar_type());
+  TORCH_CHECK(a.device() == b.device(), "diff_norm: a is on ", a.device(), " but b is on ",
+              b.device());
 }
 
 }  // namespace fastdiff

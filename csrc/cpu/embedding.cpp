@@ -1,9 +1,10 @@
 // CPU kernel of fastdiff::timestep_embedding: rows in parallel (at::parallel_for), the
 // per-row frequency loop vectorized by the compiler through the branch-free sincos of
 // csrc/kernels/embedding.h (built for AVX-512, AVX2 and baseline; picked at load time).
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
-#include <torch/torch.h>
 
 #include <cstring>
 
