@@ -135,7 +135,12 @@ def embedding_ref(t, freqs, table, dim, flip_sin_to_cos, scale, share_width, sha
     ts = share_tensor(t, share_width, share_end) if share_end > 0 else t
     arg = scale * (ts.to(freqs.dtype)[:, None] * freqs[None, :])
     if derivative:
-        dshare = (t >= share_end).to(freqs.dtype) if share_end > 0 else torch.ones_like(arg[:, 0])
+        if share_end > 0:
+            # Compare in the precision the sharing map uses (float32 for half t).
+            tm = t.float() if t.is_floating_point() and t.dtype != torch.float64 else t.double()
+            dshare = (tm >= share_end).to(freqs.dtype)
+        else:
+            dshare = torch.ones(t.shape[0], dtype=freqs.dtype, device=t.device)
         k = (scale * freqs)[None, :] * dshare[:, None]
         first, second = torch.cos(arg) * k, -torch.sin(arg) * k
     else:
@@ -263,6 +268,7 @@ if _lib_fallback is not None:
 _kernel_cache: dict = {}
 
 
+@torch.compiler.assume_constant_result
 def has_kernel(name: str, device_type: str) -> bool:
     """Whether ``fastdiff::name`` has a compiled kernel for ``device_type`` ("cpu"/"cuda")."""
     key = (name, device_type)

@@ -44,6 +44,13 @@ def _cached_freqs(dim, shift, max_period, device, dtype):
     return embedding_frequencies(dim, shift, max_period, device, dtype)
 
 
+@torch.compiler.assume_constant_result
+def _constant_freqs(dim, shift, max_period, device, dtype):
+    # Under torch.compile the frequencies must still come from eager torch.exp: inductor's
+    # exp differs by 1 ulp for some entries, which t ~ 1000 amplifies to ~1e-4.
+    return _cached_freqs(dim, shift, max_period, device, dtype)
+
+
 @lru_cache(maxsize=64)
 def _cached_table(dim, flip, shift, scale, max_period, width, end, device, dtype):
     freqs = _cached_freqs(dim, shift, max_period, device, dtype)
@@ -67,6 +74,7 @@ class _Embedding(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         t, freqs, _, dim, flip, scale, width, end = inputs
         ctx.save_for_backward(t, freqs)
+        ctx.save_for_forward(t, freqs)
         ctx.args = (dim, flip, scale, width, end)
 
     @staticmethod
@@ -148,22 +156,18 @@ def timestep_embedding(t, dim: int, *, flip_sin_to_cos: bool = False,
     out_dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
     flip, shift, scale, mp = bool(flip_sin_to_cos), float(downscale_freq_shift), float(scale), float(max_period)
     compiling = torch.compiler.is_compiling()
-    if compiling:
-        freqs = embedding_frequencies(dim, shift, mp, t.device, out_dtype)
-    else:
-        freqs = _cached_freqs(dim, shift, mp, t.device, out_dtype)
+    freqs = (_constant_freqs if compiling else _cached_freqs)(dim, shift, mp, t.device, out_dtype)
     table = None
     if not t.is_floating_point() and not compiling and not _ops.use_reference():
         table = _cached_table(dim, flip, shift, scale, mp, width, end, t.device, out_dtype)
-    if t.is_floating_point() and (t.requires_grad or _is_functorch_wrapped(t)):
-        return _Embedding.apply(t, freqs, table, dim, flip, scale, width, end)
-    if torch._C._functorch.is_batchedtensor(t):
+    if compiling or (t.is_floating_point() and (t.requires_grad or _is_functorch_wrapped(t))):
         return _Embedding.apply(t, freqs, table, dim, flip, scale, width, end)
     return _dispatch(t, freqs, table, dim, flip, scale, width, end, False)
 
 
 def _is_functorch_wrapped(t: torch.Tensor) -> bool:
-    # jvp / vmap / grad transforms wrap tensors; the autograd.Function path handles them.
+    # jvp / vmap / grad transforms wrap tensors (batched tensors included); the
+    # autograd.Function path carries their rules.
     return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
