@@ -1,0 +1,171 @@
+"""What every sampler family shares: the plan of fused calls and the model-output conversion.
+
+A sampler family is one function ``plan(grid, *, pred, clamp, **options) -> Plan`` that
+does all its scalar math on the host in float64, once, before the loop: for each model
+evaluation it records the model time, the model-input scale and one :class:`Op`, the
+coefficients of the single ``fastdiff.step.fused_step`` call that consumes that model
+output. The runtime (:class:`fastdiff.samplers.Sampler`) only replays the plan.
+
+Tensors the plan refers to are named: ``"x"`` is the sampler state (what ``step`` takes
+and returns); every other output gets a name (usually ``(kind, step)``), is kept while a
+later op still reads it as history or ``x_base``, and dropped after its last reader.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .._ops import STEP_HEAD
+from ..step import StepCoeffs
+
+__all__ = ["Op", "Call", "Plan", "Clamp", "Coeffs", "convert", "Terms", "PREDICTIONS"]
+
+PREDICTIONS = ("epsilon", "v_prediction", "sample")
+
+
+class Clamp(NamedTuple):
+    """Clamping of the data estimate x0: ``"clip"`` to [-value, value] (diffusers'
+    clip_sample), or ``"dynamic"`` Imagen thresholding (per-sample ``ratio`` quantile of
+    |x0|, clamped to [1, value], then clamp and divide by it)."""
+    kind: str
+    value: float
+    ratio: float = 0.995
+
+
+class Coeffs(StepCoeffs):
+    """:class:`fastdiff.step.StepCoeffs` that also takes float64 numpy arrays [R]."""
+
+    def convert(self, **kw):
+        return super().convert(**{k: _v(v) for k, v in kw.items()})
+
+    def out(self, o, *, h=(), **kw):
+        return super().out(o, h=[_v(v) for v in h], **{k: _v(v) for k, v in kw.items()})
+
+    def combo(self, o, comb, *, x=0.0, x_base=0.0, noise=0.0):
+        """Output ``o`` = x*x + x_base*x_base + noise*noise + comb . [d, history...], with
+        ``comb`` a [1 + n_history, R] array of :class:`Terms`."""
+        comb = np.asarray(comb, dtype=np.float64)
+        return self.out(o, x=x, x_base=x_base, noise=noise, d=comb[0], h=list(comb[1:]))
+
+    def with_output(self, src: int, scale) -> "Coeffs":
+        """A copy with one more output: ``scale`` times output ``src``."""
+        c = Coeffs(self.data.shape[0], self.n_out + 1, self.n_history)
+        c.data[:, :self.data.shape[1]] = self.data
+        nb, base = self.nb, self.data.shape[1]
+        lo = STEP_HEAD + src * nb
+        c.data[:, base:base + nb] = self.data[:, lo:lo + nb] * _col(scale)
+        return c
+
+
+def _v(v):
+    if isinstance(v, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)).reshape(-1)
+    return v
+
+
+def _col(v):
+    if isinstance(v, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)).reshape(-1, 1)
+    return float(v)
+
+
+@dataclass
+class Op:
+    """One fused call.
+
+    coeffs: its coefficient matrix (see ``fastdiff._ops.step_ref``).
+    history: names of the tensors passed as ``history`` (coefficient order).
+    x_base: name of the tensor passed as ``x_base``, or None.
+    outputs: names of the outputs; ``"x"`` is the new state, ``"x_in"`` the next model
+        input (state times the next call's c_in), folded in so no separate pass scales it.
+    keep_x: remember the input state under this name (a reference, not a copy).
+    noise: the op takes a fresh standard-normal tensor.
+    clamp: the op clamps the data estimate (clip or dynamic thresholding).
+    """
+    coeffs: Coeffs
+    history: tuple = ()
+    x_base: object = None
+    outputs: tuple = ("x",)
+    keep_x: object = None
+    noise: bool = False
+    clamp: bool = False
+
+
+@dataclass
+class Call:
+    """One model evaluation: model time t [R], input scale c_in [R] (None: the state
+    itself is the model input) and the op that consumes the output."""
+    t: np.ndarray
+    op: Op
+    c_in: np.ndarray | None = None
+
+
+@dataclass
+class Plan:
+    """The whole run: ``calls`` in order; the state starts as ``x_T * init_scale``
+    (None: x_T itself, VP samplers); ``sigma_space``: the state is x / alpha (k-diffusion
+    convention, Euler family)."""
+    calls: list
+    init_scale: np.ndarray | None = None
+    sigma_space: bool = False
+
+
+def data_eps(pred: str, a, s):
+    """Coefficients of the data and noise estimates from a model output m at a VP point
+    (alpha a, sigma s): ``x0 = px x + pm m``, ``eps = ex x + em m``."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if pred == "epsilon":
+            return (1.0 / a, -s / a), (0.0 * a, 1.0 + 0.0 * a)
+        if pred == "v_prediction":
+            return (a, -s), (s, a)
+        if pred == "sample":
+            return (0.0 * a, 1.0 + 0.0 * a), (1.0 / s, -a / s)
+    raise ValueError(f"prediction_type must be one of {PREDICTIONS}, got {pred!r}")
+
+
+def convert(c: Coeffs, pred: str, a, s, *, scale=1.0, x=0.0, x0=0.0, eps=0.0,
+            clamp: Clamp | None = None) -> bool:
+    """Set the model-output conversion of ``c``: ``d = x*state + x0*X0 + eps*EPS``.
+
+    X0 and EPS are the data and noise estimates at the VP point (a, s), X0 clamped when
+    ``clamp`` is given (EPS stays the unclamped one, as in diffusers' DDIM). ``scale``:
+    the VP sample is ``scale * state`` (1 for VP samplers, alpha for sigma-space ones).
+    Returns whether the op must clamp.
+    """
+    (px, pm), (ex, em) = data_eps(pred, a, s)
+    px, ex = px * scale, ex * scale
+    wx, wm = x + eps * ex, eps * em
+    if clamp is None:
+        c.convert(p_x=px, p_m=pm, w_x=wx + x0 * px, w_m=wm + x0 * pm)
+        return False
+    limit = clamp.value if clamp.kind == "clip" else 1.0  # dynamic: set per step on device
+    c.convert(p_x=px, p_m=pm, s=limit, s_div=1.0, w_x=wx, w_m=wm, w_c=x0)
+    return True
+
+
+class Terms:
+    """Linear combinations of the model-output terms of one op, ``[d, h_0, ..., h_{H-1}]``
+    (d the converted output of this step, h_k the history tensors), as [1 + H, 1] arrays
+    that broadcast with per-row scalars [R]: ``D1 = (t.d - t.h(0)) / r0``."""
+
+    def __init__(self, n_history: int):
+        self.K = 1 + n_history
+
+    def _unit(self, j):
+        e = np.zeros((self.K, 1))
+        e[j] = 1.0
+        return e
+
+    @property
+    def d(self):
+        return self._unit(0)
+
+    def h(self, k):
+        return self._unit(1 + k)
+
+    @property
+    def zero(self):
+        return np.zeros((self.K, 1))

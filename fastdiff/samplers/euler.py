@@ -1,0 +1,98 @@
+"""Euler, Euler ancestral and Heun (Karras et al. 2022) in the k-diffusion convention.
+
+The state is z = x / alpha, noised as z = x0 + sk eps with sk = sigma / alpha; the model
+sees ``c_in z`` with c_in = 1 / sqrt(sk^2 + 1) = alpha (diffusers' ``scale_model_input``).
+Each update emits the next state and, as a second output of the same fused pass, the next
+model input ``c_in' z'``, so no separate scaling pass is needed.
+The ODE is dz/dsk = (z - x0) / sk; d below is that derivative.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .core import Call, Coeffs, Op, Plan, Terms, convert
+from .grid import Grid
+
+__all__ = ["euler", "euler_ancestral", "heun", "init_scale"]
+
+
+def init_scale(grid: Grid, init_noise_sigma=None):
+    """Factor from unit-variance noise x_T to the initial state z_T, [R].
+
+    None: exact, 1 / alpha_0 = sqrt(sk_0^2 + 1). "diffusers": diffusers' Euler-family
+    ``init_noise_sigma`` (sk_max for "linspace"/"trailing" spacing, sqrt(sk_max^2 + 1)
+    otherwise). A number: that factor.
+    """
+    sk = grid.sk
+    if init_noise_sigma is None:
+        return np.sqrt(sk[:, 0] ** 2 + 1.0)
+    if init_noise_sigma == "diffusers":
+        top = sk.max(axis=1)
+        return top if grid.spacing in ("linspace", "trailing") else np.sqrt(top ** 2 + 1.0)
+    if isinstance(init_noise_sigma, (int, float)) and not isinstance(init_noise_sigma, bool):
+        return np.full(grid.rows, float(init_noise_sigma))
+    raise ValueError(f"init_noise_sigma must be None, 'diffusers' or a number, got {init_noise_sigma!r}")
+
+
+def derivative(c, grid: Grid, i: int, pred, clamp) -> bool:
+    """d = (z - x0) / sk at point i."""
+    a, s, sk = grid.alpha[:, i], grid.sigma[:, i], grid.sk[:, i]
+    return convert(c, pred, a, s, scale=a, x=1.0 / sk, x0=-1.0 / sk, clamp=clamp)
+
+
+def euler(grid: Grid, *, pred, clamp, init_noise_sigma=None) -> Plan:
+    """Euler's method: z' = z + (sk' - sk) d."""
+    sk, calls = grid.sk, []
+    for i in range(grid.n):
+        c = Coeffs(grid.rows, 1)
+        clamped = derivative(c, grid, i, pred, clamp)
+        c.out(0, x=1.0, d=sk[:, i + 1] - sk[:, i])
+        calls.append(Call(grid.t[:, i], Op(c, clamp=clamped), c_in=grid.alpha[:, i]))
+    return Plan(calls, init_scale(grid, init_noise_sigma), sigma_space=True)
+
+
+def euler_ancestral(grid: Grid, *, pred, clamp, init_noise_sigma=None) -> Plan:
+    """Euler ancestral: an Euler step down to sk_down, then fresh noise up to sk'::
+
+        sk_up = sqrt(sk'^2 (sk^2 - sk'^2) / sk^2),  sk_down = sqrt(sk'^2 - sk_up^2)
+        z' = z + (sk_down - sk) d + sk_up noise
+    """
+    sk, calls = grid.sk, []
+    for i in range(grid.n):
+        s0, s1 = sk[:, i], sk[:, i + 1]
+        up = np.sqrt(s1 ** 2 * (s0 ** 2 - s1 ** 2) / s0 ** 2)
+        down = np.sqrt(s1 ** 2 - up ** 2)
+        c = Coeffs(grid.rows, 1)
+        clamped = derivative(c, grid, i, pred, clamp)
+        c.out(0, x=1.0, d=down - s0, noise=up)
+        calls.append(Call(grid.t[:, i], Op(c, noise=True, clamp=clamped), c_in=grid.alpha[:, i]))
+    return Plan(calls, init_scale(grid, init_noise_sigma), sigma_space=True)
+
+
+def heun(grid: Grid, *, pred, clamp, init_noise_sigma=None) -> Plan:
+    """Heun's second-order method (2 model calls per step, one into sk = 0 at the end)::
+
+        z_e = z + dt d(z, sk)                          (Euler predictor, call 1)
+        z'  = z + dt (d(z, sk) + d(z_e, sk')) / 2     (trapezoid corrector, call 2)
+
+    written as z' = z_e + dt (d2 - d1) / 2 so the corrector needs only d1 as history.
+    The step into sk' = 0 is the Euler step alone (d is undefined at sk = 0).
+    """
+    sk, calls = grid.sk, []
+    for i in range(grid.n):
+        dt = sk[:, i + 1] - sk[:, i]
+        second = bool((sk[:, i + 1] > 0).all())
+        c = Coeffs(grid.rows, 2 if second else 1)
+        clamped = derivative(c, grid, i, pred, clamp)
+        c.out(0, x=1.0, d=dt)
+        if second:
+            c.out(1, d=1.0)
+        calls.append(Call(grid.t[:, i], Op(c, outputs=("x", ("d", i)) if second else ("x",),
+                                           clamp=clamped), c_in=grid.alpha[:, i]))
+        if second:
+            c2, t = Coeffs(grid.rows, 1, 1), Terms(1)
+            clamped = derivative(c2, grid, i + 1, pred, clamp)
+            c2.combo(0, 0.5 * dt * (t.d - t.h(0)), x=1.0)
+            calls.append(Call(grid.t_at(i + 1), Op(c2, history=(("d", i),), clamp=clamped),
+                              c_in=grid.alpha[:, i + 1]))
+    return Plan(calls, init_scale(grid, init_noise_sigma), sigma_space=True)

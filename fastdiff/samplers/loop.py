@@ -1,0 +1,183 @@
+"""``fastdiff.sample``: the whole sampling loop around a user's model."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..schedules import TimeSharing
+from ..wrappers import ETSDM, model_output
+from .core import PREDICTIONS
+from .sampler import Sampler, make_generators, randn
+
+__all__ = ["sample"]
+
+
+def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, schedule=None,
+           sampler: str | None = None, steps: int | None = 20, timesteps=None, scheduler=None,
+           guidance_scale: float | None = None, cond=None, uncond=None, generator=None,
+           seeds=None, time_sharing=None, progress: bool = True,
+           callback: Callable | None = None, prediction_type: str | None = None,
+           device=None, dtype=None, **options) -> torch.Tensor:
+    """Draw samples from a diffusion model with a fused sampler.
+
+    Args:
+        model: any ``model(x, t, ...)`` returning a tensor, or a diffusers UNet (its
+            ``.sample`` is taken). ``t`` is a [B] tensor (int64 for integer timesteps,
+            else float32); with ``time_sharing`` it is the E-TSDM shared time f(t).
+        shape: [B, ...] of the samples (or give ``x_T``).
+        x_T: initial unit-variance noise [B, ...] (as a diffusers pipeline draws it,
+            before ``init_noise_sigma``). Default: drawn from ``generator`` / ``seeds``.
+        schedule: :class:`fastdiff.schedules.NoiseSchedule` (default DDPM linear).
+        sampler: a name from :data:`fastdiff.SAMPLERS` (default "dpm++2m").
+        steps: number of steps; ``timesteps``: explicit model times [steps] or
+            [B, steps] (per-sample grids).
+        scheduler: a diffusers scheduler instance instead of ``sampler``/``schedule``: its
+            config is read and the equivalent fused sampler runs (options it cannot
+            honour raise ValueError).
+        guidance_scale, cond, uncond: classifier-free guidance. Conditioning convention:
+            a tensor is passed as the model's third positional argument
+            (``encoder_hidden_states`` of a ``UNet2DConditionModel``, ``class_labels`` of
+            a ``UNet2DModel``); a dict is passed as keyword arguments. With
+            ``guidance_scale`` != 1 the model is called once per step on the batch
+            [uncond; cond] (tensors concatenated along dim 0) and the fused step mixes
+            ``m_u + w (m_c - m_u)``; otherwise only ``cond`` is used.
+        generator, seeds: noise source: a ``torch.Generator``, a list of them (one per
+            sample), or ``seeds`` (one seed per sample: sample i is then identical
+            whatever the rest of the batch).
+        time_sharing: :class:`fastdiff.TimeSharing` applied to the network's time input
+            (E-TSDM; the update keeps the true schedule). Default: the model's own
+            ``time_sharing`` attribute (fastdiff's UNet records the sharing it was trained
+            with), if any; ``False`` turns it off.
+        progress: show a tqdm progress bar. callback: ``callback(i, t, x)`` after each
+            model call i with its model time t and the new state x.
+        prediction_type: "epsilon", "v_prediction" or "sample". Default: the model's
+            ``prediction_type`` attribute if it has one (fastdiff's UNet), else "epsilon";
+            with a ``scheduler`` its config decides.
+        device, dtype: of the drawn x_T (default CPU float32).
+        **options: further :class:`Sampler` arguments (``spacing``, ``karras``, ``order``,
+            ``eta``, ``thresholding``, ...).
+
+    Returns:
+        the samples [B, ...] (the final state; for the Euler family with a nonzero final
+        sigma it is in the k-diffusion scale x / alpha, as in diffusers).
+    """
+    if not callable(model):
+        raise TypeError(f"model must be callable, got {type(model).__name__}")
+    if seeds is not None and generator is not None:
+        raise ValueError("give either generator or seeds, not both")
+    gens = make_generators(seeds) if seeds is not None else generator
+    time_sharing = _model_time_sharing(model, time_sharing)
+    if scheduler is not None:
+        if schedule is not None or sampler is not None:
+            raise ValueError("give either scheduler (diffusers) or sampler / schedule, not both")
+        if prediction_type is not None:
+            options["prediction_type"] = prediction_type
+        s = Sampler.from_diffusers(scheduler, steps, timesteps=timesteps, guidance_scale=guidance_scale,
+                                   time_sharing=time_sharing, generator=gens, **options)
+    else:
+        s = Sampler(sampler or "dpm++2m", schedule, steps, timesteps=timesteps, guidance_scale=guidance_scale,
+                    time_sharing=time_sharing, generator=gens,
+                    prediction_type=prediction_type or _model_prediction(model), **options)
+    x_T = _initial_noise(shape, x_T, gens, device, dtype)
+    if seeds is not None and len(gens) != x_T.shape[0]:
+        raise ValueError(f"got {len(gens)} seeds for a batch of {x_T.shape[0]}")
+    cfg = guidance_scale is not None and guidance_scale != 1
+    if cfg and uncond is None:
+        raise ValueError("guidance_scale needs uncond (the unconditional conditioning)")
+    if uncond is not None and guidance_scale is None:
+        raise ValueError("uncond given without guidance_scale")
+    args_c, kw_c = _conditioning(cond, "cond")
+    if cfg:
+        args_u, kw_u = _conditioning(uncond, "uncond")
+        args, kwargs = _cfg_batch(args_u, kw_u, args_c, kw_c)
+    else:
+        args, kwargs = args_c, kw_c
+    x = s.init_noise(x_T)
+    B = x.shape[0]
+    shown_t = s.timesteps
+    steps_iter = range(len(s))
+    if progress:
+        from tqdm.auto import tqdm
+        steps_iter = tqdm(steps_iter, desc=f"fastdiff {s.name}", leave=False)
+    for i in steps_iter:
+        t = s.model_time(B, x.device, doubled=cfg)
+        inp = s.scale_model_input(x)
+        if cfg:
+            out = model_output(model(torch.cat([inp, inp]), t, *args, **kwargs))
+            out_u, out_c = out.chunk(2)
+            x = s.step(out_u, None, x, model_out_cond=out_c)
+        else:
+            x = s.step(model_output(model(inp, t, *args, **kwargs)), None, x)
+        if callback is not None:
+            callback(i, shown_t[i], x)
+    return x
+
+
+def _model_time_sharing(model, time_sharing):
+    if time_sharing is False:
+        return None
+    if time_sharing is None and not isinstance(model, ETSDM):  # ETSDM applies it itself
+        own = getattr(model, "time_sharing", None)
+        return own if isinstance(own, TimeSharing) else None
+    return time_sharing
+
+
+def _model_prediction(model):
+    own = getattr(model, "prediction_type", None)
+    return own if isinstance(own, str) and own in PREDICTIONS else "epsilon"
+
+
+def _initial_noise(shape, x_T, gens, device, dtype):
+    if x_T is not None:
+        if not isinstance(x_T, torch.Tensor):
+            raise TypeError(f"x_T must be a tensor, got {type(x_T).__name__}")
+        if shape is not None and tuple(shape) != tuple(x_T.shape):
+            raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape={tuple(shape)}")
+        if not x_T.is_floating_point():
+            raise TypeError(f"x_T must be a floating-point tensor, got {x_T.dtype}")
+        if dtype is not None and x_T.dtype != dtype:
+            raise TypeError(f"x_T has dtype {x_T.dtype} but dtype={dtype}")
+        if device is not None and x_T.device != torch.device(device):
+            raise ValueError(f"x_T is on {x_T.device} but device={device}")
+        if x_T.dim() < 1 or x_T.shape[0] < 1:
+            raise ValueError(f"x_T must have shape [B, ...] with B >= 1, got {tuple(x_T.shape)}")
+        return x_T
+    if shape is None:
+        raise ValueError("give shape or x_T")
+    shape = tuple(shape)
+    if not shape or not all(isinstance(n, int) and n >= 1 for n in shape):
+        raise ValueError(f"shape must be a tuple of positive ints [B, ...], got {shape}")
+    return randn(shape, gens, device or "cpu", dtype or torch.float32)
+
+
+def _conditioning(c, name):
+    """-> (positional args, keyword args) for the model call."""
+    if c is None:
+        return (), {}
+    if isinstance(c, torch.Tensor):
+        return (c,), {}
+    if isinstance(c, dict):
+        return (), dict(c)
+    raise TypeError(f"{name} must be a tensor (the model's third argument) or a dict of keyword "
+                    f"arguments, got {type(c).__name__}")
+
+
+def _cat(u, c, what):
+    if isinstance(u, torch.Tensor) and isinstance(c, torch.Tensor):
+        if u.shape != c.shape:
+            raise ValueError(f"uncond and cond {what} have shapes {tuple(u.shape)} and {tuple(c.shape)}")
+        return torch.cat([u, c])
+    if isinstance(u, torch.Tensor) or isinstance(c, torch.Tensor) or u != c:
+        raise ValueError(f"uncond and cond differ in {what} in a way that cannot be batched "
+                         "(tensors are concatenated, other values must be equal)")
+    return c
+
+
+def _cfg_batch(args_u, kw_u, args_c, kw_c):
+    if len(args_u) != len(args_c) or set(kw_u) != set(kw_c):
+        raise ValueError("uncond and cond must have the same form (both tensors, or dicts with the "
+                         f"same keys); got keys {sorted(kw_u)} and {sorted(kw_c)}")
+    args = tuple(_cat(u, c, "the positional conditioning") for u, c in zip(args_u, args_c))
+    kwargs = {k: _cat(kw_u[k], kw_c[k], repr(k)) for k in kw_c}
+    return args, kwargs
