@@ -38,8 +38,10 @@ def make_generators(seeds, device="cpu") -> list:
     it does not depend on the rest of the batch)."""
     if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
         seeds = [seeds]
+    if isinstance(seeds, (range, np.ndarray)) or (isinstance(seeds, torch.Tensor) and seeds.dim() == 1):
+        seeds = [int(s) for s in seeds]
     if not isinstance(seeds, (list, tuple)) or not seeds:
-        raise TypeError(f"seeds must be a non-empty list of ints, got {type(seeds).__name__}")
+        raise TypeError(f"seeds must be a non-empty sequence of ints, got {type(seeds).__name__}")
     gens = []
     for s in seeds:
         if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
