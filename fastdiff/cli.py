@@ -105,20 +105,26 @@ def _run_train(args) -> int:
 
 
 # Models `fastdiff sample --model` can draw from (a trained digits model joins later).
-SAMPLE_MODELS = ("gaussian-mixture",)
+SAMPLE_MODELS = ("digits", "digits-baseline", "gaussian-mixture")
 
 
 def _add_sample(sub):
-    p = sub.add_parser("sample", help="draw samples with a fused sampler (default model: an "
-                       "embedded 2-D Gaussian mixture with its exact denoiser); writes a "
-                       "scatter plot and reports the distance to the true distribution")
-    p.add_argument("--model", default="gaussian-mixture", choices=SAMPLE_MODELS,
-                   help="model to sample (gaussian-mixture: 8 modes on a ring, exact eps)")
+    p = sub.add_parser("sample", help="draw samples with a fused sampler (default: the "
+                       "shipped E-TSDM digits model, DPM-Solver++ 2M, 20 steps); writes a PNG "
+                       "and reports the time and the distance to real data")
+    p.add_argument("--model", default="digits", choices=SAMPLE_MODELS,
+                   help="digits / digits-baseline: the shipped class-conditional 8x8 models "
+                   "(E-TSDM / without), scored by Frechet distance to held-out digits; "
+                   "gaussian-mixture: 8 modes on a ring with its exact denoiser")
     p.add_argument("--sampler", default="dpm++2m", help="sampler name, one of fastdiff.SAMPLERS")
     p.add_argument("--steps", type=int, default=20, help="sampler steps")
-    p.add_argument("--n", type=int, default=2000, help="number of samples")
+    p.add_argument("--n", type=int, default=None,
+                   help="number of samples (default: 360 digits, 36 per class; 2000 points)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale for the digits models (default: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and all draws")
-    p.add_argument("--out", default="out/samples.png", help="scatter plot (PNG), written atomically")
+    p.add_argument("--out", default=None,
+                   help="PNG written atomically (default: out/<model>.png)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(run=_run_sample)
@@ -126,59 +132,113 @@ def _add_sample(sub):
 
 def _run_sample(args) -> int:
     import os
+
+    from .samplers import Sampler
+    from .schedules import NoiseSchedule
+
+    n = args.n if args.n is not None else (2000 if args.model == "gaussian-mixture" else 360)
+    out = args.out or os.path.join("out", f"{args.model}.png")
+    if n < 2 or args.steps < 1:
+        print(f"fastdiff sample: error: need --n >= 2 and --steps >= 1, got {n}, {args.steps}",
+              file=sys.stderr)
+        return 2
+    try:
+        Sampler(args.sampler, NoiseSchedule.linear(), args.steps)  # validate name and steps
+    except (ValueError, TypeError) as e:
+        print(f"fastdiff sample: error: {e}", file=sys.stderr)
+        return 2
+    run = _sample_gaussian if args.model == "gaussian-mixture" else _sample_digits
+    summary, lines = run(args, n, out)
+    summary.update(model=args.model, sampler=args.sampler, steps=args.steps, n=n,
+                   seed=args.seed, out=out)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print("\n".join(lines + [f"wrote {os.path.abspath(out)}"]))
+    return 0
+
+
+def _timed_sample(model, x_T, schedule, args, **kw):
     import time
 
     import torch
 
-    from .gaussian import GaussianMixture, sliced_wasserstein
-    from .samplers import Sampler, sample
-    from .schedules import NoiseSchedule
+    from .samplers import sample
 
-    if args.n < 2 or args.steps < 1:
-        print(f"fastdiff sample: error: need --n >= 2 and --steps >= 1, got {args.n}, {args.steps}",
-              file=sys.stderr)
-        return 2
-    mixture = GaussianMixture.ring(k=8, radius=2.0, std=0.15)
-    schedule = NoiseSchedule.linear()
-    model = mixture.as_model(schedule)
-    try:
-        Sampler(args.sampler, schedule, args.steps)  # validate the name and steps up front
-    except (ValueError, TypeError) as e:
-        print(f"fastdiff sample: error: {e}", file=sys.stderr)
-        return 2
-    gen = torch.Generator().manual_seed(args.seed)
-    x_T = torch.randn((args.n, mixture.dim), generator=gen)
     start = time.perf_counter()
     with torch.no_grad():
         x = sample(model, x_T=x_T, schedule=schedule, sampler=args.sampler, steps=args.steps,
-                   generator=gen, progress=args.progress)
-    elapsed = time.perf_counter() - start
-    true, true2 = mixture.sample(args.n, gen), mixture.sample(args.n, gen)
+                   progress=args.progress, **kw)
+    return x, time.perf_counter() - start
+
+
+def _sample_digits(args, n, out):
+    import torch
+
+    from .data import load_digits, save_grid
+    from .metrics import digits_fd
+    from .pretrained import pretrained
+
+    model, schedule = pretrained(args.model)
+    labels = torch.arange(n) % 10
+    seeds = list(range(args.seed, args.seed + n))
+    x_T = torch.cat([torch.randn((1, 1, 8, 8), generator=torch.Generator().manual_seed(s))
+                     for s in seeds])
+    kw = dict(cond=labels, seeds=seeds)
+    if args.guidance is not None:
+        kw.update(guidance_scale=args.guidance, uncond=torch.full_like(labels, model.null_class))
+    x, elapsed = _timed_sample(model, x_T, schedule, args, **kw)
+    fd = digits_fd(x)
+    real, _ = load_digits("train")
+    fd_real = digits_fd(real[torch.randperm(len(real), generator=torch.Generator().manual_seed(args.seed))[:n]])
+    order = torch.argsort(labels, stable=True)  # one class per grid column block
+    save_grid(x[order].view(10, -1, 1, 8, 8).transpose(0, 1).reshape(-1, 1, 8, 8)
+              if n % 10 == 0 else x, out)
+    sharing = getattr(model, "time_sharing", None)
+    summary = {"time_s": round(elapsed, 4), "ms_per_step": round(1000 * elapsed / args.steps, 3),
+               "fd_heldout": round(fd, 3), "fd_real_train_vs_heldout": round(fd_real, 3)}
+    lines = [
+        f"fastdiff sample: {args.model} (class-conditional 8x8 digits, "
+        f"{'E-TSDM ' + str(sharing) if sharing else 'no time sharing'}), sampler "
+        f"{args.sampler}, {args.steps} steps, n={n} ({n // 10} per class), seed {args.seed}",
+        f"time: {elapsed:.3f} s ({summary['ms_per_step']:.2f} ms per step, model included)",
+        f"Frechet distance to held-out real digits: {fd:.2f} "
+        f"(real train digits, same n: {fd_real:.2f}; lower is better)"]
+    return summary, lines
+
+
+def _sample_gaussian(args, n, out):
+    import torch
+
+    from .gaussian import GaussianMixture, sliced_wasserstein
+    from .schedules import NoiseSchedule
+
+    mixture = GaussianMixture.ring(k=8, radius=2.0, std=0.15)
+    schedule = NoiseSchedule.linear()
+    gen = torch.Generator().manual_seed(args.seed)
+    x_T = torch.randn((n, mixture.dim), generator=gen)
+    x, elapsed = _timed_sample(mixture.as_model(schedule), x_T, schedule, args, generator=gen)
+    true, true2 = mixture.sample(n, gen), mixture.sample(n, gen)
     proj_seed = args.seed + 1  # the same random directions for both distances
     sw = sliced_wasserstein(x, true, generator=torch.Generator().manual_seed(proj_seed))
     floor = sliced_wasserstein(true2, true, generator=torch.Generator().manual_seed(proj_seed))
     nearest = torch.cdist(x.double(), mixture.means).argmin(dim=1)
     counts = torch.bincount(nearest, minlength=mixture.means.shape[0])
-    summary = {"model": args.model, "sampler": args.sampler, "steps": args.steps, "n": args.n,
-               "seed": args.seed, "time_s": round(elapsed, 4),
-               "ms_per_step": round(1000 * elapsed / args.steps, 3),
+    summary = {"time_s": round(elapsed, 4), "ms_per_step": round(1000 * elapsed / args.steps, 3),
                "sliced_w1": round(sw, 5), "sliced_w1_exact_draws": round(floor, 5),
-               "modes_hit": int((counts > 0).sum()), "mode_fractions": [round(float(c) / args.n, 4) for c in counts],
-               "out": args.out}
-    _scatter_png(args.out, x, true, f"{args.sampler}, {args.steps} steps: sliced W1 {sw:.4f} "
+               "modes_hit": int((counts > 0).sum()),
+               "mode_fractions": [round(float(c) / n, 4) for c in counts]}
+    _scatter_png(out, x, true, f"{args.sampler}, {args.steps} steps: sliced W1 {sw:.4f} "
                  f"(exact draws {floor:.4f})")
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(f"fastdiff sample: {args.model} (8 modes on a ring, exact denoiser), sampler "
-              f"{args.sampler}, {args.steps} steps, n={args.n}, seed {args.seed}")
-        print(f"time: {elapsed:.3f} s ({summary['ms_per_step']:.2f} ms per step, model included)")
-        print(f"sliced Wasserstein-1 to the true mixture: {sw:.4f} "
-              f"(two exact draws of the same size: {floor:.4f})")
-        print(f"modes hit: {summary['modes_hit']}/{len(counts)}, smallest mode share "
-              f"{min(summary['mode_fractions']):.3f} (ideal {1 / len(counts):.3f})")
-        print(f"wrote {os.path.abspath(args.out)}")
-    return 0
+    lines = [
+        f"fastdiff sample: {args.model} (8 modes on a ring, exact denoiser), sampler "
+        f"{args.sampler}, {args.steps} steps, n={n}, seed {args.seed}",
+        f"time: {elapsed:.3f} s ({summary['ms_per_step']:.2f} ms per step, model included)",
+        f"sliced Wasserstein-1 to the true mixture: {sw:.4f} (two exact draws of the same "
+        f"size: {floor:.4f})",
+        f"modes hit: {summary['modes_hit']}/{len(counts)}, smallest mode share "
+        f"{min(summary['mode_fractions']):.3f} (ideal {1 / len(counts):.3f})"]
+    return summary, lines
 
 
 def _scatter_png(path, samples, true, title):

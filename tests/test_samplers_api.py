@@ -373,11 +373,23 @@ def test_unsupported_scheduler_class_is_refused():
 def test_cli_sample_writes_a_plot_and_reports_the_distance(tmp_path, capsys):
     from fastdiff.cli import main
     out = tmp_path / "plot" / "s.png"
-    assert main(["sample", "--n", "300", "--steps", "8", "--seed", "3", "--out", str(out),
-                 "--json", "--no-progress"]) == 0
+    assert main(["sample", "--model", "gaussian-mixture", "--n", "300", "--steps", "8",
+                 "--seed", "3", "--out", str(out), "--json", "--no-progress"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["modes_hit"] == 8 and report["sliced_w1"] < 0.3 and report["sliced_w1_exact_draws"] > 0
     assert [p.name for p in out.parent.iterdir()] == ["s.png"]  # no temp file left behind
     assert main(["sample", "--sampler", "nope", "--out", str(out)]) == 2
     assert "valid names" in capsys.readouterr().err
+
+
+def test_cli_sample_default_is_the_digits_model(tmp_path, capsys):
+    # The main job: no --model samples the shipped E-TSDM digits model and scores it.
+    from fastdiff.cli import main
+    out = tmp_path / "d.png"
+    assert main(["sample", "--n", "40", "--steps", "10", "--out", str(out), "--json",
+                 "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["model"] == "digits" and report["sampler"] == "dpm++2m"
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 0 < report["fd_heldout"] < report["fd_real_train_vs_heldout"] * 3
