@@ -1,0 +1,265 @@
+"""One DPM-Solver++(2M) step (eps-prediction model, second-order multistep update), timed
+four ways side by side in one run:
+
+  * fastdiff: host coefficients (float64 scalars -> ``StepCoeffs`` -> float32 tensor) plus
+    one ``fused_step`` call, as a sampler loop does it every step;
+  * diffusers: ``DPMSolverMultistepScheduler.step`` (set_timesteps(20), one step taken so
+    that it is in second-order mode; each timed call restores that state first);
+  * eager: the same update as plain torch ops;
+  * compile: ``torch.compile`` of that eager function (coefficients passed as Python
+    floats, which dynamo keeps dynamic, so a real loop would not recompile).
+
+Reports medians (after warm-up; the candidates are timed round-robin, so a change of
+machine load mid-run hits all alike; warm caches, or cold with --cold), speed-ups, and
+the fused step's byte rate (3 tensors read + 2 written) against a plain
+``Tensor.copy_`` moving the same number of bytes, measured in the same run. Outputs are
+checked against diffusers before timing.
+On a machine shared with other busy processes, multi-threaded timings are dominated by
+OpenMP threads waiting for a core (medians in multiples of the 4 ms scheduler tick);
+``--threads 1`` then gives the meaningful comparison.
+
+    python benchmarks/bench_step.py [--quick] [--json PATH] [--no-compile] [--threads N]
+                                    [--cold]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from fastdiff.step import StepCoeffs, fused_step
+
+SHAPES = [(1, 4, 64, 64), (8, 4, 64, 64), (16, 4, 128, 128), (4, 4, 512, 512)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+QUICK = [((1, 4, 64, 64), "fp32"), ((16, 4, 128, 128), "fp32"), ((4, 4, 512, 512), "fp32")]
+
+
+_SCRATCH = None
+
+
+def flush_caches():
+    """Write 64 MiB (twice the last-level cache here): the next call starts cold."""
+    global _SCRATCH
+    if _SCRATCH is None:
+        _SCRATCH = torch.zeros(16 << 20)
+    _SCRATCH.add_(1.0)
+
+
+def race(fns, cold=False, min_time=1.0, min_rounds=15, max_rounds=2000, warmup=3):
+    """Seconds per call of each fn in ``fns`` (a dict) as (median, min).
+
+    Round-robin (every round times each fn once, so a change in machine load mid-run hits
+    all alike). Warm (default): each timed call directly follows an untimed call of the
+    same fn, so every candidate is timed in its own steady state (inputs in cache as far
+    as they fit). ``cold``: each timed call follows flush_caches() instead, as a sampler
+    step follows the model's forward pass.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < min_time):
+        for k, fn in fns.items():
+            if cold:
+                flush_caches()
+            else:
+                fn()
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+        rounds += 1
+    return {k: (statistics.median(v), min(v)) for k, v in times.items()}
+
+
+def alpha_sigma(sig):
+    """diffusers' sigma parametrisation -> (alpha_t, sigma_t) of the VP process."""
+    alpha = 1.0 / math.sqrt(sig * sig + 1.0)
+    return alpha, sig * alpha
+
+
+def dpmpp_2m_scalars(sig_t, sig_s0, sig_s1):
+    """Scalars of DPM-Solver++(2M), midpoint form (diffusers' second-order update):
+
+        x0   = (x - sigma_s0 eps) / alpha_s0
+        x_t  = (sigma_t / sigma_s0) x + A (1 + 1/(2 r0)) x0 - A/(2 r0) x0_prev,
+        A    = -alpha_t (exp(-h) - 1),  h = lambda_t - lambda_s0,  r0 = h_0 / h.
+    Returns (p_x, p_m, c_x, c_d, c_h) with x0 = p_x x + p_m eps, x_t = c_x x + c_d x0 + c_h x0_prev.
+    """
+    (a_t, s_t), (a_s0, s_s0), (a_s1, s_s1) = map(alpha_sigma, (sig_t, sig_s0, sig_s1))
+    lam_t, lam_s0, lam_s1 = (math.log(a / s) for a, s in ((a_t, s_t), (a_s0, s_s0), (a_s1, s_s1)))
+    h, h0 = lam_t - lam_s0, lam_s0 - lam_s1
+    r0 = h0 / h
+    A = -a_t * math.expm1(-h)
+    return 1.0 / a_s0, -s_s0 / a_s0, s_t / s_s0, A * (1.0 + 0.5 / r0), -0.5 * A / r0
+
+
+def make_coeffs(sigmas, device="cpu"):
+    """What a sampler does on the host each step: float64 scalars -> the coeffs tensor."""
+    p_x, p_m, c_x, c_d, c_h = dpmpp_2m_scalars(*sigmas)
+    c = StepCoeffs(1, n_out=2, n_history=1)
+    c.convert(p_x=p_x, p_m=p_m, w_x=p_x, w_m=p_m)  # d = x0
+    c.out(0, x=c_x, d=c_d, h=[c_h])               # x_next
+    c.out(1, d=1.0)                                # x0, the next step's history
+    return c.tensor(device=device)
+
+
+def fastdiff_step(x, eps, x0_prev, sigmas):
+    """The sampler-loop form: coefficients on the host, then the one fused pass."""
+    return fused_step(x, eps, make_coeffs(sigmas, x.device), history=[x0_prev], n_out=2)
+
+
+def eager_update(x, eps, x0_prev, p_x: float, p_m: float, c_x: float, c_d: float, c_h: float):
+    x0 = p_x * x + p_m * eps
+    return c_x * x + c_d * x0 + c_h * x0_prev, x0
+
+
+def bench_one(shape, dtype_name, use_compile, compiled, cold=False):
+    from diffusers import DPMSolverMultistepScheduler
+
+    dtype = DTYPES[dtype_name]
+    gen = torch.Generator().manual_seed(0)
+    x0_in = torch.randn(shape, generator=gen).to(dtype)
+    eps0 = torch.randn(shape, generator=gen).to(dtype)
+    eps1 = torch.randn(shape, generator=gen).to(dtype)
+
+    sched = DPMSolverMultistepScheduler()  # dpmsolver++, order 2, midpoint, eps-prediction
+    sched.set_timesteps(20)
+    x1 = sched.step(eps0, sched.timesteps[0], x0_in).prev_sample  # first-order warm-up step
+    saved_outputs = list(sched.model_outputs)
+    x0_prev = saved_outputs[-1]
+    t1 = sched.timesteps[1]
+    sig = sched.sigmas.double()
+    sigmas = (float(sig[2]), float(sig[1]), float(sig[0]))  # sigma_t, sigma_s0, sigma_s1
+
+    def diffusers_step():
+        sched.model_outputs = list(saved_outputs)
+        sched.lower_order_nums = 1
+        sched._step_index = 1
+        return sched.step(eps1, t1, x1).prev_sample
+
+    scal = dpmpp_2m_scalars(*sigmas)
+    ct = make_coeffs(sigmas)
+
+    def fused():
+        return fastdiff_step(x1, eps1, x0_prev, sigmas)
+
+    def kernel_only():
+        return fused_step(x1, eps1, ct, history=[x0_prev], n_out=2)
+
+    def coeffs_only():
+        return make_coeffs(sigmas)
+
+    def eager():
+        return eager_update(x1, eps1, x0_prev, *scal)
+
+    # Correctness first: against diffusers (x_next and the stored x0 estimate).
+    ref = diffusers_step()
+    ref_x0 = sched.model_outputs[-1]
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    xf, x0f = fused()
+    torch.testing.assert_close(xf.float(), ref.float(), **tol)
+    torch.testing.assert_close(x0f.float(), ref_x0.float(), **tol)
+    # The eager update rounds every intermediate to the sample dtype: looser for bf16.
+    tol_eager = tol if dtype == torch.float32 else dict(rtol=5e-2, atol=1e-1)
+    torch.testing.assert_close(eager()[0].float(), ref.float(), **tol_eager)
+
+    nbytes = 5 * x1.numel() * x1.element_size()  # x, eps, x0_prev read; x_next, x0 written
+    src = torch.randn(nbytes // 2 // 4)
+    dst = torch.empty_like(src)
+    fns = {"diffusers": diffusers_step, "eager": eager, "fastdiff": fused, "kernel": kernel_only,
+           "coeffs": coeffs_only, "copy": lambda: dst.copy_(src)}
+    res = {"shape": list(shape), "dtype": dtype_name, "threads": torch.get_num_threads()}
+    if use_compile:
+        if dtype_name not in compiled:
+            compiled[dtype_name] = torch.compile(eager_update, fullgraph=True)
+        fn = compiled[dtype_name]
+        t0 = time.perf_counter()
+        torch.testing.assert_close(fn(x1, eps1, x0_prev, *scal)[0].float(), ref.float(),
+                                   **tol_eager)
+        res["compile_first_call_s"] = time.perf_counter() - t0
+        fns["compile"] = lambda: fn(x1, eps1, x0_prev, *scal)
+    for k, (med, best) in race(fns, cold=cold).items():
+        res[f"{k}_s"] = med
+        res[f"{k}_min_s"] = best
+    res["bytes"] = nbytes
+    for k in ("fastdiff", "kernel", "copy"):
+        res[f"{k}_GBps"] = nbytes / res[f"{k}_s"] / 1e9
+    return res
+
+
+def print_table(rows):
+    head = (f"{'shape':>17} {'dtype':>5} {'diffusers':>10} {'eager':>8} {'compile':>8} "
+            f"{'fastdiff':>8} {'kernel':>8} {'coeffs':>7} {'x diff':>7} {'x comp':>7} "
+            f"{'GB/s':>6} {'copy':>6} {'%copy':>6} {'%copy(k)':>8}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        ms = lambda k: f"{r[k] * 1e3:.3f}" if k in r else "-"  # noqa: E731
+        comp = f"{r['compile_s'] / r['fastdiff_s']:.2f}" if "compile_s" in r else "-"
+        print(f"{str(tuple(r['shape'])):>17} {r['dtype']:>5} {ms('diffusers_s'):>10} "
+              f"{ms('eager_s'):>8} {ms('compile_s'):>8} {ms('fastdiff_s'):>8} {ms('kernel_s'):>8} "
+              f"{r['coeffs_s'] * 1e3:>7.3f} {r['diffusers_s'] / r['fastdiff_s']:>7.1f} {comp:>7} "
+              f"{r['fastdiff_GBps']:>6.1f} {r['copy_GBps']:>6.1f} "
+              f"{100 * r['fastdiff_GBps'] / r['copy_GBps']:>5.0f}% "
+              f"{100 * r['kernel_GBps'] / r['copy_GBps']:>7.0f}%")
+    print("Medians in ms. fastdiff = coeffs (host: scalars + StepCoeffs + tensor) + kernel "
+          "(fused_step).\n'x diff' / 'x comp': fastdiff's speed-up over diffusers' step / "
+          "torch.compile. GB/s: (3 reads + 2 writes) / fastdiff time;\ncopy: Tensor.copy_ on "
+          "the same bytes; %copy: fastdiff's byte rate as % of copy's (k: kernel alone).")
+
+
+def write_json(path, payload):
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fp32 at three shapes only")
+    ap.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    ap.add_argument("--cold", action="store_true",
+                    help="flush the caches before every timed call (default: warm)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's choice, one per core)")
+    args = ap.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    import fastdiff
+    info = fastdiff.backends()
+    if not info["cpu_kernels"]:
+        print(f"warning: fastdiff's compiled kernels are not loaded ({info['load_error']}); "
+              "timing the reference", file=sys.stderr)
+    load0 = os.getloadavg()[0]
+    configs = QUICK if args.quick else [(s, d) for d in DTYPES for s in SHAPES]
+    compiled = {}
+    rows = []
+    with torch.inference_mode():
+        for shape, dname in configs:
+            rows.append(bench_one(shape, dname, not args.no_compile, compiled, args.cold))
+            print(f"done {shape} {dname}", file=sys.stderr, flush=True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{'cold' if args.cold else 'warm'} caches, load average "
+          f"{load0:.1f} at start, {os.getloadavg()[0]:.1f} at end (all processes on this machine)")
+    print_table(rows)
+    if args.json:
+        write_json(args.json, {"benchmark": "dpmpp_2m_step", "torch": torch.__version__,
+                               "threads": torch.get_num_threads(), "cold": args.cold,
+                               "load_average": [load0, os.getloadavg()[0]], "results": rows})
+
+
+if __name__ == "__main__":
+    main()

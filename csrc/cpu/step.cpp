@@ -1,0 +1,433 @@
+// CPU kernel of fastdiff::sampler_step (semantics: fastdiff._ops.step_ref; per-element
+// math: csrc/kernels/step.h, shared with the CUDA kernel).
+//
+// One pass over memory: at::parallel_for splits the flat [B * S] element range; each
+// piece is walked sample by sample (the coefficient row hoisted) in chunks of kChunk
+// elements. A chunk goes through short branch-free loops: the direction d into an
+// L1-resident buffer (specialised on guidance / clamp), then the outputs, two at a time
+// in one loop where possible (specialised on x_base / noise / up to 4 history terms).
+// So every input is read from memory once, every output written once, and the loops
+// vectorize (built for x86-64-v4 (AVX-512), v3 (AVX2) and baseline, picked at load
+// time). float16 data is widened per chunk into float buffers first (see step_segment).
+#include <ATen/EmptyTensor.h>
+#include <ATen/Parallel.h>
+#include <c10/core/impl/alloc_cpu.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include <mutex>
+#include <type_traits>
+#include <vector>
+
+#include "../checks.h"
+#include "../kernels/step.h"
+#include "convert.h"
+
+namespace fastdiff {
+namespace {
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTDIFF_STEP_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define FASTDIFF_INLINE inline __attribute__((always_inline))
+#else
+#define FASTDIFF_STEP_CLONES
+#define FASTDIFF_INLINE inline
+#endif
+
+using step::Head;
+
+// Elements per chunk: up to ~10 streams x 512 x 4 B = 20 KiB stays in L1.
+constexpr int64_t kChunk = 512;
+// History terms folded into the specialised output loop; more are added in extra passes.
+constexpr int kMaxFusedHist = 4;
+// Outputs computed together in one pass over the inputs (x_next and the stored d or x0 of
+// multistep samplers); more go one pass each, as do float64's (build time: every
+// specialisation is compiled three times, once per instruction set).
+template <typename acc>
+constexpr int64_t kMaxJointOut = std::is_same<acc, double>::value ? 1 : 2;
+
+template <typename T>
+struct StepPtrs {
+  const T* x;
+  const T* x_base;  // null when absent
+  const T* m;
+  const T* m_cond;  // null when absent
+  const T* noise;   // null when absent
+  const T* const* hist;
+  int64_t n_hist;
+  T* const* out;
+  int64_t n_out;
+};
+
+template <typename T, typename acc>
+FASTDIFF_INLINE void widen(const T* __restrict src, int64_t n, acc* __restrict dst) {
+  if constexpr (std::is_same<T, c10::Half>::value) {
+    cpu::widen_half(src, n, dst);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = cpu::to_acc(src[i]);
+  }
+}
+
+template <typename T, typename acc>
+FASTDIFF_INLINE void narrow(const acc* __restrict src, int64_t n, T* __restrict dst) {
+  if constexpr (std::is_same<T, c10::Half>::value) {
+    cpu::narrow_half(src, n, dst);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = cpu::from_acc<T>(src[i]);
+  }
+}
+
+// Elements [c0, c0 + n) of an input in acc: widened into buf; null for an absent input.
+template <typename T, typename acc>
+FASTDIFF_INLINE const acc* widened(const T* src, int64_t c0, int64_t n, acc* buf) {
+  if (src == nullptr) return nullptr;
+  widen<T, acc>(src + c0, n, buf);
+  return buf;
+}
+
+// The loops below read inputs of type In (the storage type, or acc after widening) and
+// convert each value to acc as they load it (a no-op for acc, a shift for bfloat16).
+
+// d for one chunk.
+template <typename In, typename acc, bool kCond, bool kClamp>
+FASTDIFF_INLINE void direction_loop(const In* __restrict x, const In* __restrict mu,
+                                    const In* __restrict mc, const Head<acc> h, int64_t n,
+                                    acc* __restrict d) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc xv = cpu::to_acc(x[i]);
+    const acc m = kCond ? step::guide<acc>(cpu::to_acc(mu[i]), cpu::to_acc(mc[i]), h.g)
+                        : cpu::to_acc(mu[i]);
+    d[i] = kClamp ? step::direction_clamped(xv, m, h) : step::direction(xv, m, h);
+  }
+}
+
+// Coefficients of one output row (hoisted out of the element loop).
+template <typename acc>
+struct OutCoeffs {
+  acc x, xb, d, nz, h[kMaxFusedHist];
+};
+
+// kOut (1 or 2) outputs for one chunk, each y_o = c_o0 x (+ c_o1 x_base) + c_o2 d
+// (+ c_o3 noise) + sum_k c_o,4+k h_k over the first kHist history terms, accumulated in
+// basis order like the reference and stored as Out (the outputs' storage type, or acc for
+// more passes). Every input element is loaded once for all outputs. All pointers are
+// restrict parameters, so GCC vectorizes without a run-time alias check.
+template <typename In, typename Out, typename acc, int kOut, bool kXBase, bool kNoise, int kHist>
+FASTDIFF_INLINE void output_kernel(const In* __restrict x, const In* __restrict xb,
+                                   const acc* __restrict d, const In* __restrict nz,
+                                   const In* __restrict h0, const In* __restrict h1,
+                                   const In* __restrict h2, const In* __restrict h3,
+                                   const OutCoeffs<acc>* k, int64_t n, Out* __restrict y0,
+                                   Out* __restrict y1) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc xv = cpu::to_acc(x[i]), dv = d[i];
+    const acc xbv = kXBase ? cpu::to_acc(xb[i]) : acc(0);
+    const acc nzv = kNoise ? cpu::to_acc(nz[i]) : acc(0);
+    const acc hv0 = kHist > 0 ? cpu::to_acc(h0[i]) : acc(0);
+    const acc hv1 = kHist > 1 ? cpu::to_acc(h1[i]) : acc(0);
+    const acc hv2 = kHist > 2 ? cpu::to_acc(h2[i]) : acc(0);
+    const acc hv3 = kHist > 3 ? cpu::to_acc(h3[i]) : acc(0);
+    acc v[kOut];
+    for (int o = 0; o < kOut; ++o) {
+      acc t = k[o].x * xv;
+      if (kXBase) t = step::axpy(t, k[o].xb, xbv);
+      t = step::axpy(t, k[o].d, dv);
+      if (kNoise) t = step::axpy(t, k[o].nz, nzv);
+      if (kHist > 0) t = step::axpy(t, k[o].h[0], hv0);
+      if (kHist > 1) t = step::axpy(t, k[o].h[1], hv1);
+      if (kHist > 2) t = step::axpy(t, k[o].h[2], hv2);
+      if (kHist > 3) t = step::axpy(t, k[o].h[3], hv3);
+      v[o] = t;
+    }
+    y0[i] = cpu::from_acc<Out>(v[0]);
+    if (kOut > 1) y1[i] = cpu::from_acc<Out>(v[kOut - 1]);
+  }
+}
+
+// c: output 0's coefficient row; rows nb apart.
+template <typename In, typename Out, typename acc, int kOut, bool kXBase, bool kNoise, int kHist>
+FASTDIFF_INLINE void output_loop(const In* x, const In* xb, const acc* d, const In* nz,
+                                 const In* const* hs, const acc* c, int64_t nb, int64_t n,
+                                 Out* const* ys) {
+  static_assert(kOut == 1 || kOut == 2, "one or two outputs per pass");
+  OutCoeffs<acc> k[kOut];
+  for (int o = 0; o < kOut; ++o) {
+    const acc* r = c + o * nb;
+    k[o].x = r[step::kBasisX];
+    k[o].xb = r[step::kBasisXBase];
+    k[o].d = r[step::kBasisD];
+    k[o].nz = r[step::kBasisNoise];
+    for (int j = 0; j < kMaxFusedHist; ++j)
+      k[o].h[j] = j < kHist ? r[step::kBasisHist + j] : acc(0);
+  }
+  output_kernel<In, Out, acc, kOut, kXBase, kNoise, kHist>(
+      x, xb, d, nz, kHist > 0 ? hs[0] : nullptr, kHist > 1 ? hs[1] : nullptr,
+      kHist > 2 ? hs[2] : nullptr, kHist > 3 ? hs[3] : nullptr, k, n, ys[0],
+      kOut > 1 ? ys[1] : nullptr);
+}
+
+// History terms past kMaxFusedHist, one pass each over an acc output (keeps the order).
+template <typename acc>
+FASTDIFF_INLINE void axpy_loop(const acc* __restrict h, acc c, int64_t n, acc* __restrict y) {
+  for (int64_t i = 0; i < n; ++i) y[i] = step::axpy(y[i], c, h[i]);
+}
+
+// Runtime (x_base?, noise?, history count) -> the specialised loop.
+template <typename In, typename Out, typename acc, int kOut>
+FASTDIFF_INLINE void output_any(int nh, const In* x, const In* xb, const acc* d, const In* nz,
+                                const In* const* hs, const acc* c, int64_t nb, int64_t n,
+                                Out* const* ys) {
+#define FASTDIFF_OUT(XB, NZ)                                                                  \
+  switch (nh) {                                                                               \
+    case 0: output_loop<In, Out, acc, kOut, XB, NZ, 0>(x, xb, d, nz, hs, c, nb, n, ys); break; \
+    case 1: output_loop<In, Out, acc, kOut, XB, NZ, 1>(x, xb, d, nz, hs, c, nb, n, ys); break; \
+    case 2: output_loop<In, Out, acc, kOut, XB, NZ, 2>(x, xb, d, nz, hs, c, nb, n, ys); break; \
+    case 3: output_loop<In, Out, acc, kOut, XB, NZ, 3>(x, xb, d, nz, hs, c, nb, n, ys); break; \
+    default: output_loop<In, Out, acc, kOut, XB, NZ, 4>(x, xb, d, nz, hs, c, nb, n, ys); break; \
+  }
+  if (xb != nullptr) {
+    if (nz != nullptr) { FASTDIFF_OUT(true, true) } else { FASTDIFF_OUT(true, false) }
+  } else {
+    if (nz != nullptr) { FASTDIFF_OUT(false, true) } else { FASTDIFF_OUT(false, false) }
+  }
+#undef FASTDIFF_OUT
+}
+
+// One chunk: d, then the outputs (two in one pass where kMaxJointOut allows). With more than
+// kMaxFusedHist history terms, Out must be acc (the remaining terms are added in further
+// passes over y).
+template <typename In, typename Out, typename acc>
+FASTDIFF_INLINE void chunk(const In* x, const In* xb, const In* m, const In* mc, const In* nz,
+                           const In* const* hs, int64_t n_hist, const acc* row, bool clamp,
+                           int64_t n_out, int64_t n, acc* d, Out* const* ys) {
+  const Head<acc> h(row);
+  if (mc != nullptr) {
+    if (clamp) direction_loop<In, acc, true, true>(x, m, mc, h, n, d);
+    else direction_loop<In, acc, true, false>(x, m, mc, h, n, d);
+  } else {
+    if (clamp) direction_loop<In, acc, false, true>(x, m, mc, h, n, d);
+    else direction_loop<In, acc, false, false>(x, m, mc, h, n, d);
+  }
+  const int nh = (int)std::min<int64_t>(n_hist, kMaxFusedHist);
+  const int64_t nb = step::n_basis(n_hist);
+  const acc* c = row + step::kHead;
+  if constexpr (kMaxJointOut<acc> > 1) {
+    if (n_hist <= kMaxFusedHist && n_out == 2) {
+      output_any<In, Out, acc, 2>(nh, x, xb, d, nz, hs, c, nb, n, ys);
+      return;
+    }
+  }
+  for (int64_t o = 0; o < n_out; ++o) {
+    output_any<In, Out, acc, 1>(nh, x, xb, d, nz, hs, c + o * nb, nb, n, ys + o);
+    if constexpr (std::is_same<In, acc>::value && std::is_same<Out, acc>::value) {
+      for (int64_t k = kMaxFusedHist; k < n_hist; ++k)
+        axpy_loop<acc>(hs[k], c[o * nb + step::kBasisHist + k], n, ys[o]);
+    }
+  }
+}
+
+// Elements [i0, i1) of one sample, whose coefficient row is `row`. float32/float64, and
+// bfloat16 with up to kMaxFusedHist history terms, run the loops on the tensors
+// themselves (bfloat16 converts as it loads and stores: a shift and a rounding, cheaper
+// than extra passes). float16 (whose conversion is cheap only as a whole-array F16C
+// pass) and bfloat16 with more history go through float buffers per chunk instead.
+template <typename T, typename acc>
+FASTDIFF_STEP_CLONES void step_segment(const StepPtrs<T>& p, const acc* row, bool clamp,
+                                       int64_t i0, int64_t i1) {
+  alignas(64) acc dbuf[kChunk];
+  constexpr bool kSame = std::is_same<T, acc>::value;
+  constexpr bool kBF16 = std::is_same<T, c10::BFloat16>::value;
+  if constexpr (kSame || kBF16) {
+    if (kSame || p.n_hist <= kMaxFusedHist) {
+      std::vector<const T*> hs(std::max<int64_t>(p.n_hist, 1));
+      std::vector<T*> ys(p.n_out);
+      for (int64_t c0 = i0; c0 < i1; c0 += kChunk) {
+        const int64_t n = std::min(kChunk, i1 - c0);
+        for (int64_t k = 0; k < p.n_hist; ++k) hs[k] = p.hist[k] + c0;
+        for (int64_t o = 0; o < p.n_out; ++o) ys[o] = p.out[o] + c0;
+        chunk<T, T, acc>(p.x + c0, p.x_base ? p.x_base + c0 : nullptr, p.m + c0,
+                         p.m_cond ? p.m_cond + c0 : nullptr, p.noise ? p.noise + c0 : nullptr,
+                         hs.data(), p.n_hist, row, clamp, p.n_out, n, dbuf, ys.data());
+      }
+      return;
+    }
+  }
+  if constexpr (!kSame) {
+    alignas(64) acc xbuf[kChunk], mbuf[kChunk], mcbuf[kChunk], xbbuf[kChunk], nzbuf[kChunk];
+    std::vector<acc> hbuf(p.n_hist * kChunk), ybuf(p.n_out * kChunk);
+    std::vector<const acc*> hs(std::max<int64_t>(p.n_hist, 1));
+    std::vector<acc*> ys(p.n_out);
+    for (int64_t o = 0; o < p.n_out; ++o) ys[o] = ybuf.data() + o * kChunk;
+    for (int64_t c0 = i0; c0 < i1; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, i1 - c0);
+      for (int64_t k = 0; k < p.n_hist; ++k)
+        hs[k] = widened<T, acc>(p.hist[k], c0, n, hbuf.data() + k * kChunk);
+      chunk<acc, acc, acc>(
+          widened<T, acc>(p.x, c0, n, xbuf), widened<T, acc>(p.x_base, c0, n, xbbuf),
+          widened<T, acc>(p.m, c0, n, mbuf), widened<T, acc>(p.m_cond, c0, n, mcbuf),
+          widened<T, acc>(p.noise, c0, n, nzbuf), hs.data(), p.n_hist, row, clamp, p.n_out, n,
+          dbuf, ys.data());
+      for (int64_t o = 0; o < p.n_out; ++o) narrow<T, acc>(ys[o], n, p.out[o] + c0);
+    }
+  }
+}
+
+// Elements per parallel task: below this a call stays on one thread (the OpenMP fork
+// costs more than it saves for ~100 KiB of data).
+constexpr int64_t kGrain = 32768;
+
+template <typename T, typename acc>
+void step_all(const StepPtrs<T>& p, const acc* coeffs, int64_t coeff_rows, int64_t ncols,
+              bool clamp, int64_t B, int64_t S) {
+  at::parallel_for(0, B * S, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t pos = begin; pos < end;) {
+      const int64_t b = pos / S;
+      const int64_t seg_end = std::min(end, (b + 1) * S);
+      step_segment<T, acc>(p, coeffs + (coeff_rows == 1 ? 0 : b * ncols), clamp, pos, seg_end);
+      pos = seg_end;
+    }
+  });
+}
+
+// Output memory. A sampler allocates the same few output sizes every step and drops the
+// previous step's outputs. Fresh large blocks come from the OS (glibc maps or trims them)
+// and each 4 KiB page then faults on its first write: measured on the development VM at
+// several microseconds per page, more than the whole fused pass over a 16 MiB output.
+// This allocator keeps up to kMaxBlocks freed output blocks (kMaxBytes in all) and hands
+// them out again for the same byte size; tensors on it are ordinary (resizable) CPU tensors.
+class RecyclingAllocator final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t n) override {
+    void* base = take(n);
+    if (base == nullptr) base = c10::alloc_cpu(kHeader + n);
+    *static_cast<size_t*>(base) = n;
+    return {static_cast<char*>(base) + kHeader, base, &release, c10::Device(c10::kCPU)};
+  }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+ private:
+  static constexpr size_t kHeader = 64;  // the block's size; keeps the data 64-byte aligned
+  static constexpr size_t kMaxBlocks = 8;
+  static constexpr size_t kMaxBytes = size_t(512) << 20;
+  struct Pool {
+    std::mutex mu;
+    std::vector<void*> blocks;  // oldest first
+    size_t bytes = 0;
+  };
+  // Never destroyed: tensors may be freed during interpreter shutdown, after statics.
+  static Pool& pool() {
+    static Pool* p = new Pool();
+    return *p;
+  }
+  static size_t size_of(void* base) { return *static_cast<size_t*>(base); }
+  static void* take(size_t n) {
+    Pool& p = pool();
+    std::lock_guard<std::mutex> lock(p.mu);
+    for (size_t i = p.blocks.size(); i-- > 0;) {
+      void* base = p.blocks[i];
+      if (size_of(base) == n) {
+        p.blocks.erase(p.blocks.begin() + i);
+        p.bytes -= n;
+        return base;
+      }
+    }
+    return nullptr;
+  }
+  static void release(void* base) {
+    const size_t n = size_of(base);
+    std::vector<void*> evicted;
+    {
+      Pool& p = pool();
+      std::lock_guard<std::mutex> lock(p.mu);
+      if (n > kMaxBytes) {
+        evicted.push_back(base);
+      } else {
+        while (!p.blocks.empty() && (p.blocks.size() >= kMaxBlocks || p.bytes + n > kMaxBytes)) {
+          evicted.push_back(p.blocks.front());
+          p.bytes -= size_of(p.blocks.front());
+          p.blocks.erase(p.blocks.begin());
+        }
+        p.blocks.push_back(base);
+        p.bytes += n;
+      }
+    }
+    for (void* b : evicted) c10::free_cpu(b);
+  }
+};
+
+at::Tensor new_output(const at::Tensor& like) {
+  static RecyclingAllocator* allocator = new RecyclingAllocator();
+  return at::detail::empty_generic(like.sizes(), allocator,
+                                   c10::DispatchKeySet(c10::DispatchKey::CPU), like.scalar_type(),
+                                   c10::nullopt);
+}
+
+// Contiguous view of an optional input (a no-op for contiguous tensors).
+at::Tensor opt_contig(const c10::optional<at::Tensor>& t) {
+  return (t.has_value() && t->defined()) ? t->contiguous() : at::Tensor();
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+std::vector<at::Tensor> sampler_step_cpu(const at::Tensor& x,
+                                         const c10::optional<at::Tensor>& x_base,
+                                         const at::Tensor& model_out,
+                                         const c10::optional<at::Tensor>& model_out_cond,
+                                         at::TensorList history,
+                                         const c10::optional<at::Tensor>& noise,
+                                         const at::Tensor& coeffs, bool clamp, int64_t n_out) {
+  check_step_args(x, x_base, model_out, model_out_cond, history, noise, coeffs, n_out);
+  std::vector<at::Tensor> outs;
+  outs.reserve(n_out);
+  for (int64_t o = 0; o < n_out; ++o) outs.push_back(new_output(x));
+  const int64_t B = x.size(0);
+  if (x.numel() == 0) return outs;
+  const int64_t S = x.numel() / B;
+
+  const at::Tensor xc = x.contiguous(), mc = model_out.contiguous(), cc = coeffs.contiguous();
+  const at::Tensor xbc = opt_contig(x_base), mcc = opt_contig(model_out_cond),
+                   nzc = opt_contig(noise);
+  std::vector<at::Tensor> hc;
+  hc.reserve(history.size());
+  for (const auto& t : history) hc.push_back(t.contiguous());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampler_step_cpu",
+                                  [&] {
+    using T = scalar_t;
+    using acc = acc_t<T>;
+    std::vector<const T*> hp;
+    for (const auto& t : hc) hp.push_back(t.const_data_ptr<T>());
+    std::vector<T*> op;
+    for (auto& t : outs) op.push_back(t.data_ptr<T>());
+    const StepPtrs<T> p{xc.const_data_ptr<T>(), ptr_or_null<T>(xbc), mc.const_data_ptr<T>(),
+                        ptr_or_null<T>(mcc), ptr_or_null<T>(nzc), hp.data(),
+                        (int64_t)hp.size(), op.data(), n_out};
+    step_all<T, acc>(p, cc.const_data_ptr<acc>(), cc.size(0), cc.size(1), clamp, B, S);
+  });
+  return outs;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdiff, CPU, m) { m.impl("sampler_step", &sampler_step_cpu); }
+
+// The sampler step is not differentiable (samplers run under no_grad; a gradient through
+// it is not something fastdiff offers). Without a kernel at the Autograd key, the
+// dispatcher's default fallback would let `backward()` pass through the op with only a
+// warning and silently produce no gradient for its inputs. PyTorch's
+// autogradNotImplementedFallback is the registration for exactly this case: the forward
+// runs normally (also with inputs that require grad) and the outputs carry a grad_fn whose
+// backward raises "derivative for fastdiff::sampler_step is not implemented". It is also
+// what opcheck's test_autograd_registration expects of a non-differentiable op.
+TORCH_LIBRARY_IMPL(fastdiff, Autograd, m) {
+  m.impl("sampler_step", torch::autograd::autogradNotImplementedFallback());
+}
+
+}  // namespace fastdiff

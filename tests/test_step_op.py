@@ -1,0 +1,326 @@
+"""fastdiff::sampler_step: the C++ CPU kernel and the Triton kernel (interpreted on CPU)
+against the pure-torch reference ``fastdiff._ops.step_ref``, on fresh random inputs;
+opcheck; autograd behaviour; argument errors at the Python boundary and in the op.
+
+The CUDA kernel runs the per-element math of csrc/kernels/step.h that the CPU kernel
+runs too, so these tests cover its formulas (not its launch) on machines without a GPU.
+"""
+import itertools
+
+import pytest
+import torch
+
+from fastdiff import _ops
+from fastdiff._ops import STEP_HEAD, step_n_basis, step_ref
+from fastdiff.step import StepCoeffs, fused_step
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+SHAPES = [(3, 3, 7, 5), (1, 1, 1, 1), (5, 1001), (2, 4, 33)]
+# Agreement with the reference: the kernels compute in the reference's rounding order,
+# so float32/float64 agree to rounding noise; half types may differ by one unit in the
+# last place of the output when the float32 values straddle a rounding boundary.
+TOL = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-12),
+       torch.float16: dict(rtol=2 ** -10, atol=1e-5), torch.bfloat16: dict(rtol=2 ** -7, atol=1e-5)}
+
+needs_kernel = pytest.mark.skipif(not _ops.has_kernel("sampler_step", "cpu"),
+                                  reason="compiled extension not built")
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rand(shape, dtype, gen, noncontig=False):
+    """Random normal tensor of ``shape``; with ``noncontig`` a transposed or strided view."""
+    if not noncontig:
+        return torch.randn(shape, generator=gen).to(dtype)
+    if len(shape) >= 2:  # transposed storage: strides reversed in the last two dims
+        t = torch.randn(shape[:-2] + (shape[-1], shape[-2]), generator=gen).to(dtype)
+        return t.transpose(-1, -2)
+    return torch.randn((shape[0] * 2,), generator=gen).to(dtype)[::2]
+
+
+def make_case(gen, shape, dtype, *, n_hist=0, n_out=1, cond=False, noise=False, x_base=False,
+              clamp=False, per_sample=True, noncontig=False):
+    """Arguments of sampler_step. Coefficients are random too; the clamp bound s is drawn
+    so that some data estimates are clipped and some are not, and s_div > 0."""
+    def t(i):  # alternate layouts so that mixed contiguous / strided inputs are covered
+        return rand(shape, dtype, gen, noncontig and i % 2 == 0)
+
+    B = shape[0]
+    rows = B if per_sample else 1
+    coeffs = torch.randn(rows, STEP_HEAD + n_out * step_n_basis(n_hist), generator=gen,
+                         dtype=torch.float64)
+    coeffs[:, 3] = torch.rand(rows, generator=gen, dtype=torch.float64) + 0.5   # s
+    coeffs[:, 4] = torch.rand(rows, generator=gen, dtype=torch.float64) + 0.5   # s_div
+    return (t(0), t(1) if x_base else None, t(2), t(3) if cond else None,
+            [t(4 + k) for k in range(n_hist)], t(9) if noise else None,
+            coeffs.to(acc_dtype(dtype)), clamp, n_out)
+
+
+def poison(op, args):
+    """Make the memory the next call's outputs will get NaN, so that an element the kernel
+    forgets to write shows up: free a few NaN buffers of the output size (for the system
+    allocator), and run the op once on a NaN x (its outputs, all NaN, go back to the CPU
+    kernel's output-block cache when dropped)."""
+    x = args[0]
+    bufs = [torch.full((x.numel() + 64,), float("nan"), dtype=x.dtype) for _ in range(args[-1])]
+    del bufs
+    outs = op(torch.full_like(x, float("nan")), *args[1:])
+    assert all(bool(torch.isnan(o).all()) for o in outs)
+    del outs
+
+
+def overlaps(a, b):
+    sa, sb = a.untyped_storage(), b.untyped_storage()
+    a0, b0 = sa.data_ptr(), sb.data_ptr()
+    return a0 < b0 + sb.nbytes() and b0 < a0 + sa.nbytes()
+
+
+def check_outputs(outs, args):
+    """Fresh, contiguous outputs of x's shape and dtype, sharing no memory with the inputs
+    or each other, every element written (finite: the inputs are finite)."""
+    x, x_base, m, mc, hist, noise, coeffs, clamp, n_out = args
+    assert isinstance(outs, (list, tuple)) and len(outs) == n_out
+    inputs = [t for t in (x, x_base, m, mc, noise, coeffs, *hist) if t is not None]
+    for o in outs:
+        assert o.shape == x.shape and o.dtype == x.dtype and o.device == x.device
+        assert o.is_contiguous()
+        assert bool(torch.isfinite(o).all()), "an output element was not written"
+        for t in inputs + [p for p in outs if p is not o]:
+            assert not overlaps(o, t)
+
+
+def assert_matches_ref(outs, args):
+    want = step_ref(*args)
+    tol = TOL[args[0].dtype]
+    for o, w in zip(outs, want):
+        torch.testing.assert_close(o, w, **tol)
+
+
+# --------------------------------------------------------------------------------------
+# CPU kernel vs reference
+# --------------------------------------------------------------------------------------
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("n_hist", [0, 1, 2, 3, 4, 6])
+def test_cpu_kernel_matches_reference(gen, dtype, shape, n_hist):
+    # Every combination of the optional inputs and clamp, 1..3 outputs; per-sample and
+    # broadcast coefficient rows and contiguous / strided inputs alternate.
+    for i, (cond, noise, x_base, clamp, n_out) in enumerate(
+            itertools.product([False, True], [False, True], [False, True], [False, True],
+                              [1, 2, 3])):
+        args = make_case(gen, shape, dtype, n_hist=n_hist, n_out=n_out, cond=cond, noise=noise,
+                         x_base=x_base, clamp=clamp, per_sample=i % 2 == 0,
+                         noncontig=i % 3 == 0)
+        poison(torch.ops.fastdiff.sampler_step, args)
+        outs = torch.ops.fastdiff.sampler_step(*args)
+        check_outputs(outs, args)
+        assert_matches_ref(outs, args)
+
+
+@needs_kernel
+def test_cpu_kernel_long_rows_and_many_outputs(gen):
+    # Several parallel tasks and chunks per sample, sample boundaries inside tasks, an
+    # element count that is not a multiple of the chunk or vector width, 5 outputs.
+    for shape, dtype in [((3, 70001), torch.float32), ((2, 3, 129, 131), torch.bfloat16)]:
+        args = make_case(gen, shape, dtype, n_hist=2, n_out=5, cond=True, noise=True,
+                         x_base=True, clamp=True)
+        outs = torch.ops.fastdiff.sampler_step(*args)
+        check_outputs(outs, args)
+        assert_matches_ref(outs, args)
+
+
+@needs_kernel
+def test_clamp_propagates_nan_like_reference(gen):
+    # torch.minimum/maximum propagate NaN; the kernel's clamp must too (a NaN from the
+    # model is a bug the sampler should see, not something clipped to +-s).
+    args = list(make_case(gen, (2, 64), torch.float32, clamp=True))
+    args[2][0, 5] = float("nan")
+    out = torch.ops.fastdiff.sampler_step(*args)[0]
+    want = step_ref(*args)[0]
+    assert torch.isnan(out[0, 5]) and torch.isnan(want[0, 5])
+    torch.testing.assert_close(out, want, equal_nan=True, **TOL[torch.float32])
+
+
+@needs_kernel
+def test_empty_batch(gen):
+    x = torch.randn(0, 3)
+    coeffs = torch.randn(1, STEP_HEAD + 2 * step_n_basis(0))
+    outs = torch.ops.fastdiff.sampler_step(x, None, x.clone(), None, [], None, coeffs, False, 2)
+    assert len(outs) == 2 and all(o.shape == (0, 3) for o in outs)
+
+
+# --------------------------------------------------------------------------------------
+# Triton kernel (interpreter) vs reference
+# --------------------------------------------------------------------------------------
+
+# (n_hist, n_out, cond, noise, x_base, clamp): each feature on and off, 5 outputs (two
+# launches) and 8 history tensors (every pointer slot).
+TRITON_CASES = [
+    (0, 1, False, False, False, False),
+    (1, 2, True, False, False, False),
+    (2, 3, False, True, True, False),
+    (4, 1, True, True, True, True),
+    (3, 5, False, False, False, True),
+    (8, 2, True, False, True, True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=str)
+def test_triton_kernel_matches_reference(gen, dtype, shape):
+    pytest.importorskip("triton")
+    kernel = _ops.triton_fn("sampler_step")
+    for i, (n_hist, n_out, cond, noise, x_base, clamp) in enumerate(TRITON_CASES):
+        args = make_case(gen, shape, dtype, n_hist=n_hist, n_out=n_out, cond=cond, noise=noise,
+                         x_base=x_base, clamp=clamp, per_sample=i % 2 == 0, noncontig=i % 3 == 1)
+        poison(kernel, args)
+        outs = kernel(*args)
+        check_outputs(outs, args)
+        assert_matches_ref(outs, args)
+
+
+def test_fused_step_routes_to_triton(gen, triton_backend):
+    args = make_case(gen, (2, 3, 5), torch.float32, n_hist=1, n_out=2, cond=True)
+    x, x_base, m, mc, hist, noise, coeffs, clamp, n_out = args
+    outs = fused_step(x, m, coeffs, model_out_cond=mc, history=hist, n_out=n_out)
+    assert_matches_ref(outs, args)
+
+
+def test_triton_rejects_too_much_history(gen):
+    pytest.importorskip("triton")
+    args = make_case(gen, (2, 3), torch.float32, n_hist=9)
+    with pytest.raises(ValueError, match="history"):
+        _ops.triton_fn("sampler_step")(*args)
+
+
+# --------------------------------------------------------------------------------------
+# The public wrapper against a closed form
+# --------------------------------------------------------------------------------------
+
+def test_fused_step_ddim_against_closed_form(gen):
+    # DDIM (eta = 0) from t to s with eps-prediction, per-sample coefficients, computed
+    # independently in float64: x_s = alpha_s x0 + sigma_s eps, x0 = (x - sigma_t eps) / alpha_t.
+    B = 3
+    a_t = torch.rand(B, generator=gen, dtype=torch.float64) * 0.5 + 0.2
+    a_s = torch.rand(B, generator=gen, dtype=torch.float64) * 0.3 + 0.7
+    s_t, s_s = (1 - a_t ** 2).sqrt(), (1 - a_s ** 2).sqrt()
+    x = torch.randn(B, 4, 8, 8, generator=gen, dtype=torch.float64)
+    eps = torch.randn(B, 4, 8, 8, generator=gen, dtype=torch.float64)
+    c = StepCoeffs(B, n_out=2)
+    c.convert(p_x=1 / a_t, p_m=-s_t / a_t, w_x=1 / a_t, w_m=-s_t / a_t)
+    # x_s = alpha_s x0 + sigma_s (x - alpha_t x0) / sigma_t
+    c.out(0, x=s_s / s_t, d=a_s - a_t * s_s / s_t)
+    c.out(1, d=1.0)
+    v = (-1, 1, 1, 1)
+    x0 = (x - s_t.view(v) * eps) / a_t.view(v)
+    x_s = a_s.view(v) * x0 + s_s.view(v) * eps
+    for dtype in (torch.float64, torch.float32):
+        out, x0_out = fused_step(x.to(dtype), eps.to(dtype), c.tensor(acc_dtype(dtype)), n_out=2)
+        tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.double(), x_s, **tol)
+        torch.testing.assert_close(x0_out.double(), x0, **tol)
+
+
+# --------------------------------------------------------------------------------------
+# opcheck and autograd
+# --------------------------------------------------------------------------------------
+
+OPCHECK_CASES = [
+    dict(shape=(2, 3, 4), dtype=torch.float32),
+    dict(shape=(2, 3, 4), dtype=torch.float32, n_hist=2, n_out=3, cond=True, noise=True,
+         x_base=True, clamp=True),
+    dict(shape=(1, 5), dtype=torch.float64, n_hist=1, n_out=2, per_sample=False),
+    dict(shape=(3, 2, 2), dtype=torch.bfloat16, n_hist=1, cond=True, noncontig=True),
+    dict(shape=(3, 7), dtype=torch.float16, noise=True, clamp=True),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", OPCHECK_CASES)
+def test_opcheck(gen, case):
+    kw = dict(case)
+    args = make_case(gen, kw.pop("shape"), kw.pop("dtype"), **kw)
+    torch.library.opcheck(torch.ops.fastdiff.sampler_step.default, args)
+
+
+@needs_kernel
+def test_not_differentiable_raises_on_backward(gen):
+    # Registered with PyTorch's autograd-not-implemented fallback (csrc/cpu/step.cpp):
+    # forward works on inputs that require grad, backward raises instead of silently
+    # producing no gradient.
+    args = list(make_case(gen, (2, 3, 4), torch.float32, n_hist=1, n_out=2))
+    args[0] = args[0].clone().requires_grad_()
+    torch.library.opcheck(torch.ops.fastdiff.sampler_step.default, tuple(args),
+                          test_utils="test_autograd_registration")
+    outs = torch.ops.fastdiff.sampler_step(*args)
+    assert outs[0].requires_grad
+    plain = [args[0].detach()] + args[1:]
+    assert_matches_ref([o.detach() for o in outs], plain)
+    with pytest.raises(RuntimeError, match="not implemented"):
+        outs[0].sum().backward()
+
+
+# --------------------------------------------------------------------------------------
+# argument errors
+# --------------------------------------------------------------------------------------
+
+def _good(gen, B=3):
+    x = torch.randn(B, 4, 5, generator=gen)
+    return dict(x=x, m=torch.randn(B, 4, 5, generator=gen),
+                h=torch.randn(B, 4, 5, generator=gen),
+                c=torch.randn(B, STEP_HEAD + 2 * step_n_basis(1), generator=gen))
+
+
+BAD = [  # (name, change to the good arguments, error type at the API, op message)
+    ("model_out shape", lambda a: a.update(m=a["m"][:, :3]), ValueError, "model_out has shape"),
+    ("history shape", lambda a: a.update(h=a["h"][:2]), ValueError, r"history\[0\] has shape"),
+    ("x_base dtype", lambda a: a.update(xb=a["x"].double()), TypeError, "x_base has dtype"),
+    ("noise dtype", lambda a: a.update(nz=a["x"].half()), TypeError, "noise has dtype"),
+    ("cond shape", lambda a: a.update(mc=a["x"][:, :, :2]), ValueError, "model_out_cond has shape"),
+    ("coeffs width", lambda a: a.update(c=a["c"][:, :-1]), ValueError, "coeffs must have shape"),
+    ("coeffs rows", lambda a: a.update(c=a["c"][:2]), ValueError, "coeffs must have shape"),
+    ("coeffs 1-d", lambda a: a.update(c=a["c"][0]), ValueError, "coeffs must have shape"),
+    ("coeffs dtype", lambda a: a.update(c=a["c"].double()), TypeError, "coeffs must be"),
+    ("n_out 0", lambda a: a.update(n_out=0), ValueError, "n_out must be"),
+    ("x int", lambda a: a.update(x=a["x"].int(), m=a["m"].int(), h=a["h"].int()), TypeError,
+     "x must be"),
+]
+
+
+def _call_api(a):
+    return fused_step(a["x"], a["m"], a["c"], x_base=a.get("xb"), model_out_cond=a.get("mc"),
+                      history=[a["h"]], noise=a.get("nz"), n_out=a.get("n_out", 2))
+
+
+def _call_op(a):
+    return torch.ops.fastdiff.sampler_step(a["x"], a.get("xb"), a["m"], a.get("mc"), [a["h"]],
+                                           a.get("nz"), a["c"], False, a.get("n_out", 2))
+
+
+@pytest.mark.parametrize("name,change,api_error,op_message", BAD, ids=[b[0] for b in BAD])
+def test_bad_arguments(gen, name, change, api_error, op_message):
+    a = _good(gen)
+    _call_api(a)  # the unchanged arguments are fine
+    change(a)
+    with pytest.raises(api_error):
+        _call_api(a)
+    if _ops.has_kernel("sampler_step", "cpu"):
+        with pytest.raises(RuntimeError, match=op_message):
+            _call_op(a)
+
+
+def test_bad_device_at_api(gen):
+    # Only one real device here; a meta tensor stands in for "another device" (the raw
+    # op would dispatch it to the fake kernel, so only the API check is testable).
+    a = _good(gen)
+    a["h"] = a["h"].to("meta")
+    with pytest.raises(ValueError, match="history"):
+        _call_api(a)
+    a = _good(gen)
+    a["c"] = a["c"].to("meta")
+    with pytest.raises(ValueError, match="coeffs"):
+        _call_api(a)
