@@ -1,4 +1,4 @@
-"""Command line: ``fastdiff info | sample | lipschitz | train | bench``.
+"""Command line: ``fastdiff info | sample | lipschitz | train``.
 
 Each subcommand is one ``_add_<name>`` function that declares its arguments and one
 ``_run_<name>`` function that runs it; heavy imports happen inside the run function so

@@ -36,13 +36,7 @@ class Clamp(NamedTuple):
 
 
 class Coeffs(StepCoeffs):
-    """:class:`fastdiff.step.StepCoeffs` that also takes float64 numpy arrays [R]."""
-
-    def convert(self, **kw):
-        return super().convert(**{k: _v(v) for k, v in kw.items()})
-
-    def out(self, o, *, h=(), **kw):
-        return super().out(o, h=[_v(v) for v in h], **{k: _v(v) for k, v in kw.items()})
+    """:class:`fastdiff.step.StepCoeffs` with the combinators the plans use."""
 
     def combo(self, o, comb, *, x=0.0, x_base=0.0, noise=0.0):
         """Output ``o`` = x*x + x_base*x_base + noise*noise + comb . [d, history...], with
@@ -51,25 +45,23 @@ class Coeffs(StepCoeffs):
         return self.out(o, x=x, x_base=x_base, noise=noise, d=comb[0], h=list(comb[1:]))
 
     def with_output(self, src: int, scale) -> "Coeffs":
-        """A copy with one more output: ``scale`` times output ``src``."""
-        c = Coeffs(self.data.shape[0], self.n_out + 1, self.n_history)
-        c.data[:, :self.data.shape[1]] = self.data
-        nb, base = self.nb, self.data.shape[1]
+        """A copy with one more output: ``scale`` ([R] array or float) times output ``src``."""
+        c = Coeffs(self._data.shape[0], self.n_out + 1, self.n_history)
+        nb, base = self.nb, self._data.shape[1]
+        c._data[:, :base] = self._data
         lo = STEP_HEAD + src * nb
-        c.data[:, base:base + nb] = self.data[:, lo:lo + nb] * _col(scale)
+        c._data[:, base:base + nb] = self._data[:, lo:lo + nb] * np.reshape(scale, (-1, 1))
         return c
 
-
-def _v(v):
-    if isinstance(v, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)).reshape(-1)
-    return v
-
-
-def _col(v):
-    if isinstance(v, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)).reshape(-1, 1)
-    return float(v)
+    def select_outputs(self, keep) -> "Coeffs":
+        """A copy with only the outputs ``keep`` (indices, in the new order)."""
+        c = Coeffs(self._data.shape[0], len(keep), self.n_history)
+        c._data[:, :STEP_HEAD] = self._data[:, :STEP_HEAD]
+        nb = self.nb
+        for j, o in enumerate(keep):
+            c._data[:, STEP_HEAD + j * nb:STEP_HEAD + (j + 1) * nb] = \
+                self._data[:, STEP_HEAD + o * nb:STEP_HEAD + (o + 1) * nb]
+        return c
 
 
 @dataclass

@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from .._ops import STEP_HEAD
 from ..schedules import NoiseSchedule, TimeSharing
 from ..step import fused_step
 from ..wrappers import model_output
-from .core import PREDICTIONS, Clamp, Coeffs, Plan
+from .core import PREDICTIONS, Clamp, Plan
 from .grid import build_grid
 from .registry import SAMPLERS, family
 
@@ -193,7 +191,7 @@ class Sampler:
             op = call.op
             keep = [o for o, name in enumerate(op.outputs) if name == "x" or reads.get(name, -1) > k]
             if len(keep) < len(op.outputs):
-                op.coeffs = _select_outputs(op.coeffs, keep)
+                op.coeffs = op.coeffs.select_outputs(keep)
                 op.outputs = tuple(op.outputs[o] for o in keep)
             if k + 1 < len(calls) and calls[k + 1].c_in is not None:
                 op.coeffs = op.coeffs.with_output(op.outputs.index("x"), calls[k + 1].c_in)
@@ -423,16 +421,6 @@ class Sampler:
 
 def _bview(x):
     return (-1,) + (1,) * (x.dim() - 1)
-
-
-def _select_outputs(c, keep: Sequence[int]):
-    """A copy of coefficients ``c`` with only the outputs ``keep``."""
-    new = Coeffs(c.data.shape[0], len(keep), c.n_history)
-    new.data[:, :STEP_HEAD] = c.data[:, :STEP_HEAD]
-    nb = c.nb
-    for j, o in enumerate(keep):
-        new.data[:, STEP_HEAD + j * nb:STEP_HEAD + (j + 1) * nb] = c.data[:, STEP_HEAD + o * nb:STEP_HEAD + (o + 1) * nb]
-    return new
 
 
 def _prediction(out, x, name):
