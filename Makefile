@@ -8,7 +8,7 @@ TORCH    ?= torch==2.13.0
 CUDA_VENV  ?= .venv-cuda
 CUDA_TORCH ?= torch==2.14.1
 PYTEST_ARGS ?=
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
 .PHONY: install demo test cuda-check clean
 

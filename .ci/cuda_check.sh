@@ -9,6 +9,7 @@ torch_spec=${2:-torch==2.14.1}
 python3=${PYTHON:-python3}
 
 test -x "$venv/bin/python" || "$python3" -m venv "$venv"
+venv=$(cd "$venv" && pwd)  # absolute: the import check below runs from another folder
 "$venv/bin/pip" install -q --upgrade pip setuptools wheel ninja pybind11 numpy
 "$venv/bin/pip" install -q "$torch_spec"
 "$venv/bin/python" -c "import torch; assert torch.version.cuda, 'not a CUDA torch'; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"

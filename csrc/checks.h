@@ -8,6 +8,11 @@
 
 namespace fastdiff {
 
+// Contiguous view of an optional input (undefined when absent; a no-op when contiguous).
+inline at::Tensor opt_contig(const c10::optional<at::Tensor>& t) {
+  return (t.has_value() && t->defined()) ? t->contiguous() : at::Tensor();
+}
+
 inline void check_embedding_args(const at::Tensor& t, const at::Tensor& freqs,
                                  const c10::optional<at::Tensor>& table, int64_t dim,
                                  double width, double end) {

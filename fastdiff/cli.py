@@ -175,7 +175,7 @@ def _timed_sample(model, x_T, schedule, args, **kw):
 def _sample_digits(args, n, out):
     import torch
 
-    from .data import load_digits, save_grid
+    from .data import save_grid
     from .metrics import digits_fd
     from .pretrained import pretrained
 
@@ -189,8 +189,7 @@ def _sample_digits(args, n, out):
         kw.update(guidance_scale=args.guidance, uncond=torch.full_like(labels, model.null_class))
     x, elapsed = _timed_sample(model, x_T, schedule, args, **kw)
     fd = digits_fd(x)
-    real, _ = load_digits("train")
-    fd_real = digits_fd(real[torch.randperm(len(real), generator=torch.Generator().manual_seed(args.seed))[:n]])
+    fd_real = digits_fd(_balanced_real(labels, args.seed))
     order = torch.argsort(labels, stable=True)  # one class per grid column block
     save_grid(x[order].view(10, -1, 1, 8, 8).transpose(0, 1).reshape(-1, 1, 8, 8)
               if n % 10 == 0 else x, out)
@@ -205,6 +204,20 @@ def _sample_digits(args, n, out):
         f"Frechet distance to held-out real digits: {fd:.2f} "
         f"(real train digits, same n: {fd_real:.2f}; lower is better)"]
     return summary, lines
+
+
+def _balanced_real(labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """Real train digits with the same class counts as ``labels``: the FD yardstick. (A
+    random subset would differ from the class-balanced held-out set in its class mix,
+    which alone inflates the FD.)"""
+    import torch
+
+    from .data import load_digits
+
+    real, real_labels = load_digits("train")
+    perm = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))
+    picks = [perm[real_labels[perm] == c][:int((labels == c).sum())] for c in range(10)]
+    return real[torch.cat(picks)]
 
 
 def _sample_gaussian(args, n, out):

@@ -11,12 +11,7 @@ from fastdiff.metrics import (DigitsClassifier, classifier_accuracy, classify, d
 from fastdiff.schedules import TimeSharing
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _with_moments(mu, cov, n, gen):

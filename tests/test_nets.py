@@ -7,14 +7,7 @@ from fastdiff.nets import SelfAttention, UNet
 from fastdiff.schedules import TimeSharing
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny nets gain nothing from intra-op threads, and on a shared 2-core machine the
-    # OpenMP workers of a second thread can make each step 5x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(**kw):

@@ -25,14 +25,7 @@ from fastdiff.schedules import NoiseSchedule
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tensors are tiny: a second OpenMP thread only adds synchronisation, which on a
-    # busy 2-core machine made float64 matmuls ~1000x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
-#include <torch/torch.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
 
 #include <cmath>
 #include <vector>

@@ -9,13 +9,14 @@
 // So every input is read from memory once, every output written once, and the loops
 // vectorize (built for x86-64-v4 (AVX-512), v3 (AVX2) and baseline, picked at load
 // time). float16 data is widened per chunk into float buffers first (see step_segment).
+#include <ATen/Dispatch.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
-#include <torch/torch.h>
 
+#include <cstdlib>
 #include <mutex>
 #include <type_traits>
 #include <vector>
@@ -295,8 +296,9 @@ void step_all(const StepPtrs<T>& p, const acc* coeffs, int64_t coeff_rows, int64
 // previous step's outputs. Fresh large blocks come from the OS (glibc maps or trims them)
 // and each 4 KiB page then faults on its first write: measured on the development VM at
 // several microseconds per page, more than the whole fused pass over a 16 MiB output.
-// This allocator keeps up to kMaxBlocks freed output blocks (kMaxBytes in all) and hands
-// them out again for the same byte size; tensors on it are ordinary (resizable) CPU tensors.
+// This allocator keeps up to kMaxBlocks freed output blocks (512 MiB in all by default;
+// FASTDIFF_STEP_CACHE_MB sets the cap, 0 disables it) and hands them out again for the same
+// byte size; tensors on it are ordinary (resizable) CPU tensors.
 class RecyclingAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t n) override {
@@ -312,7 +314,13 @@ class RecyclingAllocator final : public c10::Allocator {
  private:
   static constexpr size_t kHeader = 64;  // the block's size; keeps the data 64-byte aligned
   static constexpr size_t kMaxBlocks = 8;
-  static constexpr size_t kMaxBytes = size_t(512) << 20;
+  static size_t max_bytes() {
+    static const size_t cap = [] {
+      const char* env = std::getenv("FASTDIFF_STEP_CACHE_MB");
+      return size_t(env != nullptr ? std::strtoull(env, nullptr, 10) : 512) << 20;
+    }();
+    return cap;
+  }
   struct Pool {
     std::mutex mu;
     std::vector<void*> blocks;  // oldest first
@@ -343,10 +351,11 @@ class RecyclingAllocator final : public c10::Allocator {
     {
       Pool& p = pool();
       std::lock_guard<std::mutex> lock(p.mu);
-      if (n > kMaxBytes) {
+      const size_t cap = max_bytes();
+      if (n > cap) {
         evicted.push_back(base);
       } else {
-        while (!p.blocks.empty() && (p.blocks.size() >= kMaxBlocks || p.bytes + n > kMaxBytes)) {
+        while (!p.blocks.empty() && (p.blocks.size() >= kMaxBlocks || p.bytes + n > cap)) {
           evicted.push_back(p.blocks.front());
           p.bytes -= size_of(p.blocks.front());
           p.blocks.erase(p.blocks.begin());
@@ -364,11 +373,6 @@ at::Tensor new_output(const at::Tensor& like) {
   return at::detail::empty_generic(like.sizes(), allocator,
                                    c10::DispatchKeySet(c10::DispatchKey::CPU), like.scalar_type(),
                                    c10::nullopt);
-}
-
-// Contiguous view of an optional input (a no-op for contiguous tensors).
-at::Tensor opt_contig(const c10::optional<at::Tensor>& t) {
-  return (t.has_value() && t->defined()) ? t->contiguous() : at::Tensor();
 }
 
 template <typename T>

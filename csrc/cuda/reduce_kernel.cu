@@ -10,6 +10,7 @@
 #include <cuda_fp16.h>
 
 #include "../kernels/reduce.h"
+#include "device_io.cuh"
 #include "launchers.h"
 
 namespace fastdiff {
@@ -17,20 +18,6 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-// Storage -> accumulation type (float for half types).
-template <typename T>
-__device__ __forceinline__ acc_t<T> load(const T* p, int64_t i) {
-  return p[i];
-}
-template <>
-__device__ __forceinline__ float load(const __half* p, int64_t i) {
-  return __half2float(p[i]);
-}
-template <>
-__device__ __forceinline__ float load(const __nv_bfloat16* p, int64_t i) {
-  return __bfloat162float(p[i]);
-}
 
 // Sum of v over the thread block (kThreads threads); the result is valid in thread 0.
 template <typename acc>

@@ -10,10 +10,6 @@ namespace fastdiff {
 namespace cuda {
 namespace {
 
-at::Tensor opt_contig(const c10::optional<at::Tensor>& t) {
-  return (t.has_value() && t->defined()) ? t->contiguous() : at::Tensor();
-}
-
 const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
 std::vector<at::Tensor> sampler_step_cuda(const at::Tensor& x,

@@ -10,38 +10,12 @@
 #include <cuda_fp16.h>
 
 #include "../kernels/step.h"
+#include "device_io.cuh"
 #include "launchers.h"
 
 namespace fastdiff {
 namespace cuda {
 namespace {
-
-// Storage <-> accumulation type (float for half types, round to nearest even on store).
-template <typename T>
-__device__ __forceinline__ acc_t<T> load(const T* p, int64_t i) {
-  return p[i];
-}
-template <>
-__device__ __forceinline__ float load(const __half* p, int64_t i) {
-  return __half2float(p[i]);
-}
-template <>
-__device__ __forceinline__ float load(const __nv_bfloat16* p, int64_t i) {
-  return __bfloat162float(p[i]);
-}
-
-template <typename T>
-__device__ __forceinline__ void store(T* p, int64_t i, acc_t<T> v) {
-  p[i] = v;
-}
-template <>
-__device__ __forceinline__ void store(__half* p, int64_t i, float v) {
-  p[i] = __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ void store(__nv_bfloat16* p, int64_t i, float v) {
-  p[i] = __float2bfloat16_rn(v);
-}
 
 template <typename T>
 struct Params {
