@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     p.add_argument("--t-max", type=int, default=200, help="probe t in [0, t_max)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="write all results here")
-    p.add_argument("--plot", default="benchmarks/results/quality_lipschitz.png")
+    p.add_argument("--plot", default="docs/quality_lipschitz.png")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

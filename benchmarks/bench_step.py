@@ -1,8 +1,10 @@
 """One DPM-Solver++(2M) step (eps-prediction model, second-order multistep update), timed
 four ways side by side in one run:
 
-  * fastdiff: host coefficients (float64 scalars -> ``StepCoeffs`` -> float32 tensor) plus
-    one ``fused_step`` call, as a sampler loop does it every step;
+  * fastdiff: one ``fused_step`` call with the step's coefficient row, as
+    ``fastdiff.Sampler.step`` does it (a sampler computes every step's coefficients once
+    per run, on the host in float64; the "coeffs" column is what building one step's
+    row on the fly would add: scalars -> ``StepCoeffs`` -> float32 tensor);
   * diffusers: ``DPMSolverMultistepScheduler.step`` (set_timesteps(20), one step taken so
     that it is in second-order mode; each timed call restores that state first);
   * eager: the same update as plain torch ops;
@@ -112,11 +114,6 @@ def make_coeffs(sigmas, device="cpu"):
     return c.tensor(device=device)
 
 
-def fastdiff_step(x, eps, x0_prev, sigmas):
-    """The sampler-loop form: coefficients on the host, then the one fused pass."""
-    return fused_step(x, eps, make_coeffs(sigmas, x.device), history=[x0_prev], n_out=2)
-
-
 def eager_update(x, eps, x0_prev, p_x: float, p_m: float, c_x: float, c_d: float, c_h: float):
     x0 = p_x * x + p_m * eps
     return c_x * x + c_d * x0 + c_h * x0_prev, x0
@@ -150,9 +147,6 @@ def bench_one(shape, dtype_name, use_compile, compiled, cold=False):
     ct = make_coeffs(sigmas)
 
     def fused():
-        return fastdiff_step(x1, eps1, x0_prev, sigmas)
-
-    def kernel_only():
         return fused_step(x1, eps1, ct, history=[x0_prev], n_out=2)
 
     def coeffs_only():
@@ -175,8 +169,7 @@ def bench_one(shape, dtype_name, use_compile, compiled, cold=False):
     nbytes = 5 * x1.numel() * x1.element_size()  # x, eps, x0_prev read; x_next, x0 written
     src = torch.randn(nbytes // 2 // 4)
     dst = torch.empty_like(src)
-    fns = {"diffusers": diffusers_step, "eager": eager, "fastdiff": fused, "kernel": kernel_only,
-           "coeffs": coeffs_only, "copy": lambda: dst.copy_(src)}
+    fns = {"diffusers": diffusers_step, "eager": eager, "fastdiff": fused, "coeffs": coeffs_only, "copy": lambda: dst.copy_(src)}
     res = {"shape": list(shape), "dtype": dtype_name, "threads": torch.get_num_threads()}
     if use_compile:
         if dtype_name not in compiled:
@@ -191,30 +184,30 @@ def bench_one(shape, dtype_name, use_compile, compiled, cold=False):
         res[f"{k}_s"] = med
         res[f"{k}_min_s"] = best
     res["bytes"] = nbytes
-    for k in ("fastdiff", "kernel", "copy"):
+    for k in ("fastdiff", "copy"):
         res[f"{k}_GBps"] = nbytes / res[f"{k}_s"] / 1e9
     return res
 
 
 def print_table(rows):
     head = (f"{'shape':>17} {'dtype':>5} {'diffusers':>10} {'eager':>8} {'compile':>8} "
-            f"{'fastdiff':>8} {'kernel':>8} {'coeffs':>7} {'x diff':>7} {'x comp':>7} "
-            f"{'GB/s':>6} {'copy':>6} {'%copy':>6} {'%copy(k)':>8}")
+            f"{'fastdiff':>8} {'coeffs':>7} {'x diff':>7} {'x comp':>7} "
+            f"{'GB/s':>6} {'copy':>6} {'%copy':>6}")
     print(head)
     print("-" * len(head))
     for r in rows:
         ms = lambda k: f"{r[k] * 1e3:.3f}" if k in r else "-"  # noqa: E731
         comp = f"{r['compile_s'] / r['fastdiff_s']:.2f}" if "compile_s" in r else "-"
         print(f"{str(tuple(r['shape'])):>17} {r['dtype']:>5} {ms('diffusers_s'):>10} "
-              f"{ms('eager_s'):>8} {ms('compile_s'):>8} {ms('fastdiff_s'):>8} {ms('kernel_s'):>8} "
+              f"{ms('eager_s'):>8} {ms('compile_s'):>8} {ms('fastdiff_s'):>8} "
               f"{r['coeffs_s'] * 1e3:>7.3f} {r['diffusers_s'] / r['fastdiff_s']:>7.1f} {comp:>7} "
               f"{r['fastdiff_GBps']:>6.1f} {r['copy_GBps']:>6.1f} "
-              f"{100 * r['fastdiff_GBps'] / r['copy_GBps']:>5.0f}% "
-              f"{100 * r['kernel_GBps'] / r['copy_GBps']:>7.0f}%")
-    print("Medians in ms. fastdiff = coeffs (host: scalars + StepCoeffs + tensor) + kernel "
-          "(fused_step).\n'x diff' / 'x comp': fastdiff's speed-up over diffusers' step / "
-          "torch.compile. GB/s: (3 reads + 2 writes) / fastdiff time;\ncopy: Tensor.copy_ on "
-          "the same bytes; %copy: fastdiff's byte rate as % of copy's (k: kernel alone).")
+              f"{100 * r['fastdiff_GBps'] / r['copy_GBps']:>5.0f}%")
+    print("Medians in ms. fastdiff: fused_step with the step's precomputed coefficient row (as "
+          "Sampler.step); coeffs: building\none row on the fly (scalars + StepCoeffs + tensor). "
+          "'x diff' / 'x comp': fastdiff's speed-up over diffusers' step /\ntorch.compile. "
+          "GB/s: (3 reads + 2 writes) / fastdiff time; copy: Tensor.copy_ on the same bytes; "
+          "%copy: fastdiff's byte rate as % of copy's.")
 
 
 def write_json(path, payload):

@@ -79,8 +79,7 @@ class _Embedding(torch.autograd.Function):
 
     @staticmethod
     def _derivative(ctx, t, freqs):
-        dim, flip, scale, width, end = ctx.args
-        return _dispatch(t, freqs, None, dim, flip, scale, width, end, True)
+        return _Derivative.apply(t, freqs, *ctx.args)
 
     @staticmethod
     def backward(ctx, grad):
@@ -98,14 +97,37 @@ class _Embedding(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, t, freqs, table, dim, flip, scale, width, end):
-        # Only t may be batched: fold the vmapped dim into the op's batch dim.
-        if any(d is not None for d in in_dims[1:]):
-            raise ValueError("timestep_embedding: only t may be vmapped over")
-        bd = in_dims[0]
-        t = t.movedim(bd, 0)
-        v, b = t.shape[0], t.shape[1]
-        out = _Embedding.apply(t.reshape(v * b), freqs, table, dim, flip, scale, width, end)
-        return out.reshape(v, b, dim), 0
+        return _fold_vmap(_Embedding, in_dims, t, (freqs, table, dim, flip, scale, width, end),
+                          dim)
+
+
+class _Derivative(torch.autograd.Function):
+    """d emb / d t as its own function so that it, too, has a vmap rule: the jvp rule
+    above calls it on batched tensors under ``vmap(jacfwd(...))``. Not differentiated
+    further (second derivatives in t are not offered)."""
+
+    @staticmethod
+    def forward(t, freqs, dim, flip, scale, width, end):
+        return _dispatch(t, freqs, None, dim, flip, scale, width, end, True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def vmap(info, in_dims, t, freqs, dim, flip, scale, width, end):
+        return _fold_vmap(_Derivative, in_dims, t, (freqs, dim, flip, scale, width, end), dim)
+
+
+def _fold_vmap(fn, in_dims, t, rest, dim):
+    """vmap rule of both functions: only t may be batched; the vmapped dim is folded into
+    the op's own batch dim."""
+    if any(d is not None for d in in_dims[1:]):
+        raise ValueError("timestep_embedding: only t may be vmapped over")
+    t = t.movedim(in_dims[0], 0)
+    v, b = t.shape[0], t.shape[1]
+    out = fn.apply(t.reshape(v * b), *rest)
+    return out.reshape(v, b, dim), 0
 
 
 def _check_t(t) -> torch.Tensor:

@@ -2,6 +2,8 @@
 the pure-torch reference, the Triton kernel (interpreted on CPU), and under autograd,
 torch.func and torch.compile."""
 
+import warnings
+
 import pytest
 import torch
 from diffusers.models.embeddings import get_timestep_embedding
@@ -272,6 +274,21 @@ def test_jacfwd_matches_jacrev_and_finite_difference(gen):
         e = torch.zeros(4, dtype=torch.float64)
         e[j] = 1
         torch.testing.assert_close(jf[..., j], central_difference(emb64, t, e), atol=1e-7, rtol=1e-7)
+
+
+def test_vmap_of_jacfwd_uses_the_fused_rule(gen):
+    """Per-sample Jacobians (what a probe written with vmap(jacfwd) does): the jvp rule's
+    derivative pass is batched by its own vmap rule, with no per-row fallback warning."""
+    sharing = TimeSharing(100, 5)
+    t = (torch.rand(6, 1, generator=gen, dtype=torch.float64) * 300)
+    f = lambda t: fastdiff.timestep_embedding(t, 13, sharing=sharing)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*batching rule.*")
+        jac = torch.func.vmap(torch.func.jacfwd(f))(t)
+    freqs = embedding_frequencies(13, 1.0, dtype=torch.float64)
+    want = _ops.embedding_ref(t.reshape(-1), freqs, None, 13, False, 1.0, 20.0, 100.0, True)
+    torch.testing.assert_close(jac.reshape(6, 13), want, atol=1e-12, rtol=1e-12)
+    assert (jac.reshape(6, 13)[t.reshape(-1) < 100] == 0).all()
 
 
 def test_derivative_mode_matches_reference_derivative(gen):
