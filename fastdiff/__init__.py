@@ -5,7 +5,7 @@ thin API that drops into an existing PyTorch UNet.
 """
 from ._ops import backends, get_backend, set_backend
 from .embedding import SinusoidalEmbedding, patch_time_embedding, timestep_embedding
-from .schedules import TimeSharing
+from .schedules import NoiseSchedule, TimeSharing
 from .wrappers import ETSDM, etsdm
 from .probes import LipschitzResult, lipschitz_t, lipschitz_x
 from .samplers import SAMPLERS, Sampler, sample
@@ -16,7 +16,7 @@ from .train import diffusion_loss
 __version__ = "0.1.0"
 
 __all__ = ["backends", "get_backend", "set_backend", "timestep_embedding",
-           "SinusoidalEmbedding", "patch_time_embedding", "TimeSharing", "ETSDM", "etsdm",
+           "SinusoidalEmbedding", "patch_time_embedding", "NoiseSchedule", "TimeSharing", "ETSDM", "etsdm",
            "lipschitz_t", "lipschitz_x", "LipschitzResult", "sample", "Sampler", "SAMPLERS",
            "UNet", "pretrained", "diffusion_loss",
            "__version__"]

@@ -67,3 +67,12 @@ def test_set_backend_validates():
     import pytest
     with pytest.raises(ValueError, match="backend must be one of"):
         fastdiff.set_backend("cudnn")
+
+
+def test_public_api():
+    # The names the README and the issues promise at the top level.
+    for name in ("NoiseSchedule", "TimeSharing", "timestep_embedding", "patch_time_embedding",
+                 "etsdm", "sample", "Sampler", "SAMPLERS", "lipschitz_t", "lipschitz_x",
+                 "LipschitzResult", "pretrained", "UNet", "diffusion_loss", "backends"):
+        assert hasattr(fastdiff, name), name
+        assert name in fastdiff.__all__, name
