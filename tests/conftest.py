@@ -9,7 +9,6 @@ import torch  # noqa: E402
 @pytest.fixture
 def triton_backend():
     """Route fastdiff's ops to the Triton kernels (interpreted on CPU) for one test."""
-    pytest.importorskip("triton")
     from fastdiff import _ops
     old = _ops.get_backend()
     _ops.set_backend("triton")
@@ -17,6 +16,13 @@ def triton_backend():
         yield
     finally:
         _ops.set_backend(old)
+
+
+@pytest.fixture
+def compiled_kernels():
+    """Fail (not skip) a kernel test when the compiled extension did not load."""
+    from fastdiff import _ops
+    assert _ops.HAS_EXTENSION, f"fastdiff._C is not built / did not load: {_ops._LOAD_ERROR}"
 
 
 @pytest.fixture

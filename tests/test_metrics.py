@@ -33,8 +33,6 @@ def _random_spd(d, gen):
 def test_frechet_distance_2d_closed_form(use_scipy):
     # For 2x2 M = S1 S2 (positive eigenvalues l1, l2): tr sqrt(M) = sqrt(l1) + sqrt(l2)
     # = sqrt(tr M + 2 sqrt(det M)), independent of any matrix square root routine.
-    if use_scipy:
-        pytest.importorskip("scipy")
     g = torch.Generator().manual_seed(0)
     mu1, mu2 = torch.randn(2, 2, generator=g, dtype=torch.float64)
     s1, s2 = _random_spd(2, g), _random_spd(2, g)
@@ -48,8 +46,6 @@ def test_frechet_distance_2d_closed_form(use_scipy):
 @pytest.mark.parametrize("use_scipy", [False, True])
 def test_frechet_distance_commuting_covariances(use_scipy):
     # Shared eigenvectors: tr (S1 S2)^(1/2) = sum sqrt(a_i b_i).
-    if use_scipy:
-        pytest.importorskip("scipy")
     g = torch.Generator().manual_seed(1)
     d = 6
     q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))

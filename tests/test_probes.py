@@ -74,6 +74,14 @@ def _mean(gen, shape=(1, 3, 4, 4)):
     return torch.randn(shape, generator=gen, dtype=F64)
 
 
+def _gaussian_case(gen, sched, s, B):
+    """The closed-form model N(mu, s^2 I) on ``sched``, B clean samples of it, fixed noise."""
+    mu = _mean(gen)
+    x0 = mu + s * torch.randn((B,) + mu.shape[1:], generator=gen, dtype=F64)
+    noise = torch.randn(x0.shape, generator=gen, dtype=F64)
+    return mu, GaussianEps(mu, s, sched), x0, noise
+
+
 # ---------------------------------------------------------------------------------------
 # small differentiable nets
 # ---------------------------------------------------------------------------------------
@@ -124,11 +132,8 @@ def central_k(model, sched, x0, noise, ts, h):
 def test_continuous_gaussian_matches_analytic(gen, method):
     sched = NoiseSchedule.vp_linear()
     s = 0.05
-    mu = _mean(gen)
-    model = GaussianEps(mu, s, sched)
     B = 5
-    x0 = mu + s * torch.randn((B,) + mu.shape[1:], generator=gen, dtype=F64)
-    noise = torch.randn(x0.shape, generator=gen, dtype=F64)
+    mu, model, x0, noise = _gaussian_case(gen, sched, s, B)
     ts = torch.cat([torch.rand(6, generator=gen, dtype=F64) * 0.98 + 0.01,
                     torch.tensor([1e-4, 1e-3], dtype=F64)])
     # the oracle's alpha(t) is the schedule's (else the comparison below means nothing)
@@ -148,11 +153,8 @@ def test_continuous_gaussian_matches_analytic(gen, method):
 def test_discrete_gaussian_matches_analytic_and_fd(gen):
     sched = NoiseSchedule.linear(1000)
     s = 0.1
-    mu = _mean(gen)
-    model = GaussianEps(mu, s, sched)
     B = 4
-    x0 = mu + s * torch.randn((B,) + mu.shape[1:], generator=gen, dtype=F64)
-    noise = torch.randn(x0.shape, generator=gen, dtype=F64)
+    mu, model, x0, noise = _gaussian_case(gen, sched, s, B)
     ts = torch.cat([torch.tensor([0, 1, 2, 998, 999]), torch.randint(3, 998, (5,), generator=gen)])
     la = 0.5 * torch.log(sched.alphas_cumprod)
 
@@ -177,10 +179,7 @@ def test_discrete_gaussian_matches_analytic_and_fd(gen):
 def test_singularity_grows_without_bound_near_zero(gen):
     sched = NoiseSchedule.vp_linear()
     s = 1e-7  # a nearly deterministic data point: the singular case
-    mu = _mean(gen)
-    model = GaussianEps(mu, s, sched)
-    x0 = mu + s * torch.randn((3,) + mu.shape[1:], generator=gen, dtype=F64)
-    noise = torch.randn(x0.shape, generator=gen, dtype=F64)
+    mu, model, x0, noise = _gaussian_case(gen, sched, s, 3)
     ts = torch.logspace(-7, -1, 7, dtype=F64)
     res = lipschitz_t(model, x0, sched, ts, method="jvp", noise=noise, progress=False)
     m = res.mean
@@ -287,7 +286,7 @@ def test_auto_falls_back_to_vjp_without_forward_rule(gen):
 
 
 def _tiny_unet(add_attention=True):
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers
     return diffusers.UNet2DModel(
         sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64),
         layers_per_block=1, norm_num_groups=8, add_attention=add_attention,

@@ -22,8 +22,8 @@ SHAPES = [(3, 3, 7, 5), (1, 1, 1, 1), (5, 1001), (2, 4, 33)]
 TOL = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-12),
        torch.float16: dict(rtol=2 ** -10, atol=1e-5), torch.bfloat16: dict(rtol=2 ** -7, atol=1e-5)}
 
-needs_kernel = pytest.mark.skipif(not _ops.has_kernel("sampler_step", "cpu"),
-                                  reason="compiled extension not built")
+# Kernel tests fail loudly (never skip) when the compiled extension is missing.
+needs_kernel = pytest.mark.usefixtures("compiled_kernels")
 
 
 def acc_dtype(dtype):
@@ -172,7 +172,6 @@ TRITON_CASES = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES[:3], ids=str)
 def test_triton_kernel_matches_reference(gen, dtype, shape):
-    pytest.importorskip("triton")
     kernel = _ops.triton_fn("sampler_step")
     for i, (n_hist, n_out, cond, noise, x_base, clamp) in enumerate(TRITON_CASES):
         args = make_case(gen, shape, dtype, n_hist=n_hist, n_out=n_out, cond=cond, noise=noise,
@@ -191,7 +190,6 @@ def test_fused_step_routes_to_triton(gen, triton_backend):
 
 
 def test_triton_rejects_too_much_history(gen):
-    pytest.importorskip("triton")
     args = make_case(gen, (2, 3), torch.float32, n_hist=9)
     with pytest.raises(ValueError, match="history"):
         _ops.triton_fn("sampler_step")(*args)
