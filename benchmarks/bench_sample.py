@@ -2,11 +2,20 @@
 
 With a cheap model (a 1x1 convolution) the loop's cost outside the model call is what a
 sampler adds per step: diffusers' scheduler math (many small tensor ops, host scalars)
-versus one fused kernel pass with precomputed coefficients. Both loops run the same
-model on the same noise; the table reports the median time per step outside the model
-call (loop time minus the time spent inside model calls), the speed-up, the bytes the
-fused op moves per step with the bandwidth that implies, and the max abs difference of
-the final samples (a parity check, not a timing).
+versus one fused kernel pass with precomputed coefficients. Three loops run the same
+model on the same noise:
+
+  * diffusers: ``scheduler.step`` in the usual pipeline loop;
+  * Sampler.step: the same hand-written loop with ``fastdiff.Sampler`` (each step returns
+    a new tensor, as diffusers' does; the sampler's history is updated in place);
+  * fastdiff.sample: fastdiff's own loop (``fastdiff.sample(model, x_T=..., sampler=<the
+    prebuilt Sampler>)``), which also updates its state in place (``donate=True``).
+
+The table reports the median time per step outside the model call (loop time minus the
+time spent inside model calls, minus the one-off set-up: ``set_timesteps`` / building
+the Sampler), the speed-ups over diffusers, the bytes one fused step reads and writes,
+and the max abs difference of the final samples to diffusers' (a parity check, not a
+timing).
 
     python benchmarks/bench_sample.py                    # (8, 4, 64, 64), 20 steps, CPU
     python benchmarks/bench_sample.py --device cuda --json out/bench_sample.json
@@ -76,6 +85,13 @@ def fastdiff_run(sched, steps, model, x_T):
     return x, setup
 
 
+def sample_run(sched, steps, model, x_T):
+    start = time.perf_counter()
+    s = Sampler.from_diffusers(sched, steps)
+    setup = time.perf_counter() - start
+    return fastdiff.sample(model, x_T=x_T, sampler=s, progress=False), setup
+
+
 def timed(run, sched, steps, model, x_T, device, repeats, warmup):
     """Median seconds per model call outside the model, median setup seconds, final x."""
     outside, setups, x = [], [], None
@@ -139,8 +155,9 @@ def main(argv=None) -> int:
     print(f"fastdiff {fastdiff.__version__} | torch {torch.__version__} | diffusers {diffusers.__version__} | "
           f"device {device} | dtype {args.dtype} | shape {shape} | {args.steps} steps | "
           f"median of {args.repeats} (warm-up {args.warmup}) | backend {fastdiff.get_backend()}")
-    header = (f"{'sampler':<9} {'diffusers us/step':>18} {'fastdiff us/step':>17} {'speed-up':>9} "
-              f"{'fused MB/step':>14} {'fused GB/s':>11} {'setup ms d/f':>14} {'max|diff|':>10}")
+    header = (f"{'sampler':<9} {'diffusers':>10} {'Sampler.step':>13} {'speed-up':>9} "
+              f"{'fastdiff.sample':>16} {'speed-up':>9} {'fused MB/step':>14} "
+              f"{'setup ms d/f':>14} {'max|diff|':>10}")
     print(header)
     print("-" * len(header))
     with torch.no_grad(), warnings.catch_warnings():
@@ -152,19 +169,26 @@ def main(argv=None) -> int:
                                         args.repeats, args.warmup)
             f_out, f_setup, x_f = timed(fastdiff_run, sched, args.steps, model, x_T, device,
                                         args.repeats, args.warmup)
+            s_out, _, x_s = timed(sample_run, sched, args.steps, model, x_T, device,
+                                  args.repeats, args.warmup)
             nbytes = fused_bytes(Sampler.from_diffusers(sched, args.steps), x_T.numel(), x_T.element_size())
             row = {"sampler": name, "scheduler": cls, "steps": args.steps, "shape": list(shape),
                    "device": str(device), "dtype": args.dtype,
                    "diffusers_us_per_step": d_out * 1e6, "fastdiff_us_per_step": f_out * 1e6,
+                   "sample_us_per_step": s_out * 1e6,
                    "speedup": d_out / f_out if f_out > 0 else float("inf"),
-                   "fused_bytes_per_step": nbytes, "fused_GBps": nbytes / f_out / 1e9 if f_out > 0 else None,
+                   "sample_speedup": d_out / s_out if s_out > 0 else float("inf"),
+                   "fused_bytes_per_step": nbytes,
                    "setup_ms_diffusers": d_setup * 1e3, "setup_ms_fastdiff": f_setup * 1e3,
-                   "max_abs_diff": (x_d.float() - x_f.float()).abs().max().item(),
+                   "max_abs_diff": max((x_d.float() - x.float()).abs().max().item() for x in (x_f, x_s)),
                    "sample_scale": x_d.float().abs().max().item()}
             rows.append(row)
-            print(f"{name:<9} {row['diffusers_us_per_step']:>18.1f} {row['fastdiff_us_per_step']:>17.1f} "
-                  f"{row['speedup']:>8.2f}x {nbytes / 1e6:>14.2f} {row['fused_GBps'] or 0:>11.1f} "
-                  f"{d_setup * 1e3:>6.2f}/{f_setup * 1e3:<7.2f} {row['max_abs_diff']:>10.2e}")
+            print(f"{name:<9} {row['diffusers_us_per_step']:>10.1f} {row['fastdiff_us_per_step']:>13.1f} "
+                  f"{row['speedup']:>8.2f}x {row['sample_us_per_step']:>16.1f} {row['sample_speedup']:>8.2f}x "
+                  f"{nbytes / 1e6:>14.2f} {d_setup * 1e3:>6.2f}/{f_setup * 1e3:<7.2f} "
+                  f"{row['max_abs_diff']:>10.2e}")
+    print("Medians of microseconds per step outside the model call; speed-up: diffusers' time "
+          "over fastdiff's.")
     if args.json:
         folder = os.path.dirname(os.path.abspath(args.json))
         os.makedirs(folder, exist_ok=True)

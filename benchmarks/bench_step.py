@@ -1,15 +1,20 @@
 """One DPM-Solver++(2M) step (eps-prediction model, second-order multistep update), timed
 four ways side by side in one run:
 
-  * fastdiff: one ``fused_step`` call with the step's coefficient row, as
-    ``fastdiff.Sampler.step`` does it (a sampler computes every step's coefficients once
+  * fastdiff: one ``fastdiff::sampler_step`` call with the step's coefficient row, as
+    ``fastdiff.Sampler.step`` makes it (a sampler computes every step's coefficients once
     per run, on the host in float64; the "coeffs" column is what building one step's
     row on the fly would add: scalars -> ``StepCoeffs`` -> float32 tensor);
+  * fastdiff in place: ``sampler_step.out`` writing x_next over x and x0 over x0_prev,
+    as ``fastdiff.sample`` (``Sampler.step(..., donate=True)``) does: the same bytes,
+    but every store hits a line the step has just read, so no memory is fetched to be
+    overwritten (the inputs are restored, untimed, before each timed call);
   * diffusers: ``DPMSolverMultistepScheduler.step`` (set_timesteps(20), one step taken so
     that it is in second-order mode; each timed call restores that state first);
   * eager: the same update as plain torch ops;
   * compile: ``torch.compile`` of that eager function (coefficients passed as Python
-    floats, which dynamo keeps dynamic, so a real loop would not recompile).
+    floats, which dynamo keeps dynamic, so a real loop would not recompile), and of its
+    in-place form (results copied into x and x0_prev; inductor fuses that into its loop).
 
 Reports medians (after warm-up; the candidates are timed round-robin, so a change of
 machine load mid-run hits all alike; warm caches, or cold with --cold), speed-ups, and
@@ -36,7 +41,8 @@ import time
 
 import torch
 
-from fastdiff.step import StepCoeffs, fused_step
+from fastdiff._ops import resolve
+from fastdiff.step import StepCoeffs
 
 SHAPES = [(1, 4, 64, 64), (8, 4, 64, 64), (16, 4, 128, 128), (4, 4, 512, 512)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -61,20 +67,23 @@ def race(fns, cold=False, min_time=1.0, min_rounds=15, max_rounds=2000, warmup=3
     all alike). Warm (default): each timed call directly follows an untimed call of the
     same fn, so every candidate is timed in its own steady state (inputs in cache as far
     as they fit). ``cold``: each timed call follows flush_caches() instead, as a sampler
-    step follows the model's forward pass.
+    step follows the model's forward pass. A value may be a pair (prepare, fn): prepare()
+    runs untimed before each timed fn() instead (an in-place fn restores its inputs).
     """
-    for fn in fns.values():
+    pairs = {k: v if isinstance(v, tuple) else (v, v) for k, v in fns.items()}
+    for prep, fn in pairs.values():
         for _ in range(warmup):
+            prep()
             fn()
     times = {k: [] for k in fns}
     start = time.perf_counter()
     rounds = 0
     while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < min_time):
-        for k, fn in fns.items():
+        for k, (prep, fn) in pairs.items():
+            if not cold or prep is not fn:
+                prep()
             if cold:
                 flush_caches()
-            else:
-                fn()
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
@@ -119,6 +128,13 @@ def eager_update(x, eps, x0_prev, p_x: float, p_m: float, c_x: float, c_d: float
     return c_x * x + c_d * x0 + c_h * x0_prev, x0
 
 
+def eager_update_(x, eps, x0_prev, p_x: float, p_m: float, c_x: float, c_d: float, c_h: float):
+    """The same update written into x (x_next) and x0_prev (x0)."""
+    x_next, x0 = eager_update(x, eps, x0_prev, p_x, p_m, c_x, c_d, c_h)
+    x.copy_(x_next)
+    x0_prev.copy_(x0)
+
+
 def bench_one(shape, dtype_name, use_compile, compiled, cold=False):
     from diffusers import DPMSolverMultistepScheduler
 
@@ -145,9 +161,19 @@ def bench_one(shape, dtype_name, use_compile, compiled, cold=False):
 
     scal = dpmpp_2m_scalars(*sigmas)
     ct = make_coeffs(sigmas)
+    step_op = resolve("sampler_step", x1.device)  # what Sampler.step calls
+    step_out = resolve("sampler_step.out", x1.device)
+    xi, hi = x1.clone(), x0_prev.clone()  # the in-place candidates' state and history
 
     def fused():
-        return fused_step(x1, eps1, ct, history=[x0_prev], n_out=2)
+        return step_op(x1, None, eps1, None, [x0_prev], None, ct, False, 2)
+
+    def restore():
+        xi.copy_(x1)
+        hi.copy_(x0_prev)
+
+    def fused_():
+        step_out(xi, None, eps1, None, [hi], None, ct, False, out=[xi, hi])
 
     def coeffs_only():
         return make_coeffs(sigmas)
@@ -162,6 +188,9 @@ def bench_one(shape, dtype_name, use_compile, compiled, cold=False):
     xf, x0f = fused()
     torch.testing.assert_close(xf.float(), ref.float(), **tol)
     torch.testing.assert_close(x0f.float(), ref_x0.float(), **tol)
+    restore()
+    fused_()
+    assert torch.equal(xi, xf) and torch.equal(hi, x0f)  # in place: the same bits
     # The eager update rounds every intermediate to the sample dtype: looser for bf16.
     tol_eager = tol if dtype == torch.float32 else dict(rtol=5e-2, atol=1e-1)
     torch.testing.assert_close(eager()[0].float(), ref.float(), **tol_eager)
@@ -169,45 +198,58 @@ def bench_one(shape, dtype_name, use_compile, compiled, cold=False):
     nbytes = 5 * x1.numel() * x1.element_size()  # x, eps, x0_prev read; x_next, x0 written
     src = torch.randn(nbytes // 2 // 4)
     dst = torch.empty_like(src)
-    fns = {"diffusers": diffusers_step, "eager": eager, "fastdiff": fused, "coeffs": coeffs_only, "copy": lambda: dst.copy_(src)}
+    fns = {"diffusers": diffusers_step, "eager": eager, "fastdiff": fused,
+           "fastdiff_inplace": (restore, fused_), "coeffs": coeffs_only,
+           "copy": lambda: dst.copy_(src)}
     res = {"shape": list(shape), "dtype": dtype_name, "threads": torch.get_num_threads()}
     if use_compile:
         if dtype_name not in compiled:
-            compiled[dtype_name] = torch.compile(eager_update, fullgraph=True)
-        fn = compiled[dtype_name]
+            compiled[dtype_name] = (torch.compile(eager_update, fullgraph=True),
+                                    torch.compile(eager_update_, fullgraph=True))
+        fn, fn_ = compiled[dtype_name]
         t0 = time.perf_counter()
         torch.testing.assert_close(fn(x1, eps1, x0_prev, *scal)[0].float(), ref.float(),
                                    **tol_eager)
         res["compile_first_call_s"] = time.perf_counter() - t0
+        restore()
+        fn_(xi, eps1, hi, *scal)
+        torch.testing.assert_close(xi.float(), ref.float(), **tol_eager)
         fns["compile"] = lambda: fn(x1, eps1, x0_prev, *scal)
+        fns["compile_inplace"] = (restore, lambda: fn_(xi, eps1, hi, *scal))
     for k, (med, best) in race(fns, cold=cold).items():
         res[f"{k}_s"] = med
         res[f"{k}_min_s"] = best
     res["bytes"] = nbytes
-    for k in ("fastdiff", "copy"):
+    for k in ("fastdiff", "fastdiff_inplace", "copy"):
         res[f"{k}_GBps"] = nbytes / res[f"{k}_s"] / 1e9
     return res
 
 
 def print_table(rows):
-    head = (f"{'shape':>17} {'dtype':>5} {'diffusers':>10} {'eager':>8} {'compile':>8} "
-            f"{'fastdiff':>8} {'coeffs':>7} {'x diff':>7} {'x comp':>7} "
-            f"{'GB/s':>6} {'copy':>6} {'%copy':>6}")
+    head = (f"{'':>23} {'':>9} {'':>7} {'new tensors (Sampler.step)':^34} | "
+            f"{'in place (fastdiff.sample)':^34} |\n"
+            f"{'shape':>17} {'dtype':>5} {'diffusers':>9} {'eager':>7} {'compile':>8} "
+            f"{'fastdiff':>8} {'x diff':>7} {'x comp':>7} | {'compile':>8} {'fastdiff':>8} "
+            f"{'x diff':>7} {'x comp':>7} | {'coeffs':>6} {'GB/s':>5} {'copy':>5} {'%copy':>5}")
     print(head)
-    print("-" * len(head))
+    print("-" * len(head.splitlines()[-1]))
     for r in rows:
         ms = lambda k: f"{r[k] * 1e3:.3f}" if k in r else "-"  # noqa: E731
-        comp = f"{r['compile_s'] / r['fastdiff_s']:.2f}" if "compile_s" in r else "-"
-        print(f"{str(tuple(r['shape'])):>17} {r['dtype']:>5} {ms('diffusers_s'):>10} "
-              f"{ms('eager_s'):>8} {ms('compile_s'):>8} {ms('fastdiff_s'):>8} "
-              f"{r['coeffs_s'] * 1e3:>7.3f} {r['diffusers_s'] / r['fastdiff_s']:>7.1f} {comp:>7} "
-              f"{r['fastdiff_GBps']:>6.1f} {r['copy_GBps']:>6.1f} "
-              f"{100 * r['fastdiff_GBps'] / r['copy_GBps']:>5.0f}%")
-    print("Medians in ms. fastdiff: fused_step with the step's precomputed coefficient row (as "
-          "Sampler.step); coeffs: building\none row on the fly (scalars + StepCoeffs + tensor). "
-          "'x diff' / 'x comp': fastdiff's speed-up over diffusers' step /\ntorch.compile. "
-          "GB/s: (3 reads + 2 writes) / fastdiff time; copy: Tensor.copy_ on the same bytes; "
-          "%copy: fastdiff's byte rate as % of copy's.")
+        ratio = lambda a, b: f"{r[a] / r[b]:.1f}" if a in r else "-"  # noqa: E731
+        print(f"{str(tuple(r['shape'])):>17} {r['dtype']:>5} {ms('diffusers_s'):>9} "
+              f"{ms('eager_s'):>7} {ms('compile_s'):>8} {ms('fastdiff_s'):>8} "
+              f"{ratio('diffusers_s', 'fastdiff_s'):>7} {ratio('compile_s', 'fastdiff_s'):>7} | "
+              f"{ms('compile_inplace_s'):>8} {ms('fastdiff_inplace_s'):>8} "
+              f"{ratio('diffusers_s', 'fastdiff_inplace_s'):>7} "
+              f"{ratio('compile_inplace_s', 'fastdiff_inplace_s'):>7} | "
+              f"{r['coeffs_s'] * 1e3:>6.3f} {r['fastdiff_GBps']:>5.1f} {r['copy_GBps']:>5.1f} "
+              f"{100 * r['fastdiff_GBps'] / r['copy_GBps']:>4.0f}%")
+    print("Medians in ms. fastdiff: the fused step with the step's precomputed coefficient "
+          "row, into new tensors (as Sampler.step)\nor in place (as fastdiff.sample); 'x diff' "
+          "/ 'x comp': its speed-up over diffusers' step / over torch.compile of the same\n"
+          "update (new tensors, or in place). coeffs: building one row on the fly (scalars + "
+          "StepCoeffs + tensor). GB/s: (3 reads +\n2 writes) / fastdiff's new-tensor time; "
+          "copy: Tensor.copy_ on the same bytes; %copy: fastdiff's byte rate as % of copy's.")
 
 
 def write_json(path, payload):

@@ -6,6 +6,11 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
 namespace fastdiff {
 
 // Contiguous view of an optional input (undefined when absent; a no-op when contiguous).
@@ -84,6 +89,67 @@ inline void check_step_args(const at::Tensor& x, const c10::optional<at::Tensor>
               " samples, got ", coeffs.scalar_type());
   TORCH_CHECK(coeffs.device() == x.device(), "sampler_step: coeffs is on ", coeffs.device(),
               ", expected x's device ", x.device());
+}
+
+// Outputs of fastdiff::sampler_step.out. Each is a contiguous tensor like x that shares no
+// memory with the other outputs and either shares none with the inputs or is exactly one
+// of them (the same contiguous memory: every backend reads element i of all inputs before
+// it writes element i of any output, for up to kStepMaxAliasOut outputs; more outputs take
+// several passes over the inputs). Returns whether some output is an input.
+constexpr int64_t kStepMaxAliasOut = 4;
+
+// The bytes [begin, end) a strided tensor can touch (empty for numel() == 0).
+inline std::pair<uintptr_t, uintptr_t> byte_extent(const at::Tensor& t) {
+  const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  if (t.numel() == 0) return {begin, begin};
+  int64_t last = 0;  // offset of the last element, in elements (strides are >= 0)
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  return {begin, begin + (uintptr_t)((last + 1) * (int64_t)t.element_size())};
+}
+
+inline bool check_step_out(const at::Tensor& x, const c10::optional<at::Tensor>& x_base,
+                           const at::Tensor& model_out,
+                           const c10::optional<at::Tensor>& model_out_cond,
+                           at::TensorList history, const c10::optional<at::Tensor>& noise,
+                           const at::Tensor& coeffs, at::TensorList out) {
+  TORCH_CHECK(!out.empty(), "sampler_step.out: out must hold at least one tensor");
+  std::vector<std::pair<at::Tensor, std::string>> inputs = {{x, "x"}, {model_out, "model_out"},
+                                                            {coeffs, "coeffs"}};
+  for (const auto* o : {&x_base, &model_out_cond, &noise}) {
+    if (o->has_value() && (*o)->defined())
+      inputs.emplace_back(**o, o == &x_base ? "x_base" : o == &noise ? "noise" : "model_out_cond");
+  }
+  for (size_t k = 0; k < history.size(); ++k)
+    inputs.emplace_back(history[k], "history[" + std::to_string(k) + "]");
+  bool alias = false;
+  for (size_t o = 0; o < out.size(); ++o) {
+    const at::Tensor& y = out[o];
+    TORCH_CHECK(y.sizes() == x.sizes() && y.scalar_type() == x.scalar_type() &&
+                    y.device() == x.device(),
+                "sampler_step.out: out[", o, "] must be like x (shape ", x.sizes(), ", ",
+                x.scalar_type(), ", ", x.device(), "), got ", y.sizes(), ", ", y.scalar_type(),
+                ", ", y.device());
+    TORCH_CHECK(y.is_contiguous(), "sampler_step.out: out[", o, "] must be contiguous");
+    if (y.numel() == 0) continue;
+    const auto ey = byte_extent(y);
+    auto overlaps = [&](const at::Tensor& t) {
+      const auto et = byte_extent(t);
+      return et.first < ey.second && ey.first < et.second;
+    };
+    for (size_t p = 0; p < o; ++p)
+      TORCH_CHECK(!overlaps(out[p]), "sampler_step.out: out[", o, "] overlaps out[", p, "]");
+    for (const auto& [t, name] : inputs) {
+      if (!overlaps(t)) continue;
+      const bool exact = t.const_data_ptr() == y.const_data_ptr() && t.sizes() == y.sizes() &&
+                         t.scalar_type() == y.scalar_type() && t.is_contiguous();
+      TORCH_CHECK(exact, "sampler_step.out: out[", o, "] partially overlaps ", name,
+                  " (an output may be an input exactly, or share no memory with it)");
+      alias = true;
+    }
+  }
+  TORCH_CHECK(!alias || (int64_t)out.size() <= kStepMaxAliasOut, "sampler_step.out: outputs "
+              "that are inputs need n_out <= ", kStepMaxAliasOut, ", got ", out.size());
+  return alias;
 }
 
 // fastdiff::diff_norm: a and b [B, ...] of the same shape, floating dtype and device.

@@ -12,6 +12,11 @@ TORCH_LIBRARY(fastdiff, m) {
   m.def(
       "sampler_step(Tensor x, Tensor? x_base, Tensor model_out, Tensor? model_out_cond, "
       "Tensor[] history, Tensor? noise, Tensor coeffs, bool clamp, int n_out) -> Tensor[]");
+  // The same step written into given outputs (fastdiff._ops.step_out_ref: each may be one
+  // of the inputs exactly, so a sampler can update its state and history in place).
+  m.def(
+      "sampler_step.out(Tensor x, Tensor? x_base, Tensor model_out, Tensor? model_out_cond, "
+      "Tensor[] history, Tensor? noise, Tensor coeffs, bool clamp, *, Tensor(a!)[] out) -> ()");
   m.def("diff_norm(Tensor a, Tensor b) -> Tensor");
 }
 

@@ -22,8 +22,9 @@ from .schedules import share_tensor
 
 __all__ = ["backends", "set_backend", "get_backend", "HAS_EXTENSION"]
 
-# Every op's schema. Must match csrc/fastdiff.cpp exactly; used only when the
-# extension failed to load (then the references serve as the CPU/CUDA kernels).
+# Every op's schema, keyed by "name" or "name.overload". Must match csrc/fastdiff.cpp
+# exactly; used only when the extension failed to load (then the references serve as the
+# CPU/CUDA kernels).
 SCHEMAS = {
     "timestep_embedding": (
         "timestep_embedding(Tensor t, Tensor freqs, Tensor? table, int dim, bool flip_sin_to_cos, "
@@ -31,6 +32,9 @@ SCHEMAS = {
     "sampler_step": (
         "sampler_step(Tensor x, Tensor? x_base, Tensor model_out, Tensor? model_out_cond, "
         "Tensor[] history, Tensor? noise, Tensor coeffs, bool clamp, int n_out) -> Tensor[]"),
+    "sampler_step.out": (
+        "sampler_step.out(Tensor x, Tensor? x_base, Tensor model_out, Tensor? model_out_cond, "
+        "Tensor[] history, Tensor? noise, Tensor coeffs, bool clamp, *, Tensor(a!)[] out) -> ()"),
     "diff_norm": "diff_norm(Tensor a, Tensor b) -> Tensor",
 }
 
@@ -228,6 +232,76 @@ def _step_fake(x, x_base, model_out, model_out_cond, history, noise, coeffs, cla
     return [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(n_out)]
 
 
+# Outputs that are inputs: at most this many (csrc/checks.h kStepMaxAliasOut; every
+# backend forms up to 4 outputs of an element before it stores any).
+STEP_MAX_ALIAS_OUT = 4
+
+
+def _byte_extent(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes [begin, end) a strided tensor can touch."""
+    if t.numel() == 0:
+        return (0, 0)
+    begin = t.data_ptr()
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return begin, begin + (last + 1) * t.element_size()
+
+
+def check_step_out(x, x_base, model_out, model_out_cond, history, noise, coeffs, out) -> bool:
+    """Validate the outputs of ``sampler_step.out`` (the rule of csrc/checks.h): contiguous
+    tensors like x, none overlapping another, each either sharing no memory with the
+    inputs or being exactly one of them. Returns whether some output is an input; raises
+    TypeError / ValueError naming the offending output."""
+    if not isinstance(out, (list, tuple)) or not out:
+        raise ValueError("sampler_step.out: out must be a non-empty list of tensors")
+    inputs = [("x", x), ("model_out", model_out), ("coeffs", coeffs), ("x_base", x_base),
+              ("model_out_cond", model_out_cond), ("noise", noise)]
+    inputs += [(f"history[{k}]", h) for k, h in enumerate(history)]
+    inputs = [(n, t, _byte_extent(t)) for n, t in inputs if t is not None]
+    alias = False
+    seen = []
+    for o, y in enumerate(out):
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"sampler_step.out: out[{o}] must be a tensor, got {type(y).__name__}")
+        if y.shape != x.shape or y.dtype != x.dtype or y.device != x.device:
+            raise ValueError(f"sampler_step.out: out[{o}] must be like x (shape {tuple(x.shape)}, "
+                             f"{x.dtype}, {x.device}), got {tuple(y.shape)}, {y.dtype}, {y.device}")
+        if not y.is_contiguous():
+            raise ValueError(f"sampler_step.out: out[{o}] must be contiguous")
+        ey = _byte_extent(y)
+        if ey[0] == ey[1]:
+            continue
+        for p, ep in seen:
+            if ep[0] < ey[1] and ey[0] < ep[1]:
+                raise ValueError(f"sampler_step.out: out[{o}] overlaps out[{p}]")
+        seen.append((o, ey))
+        for name, t, et in inputs:
+            if not (et[0] < ey[1] and ey[0] < et[1]):
+                continue
+            if not (t.data_ptr() == y.data_ptr() and t.shape == y.shape and t.dtype == y.dtype
+                    and t.is_contiguous()):
+                raise ValueError(f"sampler_step.out: out[{o}] partially overlaps {name} (an output "
+                                 "may be an input exactly, or share no memory with it)")
+            alias = True
+    if alias and len(out) > STEP_MAX_ALIAS_OUT:
+        raise ValueError(f"sampler_step.out: outputs that are inputs need n_out <= "
+                         f"{STEP_MAX_ALIAS_OUT}, got {len(out)}")
+    return alias
+
+
+def step_out_ref(x, x_base, model_out, model_out_cond, history, noise, coeffs, clamp, *, out):
+    """Reference of ``fastdiff::sampler_step.out``: :func:`step_ref` written into ``out``
+    (n_out = len(out)); an output may be one of the inputs (see :func:`check_step_out`)."""
+    check_step_out(x, x_base, model_out, model_out_cond, history, noise, coeffs, out)
+    for o, r in zip(out, step_ref(x, x_base, model_out, model_out_cond, history, noise, coeffs,
+                                  clamp, len(out))):
+        o.copy_(r)
+
+
+@torch.library.register_fake("fastdiff::sampler_step.out")
+def _step_out_fake(x, x_base, model_out, model_out_cond, history, noise, coeffs, clamp, *, out):
+    return None
+
+
 # ---------------------------------------------------------------------------------------
 # diff_norm
 # ---------------------------------------------------------------------------------------
@@ -254,10 +328,11 @@ def _diff_norm_fake(a, b):
 # ---------------------------------------------------------------------------------------
 
 REFERENCE = {"timestep_embedding": embedding_ref, "sampler_step": step_ref,
-             "diff_norm": diff_norm_ref}
+             "sampler_step.out": step_out_ref, "diff_norm": diff_norm_ref}
 # Triton implementations take exactly the op's arguments (fastdiff/triton/<file>.py).
 TRITON = {"timestep_embedding": ("embedding", "timestep_embedding"),
           "sampler_step": ("step", "sampler_step"),
+          "sampler_step.out": ("step", "sampler_step_out"),
           "diff_norm": ("reduce", "diff_norm")}
 
 if _lib_fallback is not None:
@@ -284,13 +359,38 @@ def triton_fn(name: str):
     return getattr(importlib.import_module(f"fastdiff.triton.{mod}"), fn)
 
 
-def call(name: str, *args):
-    """Run op ``name`` on the backend chosen for its first tensor argument's device."""
-    dev = args[0].device
+def op(name: str) -> torch._ops.OpOverload:
+    """The dispatcher op ``fastdiff::name`` ("sampler_step" or "sampler_step.out")."""
+    base, _, overload = name.partition(".")
+    return getattr(getattr(torch.ops.fastdiff, base), overload or "default")
+
+
+def _impl(name: str, device: torch.device):
+    """What serves op ``name`` on ``device`` under the current backend setting."""
     if use_reference():
-        return REFERENCE[name](*args)
-    if use_triton(dev):
-        return triton_fn(name)(*args)
-    if not has_kernel(name, dev.type):
-        return REFERENCE[name](*args)
-    return getattr(torch.ops.fastdiff, name)(*args)
+        return REFERENCE[name]
+    if use_triton(device):
+        return triton_fn(name)
+    if not has_kernel(name, device.type):
+        return REFERENCE[name]
+    return op(name)
+
+
+def call(name: str, *args, **kwargs):
+    """Run op ``name`` ("name" or "name.overload") on the backend chosen for its first
+    tensor argument's device."""
+    return _impl(name, args[0].device)(*args, **kwargs)
+
+
+_resolved: dict = {}
+
+
+def resolve(name: str, device: torch.device):
+    """:func:`call`'s choice for ``device`` as a callable, cached per backend setting:
+    for loops that call one op many times (a sampler), where the choice costs more than
+    a small kernel."""
+    key = (name, device.type, _BACKEND)
+    fn = _resolved.get(key)
+    if fn is None:
+        fn = _resolved[key] = _impl(name, device)
+    return fn

@@ -102,7 +102,8 @@ def _check_like(name, t, x):
 def fused_step(x: torch.Tensor, model_out: torch.Tensor, coeffs: torch.Tensor, *,
                x_base: torch.Tensor | None = None, model_out_cond: torch.Tensor | None = None,
                history: Sequence[torch.Tensor] = (), noise: torch.Tensor | None = None,
-               clamp: bool = False, n_out: int = 1) -> list[torch.Tensor]:
+               clamp: bool = False, n_out: int = 1,
+               out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """One fused sampler update (see ``fastdiff._ops.step_ref`` for the exact formula).
 
     Args:
@@ -113,9 +114,14 @@ def fused_step(x: torch.Tensor, model_out: torch.Tensor, coeffs: torch.Tensor, *
         x_base, model_out_cond, history, noise: optional [B, ...] tensors like x.
         clamp: clamp the data estimate (static clip or dynamic thresholding).
         n_out: number of outputs.
+        out: optional ``n_out`` contiguous tensors like x to write the outputs into. Each
+            may be one of the inputs itself (x, a history tensor, ...; at most 4 outputs
+            then), so a sampler can update its state and history in place: every input
+            element is read before the output element at the same index is written. An
+            output that shares only part of an input's memory is an error.
 
     Returns:
-        list of ``n_out`` tensors shaped like x, in x's dtype.
+        list of ``n_out`` tensors shaped like x, in x's dtype (``out`` when given).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"fused_step: x must be a tensor, got {type(x).__name__}")
@@ -141,5 +147,14 @@ def fused_step(x: torch.Tensor, model_out: torch.Tensor, coeffs: torch.Tensor, *
         raise TypeError(f"fused_step: coeffs must be {acc} for {x.dtype} samples, got {coeffs.dtype}")
     if coeffs.device != x.device:
         raise ValueError(f"fused_step: coeffs is on {coeffs.device}, expected {x.device}")
-    return _ops.call("sampler_step", x, x_base, model_out, model_out_cond, history, noise,
-                     coeffs, bool(clamp), n_out)
+    if out is None:
+        return _ops.call("sampler_step", x, x_base, model_out, model_out_cond, history, noise,
+                         coeffs, bool(clamp), n_out)
+    out = list(out)
+    if len(out) != n_out:
+        raise ValueError(f"fused_step: out has {len(out)} tensors, expected n_out={n_out}")
+    if not torch.compiler.is_compiling():  # fake tensors have no memory to compare
+        _ops.check_step_out(x, x_base, model_out, model_out_cond, history, noise, coeffs, out)
+    _ops.call("sampler_step.out", x, x_base, model_out, model_out_cond, history, noise, coeffs,
+              bool(clamp), out=out)
+    return out

@@ -11,7 +11,6 @@ import diffusers
 import fastdiff
 from fastdiff import SAMPLERS, Sampler, TimeSharing, sample
 from fastdiff.gaussian import GaussianData
-from fastdiff.samplers import sampler as sampler_module
 from fastdiff.schedules import NoiseSchedule
 
 F64 = torch.float64
@@ -216,14 +215,72 @@ def test_callback_and_progress(schedule, gen, capsys):
     assert [i for i, _, _ in seen] == list(range(len(s))) == list(range(7))
     assert torch.equal(torch.stack([t for _, t, _ in seen]), s.timesteps)
     assert seen[-1][2] is out
+    # With a callback the loop does not update in place: every state it was shown is its own
+    assert len({x.data_ptr() for _, _, x in seen}) == len(seen)
     assert "fastdiff heun" in capsys.readouterr().err  # the tqdm bar
+
+
+def test_donated_steps_update_in_place_and_equal_fresh_ones(schedule, gen):
+    # donate=True: the step writes the new state into the old one's memory (and history
+    # into history no later step reads), with results equal to the fresh-tensor loop.
+    g = _gaussian(gen)
+    model = g.as_model(schedule)
+    x_T = torch.randn(2, 6, generator=gen, dtype=F64)
+    keep = x_T.clone()
+    for name in SAMPLERS:
+        s = Sampler(name, schedule, 6)
+        fresh = _loop(s, model, x_T, generator=torch.Generator().manual_seed(3))
+        noise = torch.Generator().manual_seed(3)
+        x, ptrs = s.init_noise(x_T), set()
+        for t in s.timesteps:
+            x = s.step(model(s.scale_model_input(x, t), t), t, x, generator=noise,
+                       donate=x is not x_T)
+            ptrs.add(x.data_ptr())
+        assert torch.equal(x, fresh), name
+        assert len(ptrs) <= 3 < len(s), (name, len(ptrs))  # a few buffers, not one per step
+    assert torch.equal(x_T, keep)  # never donated, never written
+
+
+def test_sample_donates_its_states_but_never_x_T(schedule, gen):
+    g = _gaussian(gen)
+    x_T = torch.randn(2, 6, generator=gen, dtype=F64)
+    keep = x_T.clone()
+    outs = []
+    for callback in (None, lambda i, t, x: None):
+        outs.append(sample(g.as_model(schedule), x_T=x_T, schedule=schedule, sampler="dpm++3m",
+                           steps=7, progress=False, callback=callback))
+    assert torch.equal(x_T, keep)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_sample_with_a_prebuilt_sampler(schedule, gen):
+    g = _gaussian(gen)
+    model = g.as_model(schedule)
+    x_T = torch.randn(2, 6, generator=gen, dtype=F64)
+    s = Sampler("unipc", schedule, 7)
+    want = sample(model, x_T=x_T, schedule=schedule, sampler="unipc", steps=7, progress=False)
+    for _ in range(2):  # reusable
+        assert torch.equal(sample(model, x_T=x_T, sampler=s, progress=False), want)
+    with pytest.raises(ValueError, match="schedule cannot be given with a prebuilt Sampler"):
+        sample(model, x_T=x_T, sampler=s, schedule=schedule)
+    with pytest.raises(ValueError, match="eta cannot be given"):
+        sample(model, x_T=x_T, sampler=s, eta=0.5)
+    with pytest.raises(ValueError, match="steps=5 but the prebuilt Sampler has 7"):
+        sample(model, x_T=x_T, sampler=s, steps=5)
+    with pytest.raises(TypeError, match="sampler must be a name or a fastdiff.Sampler"):
+        sample(model, x_T=x_T, sampler=3)
 
 
 def test_one_fused_call_per_model_call(schedule, gen, monkeypatch):
     g = _gaussian(gen)
     count = []
-    real = sampler_module.fused_step
-    monkeypatch.setattr(sampler_module, "fused_step", lambda *a, **k: count.append(1) or real(*a, **k))
+    real = fastdiff._ops.resolve
+
+    def counting(name, device):
+        fn = real(name, device)
+        assert name in ("sampler_step", "sampler_step.out")
+        return lambda *a, **k: count.append(1) or fn(*a, **k)
+    monkeypatch.setattr(fastdiff._ops, "resolve", counting)
     for name in SAMPLERS:
         count.clear()
         calls = []

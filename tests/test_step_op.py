@@ -322,3 +322,151 @@ def test_bad_device_at_api(gen):
     a["c"] = a["c"].to("meta")
     with pytest.raises(ValueError, match="coeffs"):
         _call_api(a)
+
+
+# --------------------------------------------------------------------------------------
+# sampler_step.out: outputs written into given tensors, which may be the inputs
+# --------------------------------------------------------------------------------------
+
+def out_case(gen, args, alias):
+    """Outputs for ``args`` (a make_case tuple) and the arguments as the op must see
+    them. ``alias``: output o is the o-th of [x, history..., model_out, noise] (made
+    contiguous first: only exact aliases are allowed); fresh outputs are NaN-poisoned."""
+    x, x_base, m, mc, hist, noise, coeffs, clamp, n_out = args
+    x, m = x.contiguous(), m.contiguous()
+    hist = [h.contiguous() for h in hist]
+    noise = noise.contiguous() if noise is not None else None
+    pool = [x] + hist + [m] + ([noise] if noise is not None else [])
+    out = [pool[o] if alias and o < len(pool) else torch.full_like(x, float("nan"))
+           for o in range(n_out)]
+    return out, (x, x_base, m, mc, hist, noise, coeffs, clamp)
+
+
+def run_out(kernel, gen, args, alias):
+    """Run an out kernel; return (outputs, the reference computed on copies before)."""
+    out, inputs = out_case(gen, args, alias)
+    want = step_ref(*[t.clone() if isinstance(t, torch.Tensor) else
+                      [h.clone() for h in t] if isinstance(t, list) else t for t in inputs],
+                    len(out))
+    kernel(*inputs, out=out)
+    return out, want
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], (2, 3, 129, 131)], ids=str)
+@pytest.mark.parametrize("n_hist", [0, 1, 3, 5])
+def test_cpu_out_kernel_in_place(gen, dtype, shape, n_hist):
+    # Every feature combination with 1..4 outputs, each output either fresh or one of the
+    # inputs (x, the history, the model output, the noise): the one-pass loops, the
+    # several-pass ones (float64, 3+ outputs, 5 history terms) and the widened half types.
+    op = torch.ops.fastdiff.sampler_step.out
+    for i, (cond, noise, x_base, clamp, n_out) in enumerate(
+            itertools.product([False, True], [False, True], [False, True], [False, True],
+                              [1, 2, 3, 4])):
+        args = make_case(gen, shape, dtype, n_hist=n_hist, n_out=n_out, cond=cond, noise=noise,
+                         x_base=x_base, clamp=clamp, per_sample=i % 2 == 0,
+                         noncontig=i % 3 == 0)
+        for alias in (False, True):
+            out, want = run_out(op, gen, args, alias)
+            for o, w in zip(out, want):
+                assert bool(torch.isfinite(o).all()), "an output element was not written"
+                torch.testing.assert_close(o, w, **TOL[dtype])
+
+
+@needs_kernel
+def test_out_equals_functional_bitwise(gen):
+    # The in-place step is the same arithmetic as the functional one, bit for bit.
+    for dtype in DTYPES:
+        args = make_case(gen, (3, 4, 17, 9), dtype, n_hist=2, n_out=2, noise=True, x_base=True)
+        fresh = torch.ops.fastdiff.sampler_step(*args)
+        out, _ = run_out(torch.ops.fastdiff.sampler_step.out, gen, args, alias=True)
+        for a, b in zip(out, fresh):
+            assert torch.equal(a, b)
+
+
+def test_out_reference_in_place(gen):
+    # The reference serves when the extension is missing: it must alias correctly too.
+    for n_out in (1, 2, 3):
+        args = make_case(gen, (2, 3, 5), torch.float32, n_hist=2, n_out=n_out, cond=True)
+        out, want = run_out(_ops.step_out_ref, gen, args, alias=True)
+        for o, w in zip(out, want):
+            torch.testing.assert_close(o, w, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_out_kernel_in_place(gen, dtype):
+    kernel = _ops.triton_fn("sampler_step.out")
+    for i, (n_hist, n_out, cond, noise, x_base, clamp) in enumerate(TRITON_CASES):
+        if n_out > _ops.STEP_MAX_ALIAS_OUT:
+            continue
+        args = make_case(gen, (3, 2, 33), dtype, n_hist=n_hist, n_out=n_out, cond=cond,
+                         noise=noise, x_base=x_base, clamp=clamp, per_sample=i % 2 == 0)
+        for alias in (False, True):
+            out, want = run_out(kernel, gen, args, alias)
+            for o, w in zip(out, want):
+                torch.testing.assert_close(o, w, **TOL[dtype])
+
+
+def test_fused_step_out_routes_to_triton(gen, triton_backend):
+    args = make_case(gen, (2, 3, 5), torch.float32, n_hist=1, n_out=2, cond=True)
+    x, x_base, m, mc, hist, noise, coeffs, clamp, n_out = args
+    want = step_ref(*args)
+    got = fused_step(x, m, coeffs, model_out_cond=mc, history=hist, n_out=2, out=[x, hist[0]])
+    assert got[0] is x and got[1] is hist[0]
+    for o, w in zip(got, want):
+        torch.testing.assert_close(o, w, **TOL[torch.float32])
+
+
+@needs_kernel
+def test_fused_step_out_compiles_fullgraph(gen):
+    # The mutation is declared in the schema (Tensor(a!)[] out), so torch.compile
+    # functionalizes it and writes the results back into the given tensors.
+    args = make_case(gen, (2, 3, 8, 8), torch.float32, n_hist=1, n_out=2, per_sample=False)
+    x, _, m, _, hist, _, coeffs, _, _ = args
+    want = step_ref(*args)
+
+    def f(x, m, h, c):
+        fused_step(x, m, c, history=[h], n_out=2, out=[x, h])
+        return x + 0
+
+    xx, hh = x.clone(), hist[0].clone()
+    r = torch.compile(f, fullgraph=True, backend="eager")(xx, m, hh, coeffs)
+    for got, w in ((xx, want[0]), (hh, want[1]), (r, want[0])):
+        torch.testing.assert_close(got, w, **TOL[torch.float32])
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", OPCHECK_CASES[:3])
+def test_opcheck_out(gen, case):
+    kw = dict(case)
+    args = make_case(gen, kw.pop("shape"), kw.pop("dtype"), **kw)
+    x, n_out = args[0], args[-1]
+    out = [torch.empty(x.shape, dtype=x.dtype) for _ in range(n_out)]
+    torch.library.opcheck(torch.ops.fastdiff.sampler_step.out, args[:-1], {"out": out})
+
+
+BAD_OUT = [  # (name, outputs from (x, x shifted by one element, h, fresh), message)
+    ("partial overlap", lambda x, xs, h, f: [xs, f()], r"out\[0\] partially overlaps x"),
+    ("outputs overlap", lambda x, xs, h, f: [h, h], r"out\[1\] overlaps out\[0\]"),
+    ("shape", lambda x, xs, h, f: [f()[:2], f()], r"out\[0\] must be like x"),
+    ("dtype", lambda x, xs, h, f: [f().double(), f()], r"out\[0\] must be like x"),
+    ("not contiguous", lambda x, xs, h, f: [f(), f().transpose(1, 2).contiguous().transpose(1, 2)],
+     r"out\[1\] must be contiguous"),
+    ("too many aliased", lambda x, xs, h, f: [x, f(), f(), f(), f()], "n_out <= 4"),
+]
+
+
+@pytest.mark.parametrize("name,outs,message", BAD_OUT, ids=[b[0] for b in BAD_OUT])
+def test_bad_out_arguments(gen, name, outs, message):
+    a = _good(gen)
+    buf = torch.randn(a["x"].numel() + 1, generator=gen)  # x, and a view one element later
+    x, xs = buf[:-1].view(a["x"].shape), buf[1:].view(a["x"].shape)
+    out = outs(x, xs, a["h"], lambda: torch.empty_like(x))
+    c = torch.randn(3, STEP_HEAD + len(out) * step_n_basis(1), generator=gen)
+    with pytest.raises(ValueError, match=message):
+        fused_step(x, a["m"], c, history=[a["h"]], n_out=len(out), out=out)
+    if _ops.has_kernel("sampler_step.out", "cpu"):
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.fastdiff.sampler_step.out(x, None, a["m"], None, [a["h"]], None, c, False,
+                                                out=out)

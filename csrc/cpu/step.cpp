@@ -60,6 +60,7 @@ struct StepPtrs {
   int64_t n_hist;
   T* const* out;
   int64_t n_out;
+  bool alias;  // some output is one of the inputs (sampler_step.out)
 };
 
 template <typename T, typename acc>
@@ -113,17 +114,22 @@ struct OutCoeffs {
 // kOut (1 or 2) outputs for one chunk, each y_o = c_o0 x (+ c_o1 x_base) + c_o2 d
 // (+ c_o3 noise) + sum_k c_o,4+k h_k over the first kHist history terms, accumulated in
 // basis order like the reference and stored as Out (the outputs' storage type, or acc for
-// more passes). Every input element is loaded once for all outputs. All pointers are
-// restrict parameters, so GCC vectorizes without a run-time alias check.
-template <typename In, typename Out, typename acc, int kOut, bool kXBase, bool kNoise, int kHist>
-FASTDIFF_INLINE void output_kernel(const In* __restrict x, const In* __restrict xb,
-                                   const acc* __restrict d, const In* __restrict nz,
-                                   const In* __restrict h0, const In* __restrict h1,
-                                   const In* __restrict h2, const In* __restrict h3,
-                                   const OutCoeffs<acc>* k, int64_t n, Out* __restrict y0,
-                                   Out* __restrict y1) {
+// more passes). Every input element is loaded once for all outputs, before any output
+// element with that index is stored: an output may be one of the inputs (sampler_step.out),
+// so those pointers are not restrict; `ivdep` states what is true either way (iteration i
+// touches index i only), so GCC vectorizes without a run-time alias check. kInlineD: d is
+// formed here from x and the model output m (no guidance, no clamp: the common case, one
+// loop instead of two), else read from the chunk's d buffer.
+template <typename In, typename Out, typename acc, int kOut, bool kInlineD, bool kXBase,
+          bool kNoise, int kHist>
+FASTDIFF_INLINE void output_kernel(const In* x, const In* m, const Head<acc> hd,
+                                   const acc* __restrict d, const In* xb, const In* nz,
+                                   const In* h0, const In* h1, const In* h2, const In* h3,
+                                   const OutCoeffs<acc>* k, int64_t n, Out* y0, Out* y1) {
+#pragma GCC ivdep
   for (int64_t i = 0; i < n; ++i) {
-    const acc xv = cpu::to_acc(x[i]), dv = d[i];
+    const acc xv = cpu::to_acc(x[i]);
+    const acc dv = kInlineD ? step::direction(xv, cpu::to_acc(m[i]), hd) : d[i];
     const acc xbv = kXBase ? cpu::to_acc(xb[i]) : acc(0);
     const acc nzv = kNoise ? cpu::to_acc(nz[i]) : acc(0);
     const acc hv0 = kHist > 0 ? cpu::to_acc(h0[i]) : acc(0);
@@ -148,10 +154,11 @@ FASTDIFF_INLINE void output_kernel(const In* __restrict x, const In* __restrict 
 }
 
 // c: output 0's coefficient row; rows nb apart.
-template <typename In, typename Out, typename acc, int kOut, bool kXBase, bool kNoise, int kHist>
-FASTDIFF_INLINE void output_loop(const In* x, const In* xb, const acc* d, const In* nz,
-                                 const In* const* hs, const acc* c, int64_t nb, int64_t n,
-                                 Out* const* ys) {
+template <typename In, typename Out, typename acc, int kOut, bool kInlineD, bool kXBase,
+          bool kNoise, int kHist>
+FASTDIFF_INLINE void output_loop(const In* x, const In* m, const Head<acc>& hd, const acc* d,
+                                 const In* xb, const In* nz, const In* const* hs, const acc* c,
+                                 int64_t nb, int64_t n, Out* const* ys) {
   static_assert(kOut == 1 || kOut == 2, "one or two outputs per pass");
   OutCoeffs<acc> k[kOut];
   for (int o = 0; o < kOut; ++o) {
@@ -163,8 +170,8 @@ FASTDIFF_INLINE void output_loop(const In* x, const In* xb, const acc* d, const 
     for (int j = 0; j < kMaxFusedHist; ++j)
       k[o].h[j] = j < kHist ? r[step::kBasisHist + j] : acc(0);
   }
-  output_kernel<In, Out, acc, kOut, kXBase, kNoise, kHist>(
-      x, xb, d, nz, kHist > 0 ? hs[0] : nullptr, kHist > 1 ? hs[1] : nullptr,
+  output_kernel<In, Out, acc, kOut, kInlineD, kXBase, kNoise, kHist>(
+      x, m, hd, d, xb, nz, kHist > 0 ? hs[0] : nullptr, kHist > 1 ? hs[1] : nullptr,
       kHist > 2 ? hs[2] : nullptr, kHist > 3 ? hs[3] : nullptr, k, n, ys[0],
       kOut > 1 ? ys[1] : nullptr);
 }
@@ -176,17 +183,19 @@ FASTDIFF_INLINE void axpy_loop(const acc* __restrict h, acc c, int64_t n, acc* _
 }
 
 // Runtime (x_base?, noise?, history count) -> the specialised loop.
-template <typename In, typename Out, typename acc, int kOut>
-FASTDIFF_INLINE void output_any(int nh, const In* x, const In* xb, const acc* d, const In* nz,
-                                const In* const* hs, const acc* c, int64_t nb, int64_t n,
-                                Out* const* ys) {
-#define FASTDIFF_OUT(XB, NZ)                                                                  \
-  switch (nh) {                                                                               \
-    case 0: output_loop<In, Out, acc, kOut, XB, NZ, 0>(x, xb, d, nz, hs, c, nb, n, ys); break; \
-    case 1: output_loop<In, Out, acc, kOut, XB, NZ, 1>(x, xb, d, nz, hs, c, nb, n, ys); break; \
-    case 2: output_loop<In, Out, acc, kOut, XB, NZ, 2>(x, xb, d, nz, hs, c, nb, n, ys); break; \
-    case 3: output_loop<In, Out, acc, kOut, XB, NZ, 3>(x, xb, d, nz, hs, c, nb, n, ys); break; \
-    default: output_loop<In, Out, acc, kOut, XB, NZ, 4>(x, xb, d, nz, hs, c, nb, n, ys); break; \
+template <typename In, typename Out, typename acc, int kOut, bool kInlineD>
+FASTDIFF_INLINE void output_any(int nh, const In* x, const In* m, const Head<acc>& hd,
+                                const acc* d, const In* xb, const In* nz, const In* const* hs,
+                                const acc* c, int64_t nb, int64_t n, Out* const* ys) {
+#define FASTDIFF_OUT_H(XB, NZ, H) \
+  output_loop<In, Out, acc, kOut, kInlineD, XB, NZ, H>(x, m, hd, d, xb, nz, hs, c, nb, n, ys)
+#define FASTDIFF_OUT(XB, NZ)                             \
+  switch (nh) {                                          \
+    case 0: FASTDIFF_OUT_H(XB, NZ, 0); break;            \
+    case 1: FASTDIFF_OUT_H(XB, NZ, 1); break;            \
+    case 2: FASTDIFF_OUT_H(XB, NZ, 2); break;            \
+    case 3: FASTDIFF_OUT_H(XB, NZ, 3); break;            \
+    default: FASTDIFF_OUT_H(XB, NZ, 4); break;           \
   }
   if (xb != nullptr) {
     if (nz != nullptr) { FASTDIFF_OUT(true, true) } else { FASTDIFF_OUT(true, false) }
@@ -194,16 +203,32 @@ FASTDIFF_INLINE void output_any(int nh, const In* x, const In* xb, const acc* d,
     if (nz != nullptr) { FASTDIFF_OUT(false, true) } else { FASTDIFF_OUT(false, false) }
   }
 #undef FASTDIFF_OUT
+#undef FASTDIFF_OUT_H
 }
 
-// One chunk: d, then the outputs (two in one pass where kMaxJointOut allows). With more than
-// kMaxFusedHist history terms, Out must be acc (the remaining terms are added in further
-// passes over y).
+// One chunk: d, then the outputs (two in one pass where kMaxJointOut allows; without
+// guidance and clamp, d is formed in that same pass). With more than kMaxFusedHist history
+// terms, Out must be acc (the remaining terms are added in further passes over y).
 template <typename In, typename Out, typename acc>
 FASTDIFF_INLINE void chunk(const In* x, const In* xb, const In* m, const In* mc, const In* nz,
                            const In* const* hs, int64_t n_hist, const acc* row, bool clamp,
                            int64_t n_out, int64_t n, acc* d, Out* const* ys) {
   const Head<acc> h(row);
+  const int nh = (int)std::min<int64_t>(n_hist, kMaxFusedHist);
+  const int64_t nb = step::n_basis(n_hist);
+  const acc* c = row + step::kHead;
+  if (mc == nullptr && !clamp && n_hist <= kMaxFusedHist) {
+    if (n_out == 1) {
+      output_any<In, Out, acc, 1, true>(nh, x, m, h, d, xb, nz, hs, c, nb, n, ys);
+      return;
+    }
+    if constexpr (kMaxJointOut<acc> > 1) {
+      if (n_out == 2) {
+        output_any<In, Out, acc, 2, true>(nh, x, m, h, d, xb, nz, hs, c, nb, n, ys);
+        return;
+      }
+    }
+  }
   if (mc != nullptr) {
     if (clamp) direction_loop<In, acc, true, true>(x, m, mc, h, n, d);
     else direction_loop<In, acc, true, false>(x, m, mc, h, n, d);
@@ -211,17 +236,14 @@ FASTDIFF_INLINE void chunk(const In* x, const In* xb, const In* m, const In* mc,
     if (clamp) direction_loop<In, acc, false, true>(x, m, mc, h, n, d);
     else direction_loop<In, acc, false, false>(x, m, mc, h, n, d);
   }
-  const int nh = (int)std::min<int64_t>(n_hist, kMaxFusedHist);
-  const int64_t nb = step::n_basis(n_hist);
-  const acc* c = row + step::kHead;
   if constexpr (kMaxJointOut<acc> > 1) {
     if (n_hist <= kMaxFusedHist && n_out == 2) {
-      output_any<In, Out, acc, 2>(nh, x, xb, d, nz, hs, c, nb, n, ys);
+      output_any<In, Out, acc, 2, false>(nh, x, m, h, d, xb, nz, hs, c, nb, n, ys);
       return;
     }
   }
   for (int64_t o = 0; o < n_out; ++o) {
-    output_any<In, Out, acc, 1>(nh, x, xb, d, nz, hs, c + o * nb, nb, n, ys + o);
+    output_any<In, Out, acc, 1, false>(nh, x, m, h, d, xb, nz, hs, c + o * nb, nb, n, ys + o);
     if constexpr (std::is_same<In, acc>::value && std::is_same<Out, acc>::value) {
       for (int64_t k = kMaxFusedHist; k < n_hist; ++k)
         axpy_loop<acc>(hs[k], c[o * nb + step::kBasisHist + k], n, ys[o]);
@@ -229,19 +251,35 @@ FASTDIFF_INLINE void chunk(const In* x, const In* xb, const In* m, const In* mc,
   }
 }
 
+// Elements [i0, i1) of an input, as acc values: the tensor itself when it is stored in
+// acc, else widened into buf; null for an absent input.
+template <typename T, typename acc>
+FASTDIFF_INLINE const acc* as_acc(const T* src, int64_t c0, int64_t n, acc* buf) {
+  if constexpr (std::is_same<T, acc>::value) {
+    return src == nullptr ? nullptr : src + c0;
+  } else {
+    return widened<T, acc>(src, c0, n, buf);
+  }
+}
+
 // Elements [i0, i1) of one sample, whose coefficient row is `row`. float32/float64, and
 // bfloat16 with up to kMaxFusedHist history terms, run the loops on the tensors
 // themselves (bfloat16 converts as it loads and stores: a shift and a rounding, cheaper
 // than extra passes). float16 (whose conversion is cheap only as a whole-array F16C
-// pass) and bfloat16 with more history go through float buffers per chunk instead.
+// pass) and bfloat16 with more history go through float buffers per chunk instead, and
+// so does every type when an output is an input and the chunk's outputs are not formed in
+// one pass (each later pass would read an input an earlier one overwrote): the outputs
+// are then completed in buffers and stored last.
 template <typename T, typename acc>
 FASTDIFF_STEP_CLONES void step_segment(const StepPtrs<T>& p, const acc* row, bool clamp,
                                        int64_t i0, int64_t i1) {
   alignas(64) acc dbuf[kChunk];
   constexpr bool kSame = std::is_same<T, acc>::value;
   constexpr bool kBF16 = std::is_same<T, c10::BFloat16>::value;
+  const bool one_pass = p.n_hist <= kMaxFusedHist &&
+                        (p.n_out == 1 || (p.n_out == 2 && kMaxJointOut<acc> > 1));
   if constexpr (kSame || kBF16) {
-    if (kSame || p.n_hist <= kMaxFusedHist) {
+    if ((kSame || p.n_hist <= kMaxFusedHist) && (one_pass || !p.alias)) {
       std::vector<const T*> hs(std::max<int64_t>(p.n_hist, 1));
       std::vector<T*> ys(p.n_out);
       for (int64_t c0 = i0; c0 < i1; c0 += kChunk) {
@@ -255,23 +293,20 @@ FASTDIFF_STEP_CLONES void step_segment(const StepPtrs<T>& p, const acc* row, boo
       return;
     }
   }
-  if constexpr (!kSame) {
-    alignas(64) acc xbuf[kChunk], mbuf[kChunk], mcbuf[kChunk], xbbuf[kChunk], nzbuf[kChunk];
-    std::vector<acc> hbuf(p.n_hist * kChunk), ybuf(p.n_out * kChunk);
-    std::vector<const acc*> hs(std::max<int64_t>(p.n_hist, 1));
-    std::vector<acc*> ys(p.n_out);
-    for (int64_t o = 0; o < p.n_out; ++o) ys[o] = ybuf.data() + o * kChunk;
-    for (int64_t c0 = i0; c0 < i1; c0 += kChunk) {
-      const int64_t n = std::min(kChunk, i1 - c0);
-      for (int64_t k = 0; k < p.n_hist; ++k)
-        hs[k] = widened<T, acc>(p.hist[k], c0, n, hbuf.data() + k * kChunk);
-      chunk<acc, acc, acc>(
-          widened<T, acc>(p.x, c0, n, xbuf), widened<T, acc>(p.x_base, c0, n, xbbuf),
-          widened<T, acc>(p.m, c0, n, mbuf), widened<T, acc>(p.m_cond, c0, n, mcbuf),
-          widened<T, acc>(p.noise, c0, n, nzbuf), hs.data(), p.n_hist, row, clamp, p.n_out, n,
-          dbuf, ys.data());
-      for (int64_t o = 0; o < p.n_out; ++o) narrow<T, acc>(ys[o], n, p.out[o] + c0);
-    }
+  alignas(64) acc xbuf[kChunk], mbuf[kChunk], mcbuf[kChunk], xbbuf[kChunk], nzbuf[kChunk];
+  std::vector<acc> hbuf(kSame ? 0 : p.n_hist * kChunk), ybuf(p.n_out * kChunk);
+  std::vector<const acc*> hs(std::max<int64_t>(p.n_hist, 1));
+  std::vector<acc*> ys(p.n_out);
+  for (int64_t o = 0; o < p.n_out; ++o) ys[o] = ybuf.data() + o * kChunk;
+  for (int64_t c0 = i0; c0 < i1; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, i1 - c0);
+    for (int64_t k = 0; k < p.n_hist; ++k)
+      hs[k] = as_acc<T, acc>(p.hist[k], c0, n, kSame ? nullptr : hbuf.data() + k * kChunk);
+    chunk<acc, acc, acc>(as_acc<T, acc>(p.x, c0, n, xbuf), as_acc<T, acc>(p.x_base, c0, n, xbbuf),
+                         as_acc<T, acc>(p.m, c0, n, mbuf), as_acc<T, acc>(p.m_cond, c0, n, mcbuf),
+                         as_acc<T, acc>(p.noise, c0, n, nzbuf), hs.data(), p.n_hist, row, clamp,
+                         p.n_out, n, dbuf, ys.data());
+    for (int64_t o = 0; o < p.n_out; ++o) narrow<T, acc>(ys[o], n, p.out[o] + c0);
   }
 }
 
@@ -380,19 +415,13 @@ const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
-std::vector<at::Tensor> sampler_step_cpu(const at::Tensor& x,
-                                         const c10::optional<at::Tensor>& x_base,
-                                         const at::Tensor& model_out,
-                                         const c10::optional<at::Tensor>& model_out_cond,
-                                         at::TensorList history,
-                                         const c10::optional<at::Tensor>& noise,
-                                         const at::Tensor& coeffs, bool clamp, int64_t n_out) {
-  check_step_args(x, x_base, model_out, model_out_cond, history, noise, coeffs, n_out);
-  std::vector<at::Tensor> outs;
-  outs.reserve(n_out);
-  for (int64_t o = 0; o < n_out; ++o) outs.push_back(new_output(x));
+// Writes the step into `outs` (contiguous, like x; checked by the callers).
+void step_into(const at::Tensor& x, const c10::optional<at::Tensor>& x_base,
+               const at::Tensor& model_out, const c10::optional<at::Tensor>& model_out_cond,
+               at::TensorList history, const c10::optional<at::Tensor>& noise,
+               const at::Tensor& coeffs, bool clamp, at::TensorList outs, bool alias) {
   const int64_t B = x.size(0);
-  if (x.numel() == 0) return outs;
+  if (x.numel() == 0) return;
   const int64_t S = x.numel() / B;
 
   const at::Tensor xc = x.contiguous(), mc = model_out.contiguous(), cc = coeffs.contiguous();
@@ -409,18 +438,47 @@ std::vector<at::Tensor> sampler_step_cpu(const at::Tensor& x,
     std::vector<const T*> hp;
     for (const auto& t : hc) hp.push_back(t.const_data_ptr<T>());
     std::vector<T*> op;
-    for (auto& t : outs) op.push_back(t.data_ptr<T>());
+    for (const auto& t : outs) op.push_back(t.data_ptr<T>());
     const StepPtrs<T> p{xc.const_data_ptr<T>(), ptr_or_null<T>(xbc), mc.const_data_ptr<T>(),
                         ptr_or_null<T>(mcc), ptr_or_null<T>(nzc), hp.data(),
-                        (int64_t)hp.size(), op.data(), n_out};
+                        (int64_t)hp.size(), op.data(), (int64_t)op.size(), alias};
     step_all<T, acc>(p, cc.const_data_ptr<acc>(), cc.size(0), cc.size(1), clamp, B, S);
   });
+}
+
+std::vector<at::Tensor> sampler_step_cpu(const at::Tensor& x,
+                                         const c10::optional<at::Tensor>& x_base,
+                                         const at::Tensor& model_out,
+                                         const c10::optional<at::Tensor>& model_out_cond,
+                                         at::TensorList history,
+                                         const c10::optional<at::Tensor>& noise,
+                                         const at::Tensor& coeffs, bool clamp, int64_t n_out) {
+  check_step_args(x, x_base, model_out, model_out_cond, history, noise, coeffs, n_out);
+  std::vector<at::Tensor> outs;
+  outs.reserve(n_out);
+  for (int64_t o = 0; o < n_out; ++o) outs.push_back(new_output(x));
+  step_into(x, x_base, model_out, model_out_cond, history, noise, coeffs, clamp, outs, false);
   return outs;
+}
+
+void sampler_step_out_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& x_base,
+                          const at::Tensor& model_out,
+                          const c10::optional<at::Tensor>& model_out_cond, at::TensorList history,
+                          const c10::optional<at::Tensor>& noise, const at::Tensor& coeffs,
+                          bool clamp, at::TensorList out) {
+  check_step_args(x, x_base, model_out, model_out_cond, history, noise, coeffs,
+                  (int64_t)out.size());
+  const bool alias =
+      check_step_out(x, x_base, model_out, model_out_cond, history, noise, coeffs, out);
+  step_into(x, x_base, model_out, model_out_cond, history, noise, coeffs, clamp, out, alias);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastdiff, CPU, m) { m.impl("sampler_step", &sampler_step_cpu); }
+TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {
+  m.impl("sampler_step", &sampler_step_cpu);
+  m.impl("sampler_step.out", &sampler_step_out_cpu);
+}
 
 // The sampler step is not differentiable (samplers run under no_grad; a gradient through
 // it is not something fastdiff offers). Without a kernel at the Autograd key, the
@@ -432,6 +490,7 @@ TORCH_LIBRARY_IMPL(fastdiff, CPU, m) { m.impl("sampler_step", &sampler_step_cpu)
 // what opcheck's test_autograd_registration expects of a non-differentiable op.
 TORCH_LIBRARY_IMPL(fastdiff, Autograd, m) {
   m.impl("sampler_step", torch::autograd::autogradNotImplementedFallback());
+  m.impl("sampler_step.out", torch::autograd::autogradNotImplementedFallback());
 }
 
 }  // namespace fastdiff

@@ -17,13 +17,17 @@ namespace fastdiff {
 namespace cuda {
 namespace {
 
+// The sample pointers are not restrict: an output may be one of the inputs
+// (sampler_step.out), which is safe because a thread loads every input of its element
+// before it stores any output of it (the register path, n_out <= 4, is the only one that
+// sampler_step.out allows then).
 template <typename T>
 struct Params {
-  const T* __restrict__ x;
-  const T* __restrict__ x_base;
-  const T* __restrict__ m;
-  const T* __restrict__ m_cond;
-  const T* __restrict__ noise;
+  const T* x;
+  const T* x_base;
+  const T* m;
+  const T* m_cond;
+  const T* noise;
   const T* hist[kStepMaxHistory];
   int64_t n_hist;
   T* out[kStepMaxOut];

@@ -14,7 +14,7 @@ __all__ = ["sample"]
 
 
 def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, schedule=None,
-           sampler: str | None = None, steps: int | None = 20, timesteps=None, scheduler=None,
+           sampler: str | Sampler | None = None, steps: int | None = 20, timesteps=None, scheduler=None,
            guidance_scale: float | None = None, cond=None, uncond=None, generator=None,
            seeds=None, time_sharing=None, progress: bool = True,
            callback: Callable | None = None, prediction_type: str | None = None,
@@ -29,7 +29,11 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
         x_T: initial unit-variance noise [B, ...] (as a diffusers pipeline draws it,
             before ``init_noise_sigma``). Default: drawn from ``generator`` / ``seeds``.
         schedule: :class:`fastdiff.schedules.NoiseSchedule` (default DDPM linear).
-        sampler: a name from :data:`fastdiff.SAMPLERS` (default "dpm++2m").
+        sampler: a name from :data:`fastdiff.SAMPLERS` (default "dpm++2m"), or a
+            :class:`fastdiff.Sampler` built before (its steps, schedule, options and
+            guidance scale are used: to draw many batches without recomputing its
+            coefficients; schedule, scheduler, timesteps, prediction_type, time_sharing
+            and options must then not be given).
         steps: number of steps; ``timesteps``: explicit model times [steps] or
             [B, steps] (per-sample grids).
         scheduler: a diffusers scheduler instance instead of ``sampler``/``schedule``: its
@@ -50,7 +54,10 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
             ``time_sharing`` attribute (fastdiff's UNet records the sharing it was trained
             with), if any; ``False`` turns it off.
         progress: show a tqdm progress bar. callback: ``callback(i, t, x)`` after each
-            model call i with its model time t and the new state x.
+            model call i with its model time t and the new state x. Without a callback
+            the loop updates its state in place (``Sampler.step(..., donate=True)``), one
+            memory pass per step fewer; with one, every state is a new tensor the callback
+            may keep.
         prediction_type: "epsilon", "v_prediction" or "sample". Default: the model's
             ``prediction_type`` attribute if it has one (fastdiff's UNet), else "epsilon";
             with a ``scheduler`` its config decides.
@@ -67,17 +74,24 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
     if seeds is not None and generator is not None:
         raise ValueError("give either generator or seeds, not both")
     gens = make_generators(seeds) if seeds is not None else generator
-    time_sharing = _model_time_sharing(model, time_sharing)
-    if scheduler is not None:
+    if isinstance(sampler, Sampler):
+        s = _prebuilt(sampler, steps, guidance_scale, schedule=schedule, scheduler=scheduler,
+                      timesteps=timesteps, prediction_type=prediction_type,
+                      time_sharing=time_sharing, **options)
+        guidance_scale = s.guidance_scale
+    elif sampler is not None and not isinstance(sampler, str):
+        raise TypeError(f"sampler must be a name or a fastdiff.Sampler, got {type(sampler).__name__}")
+    elif scheduler is not None:
         if schedule is not None or sampler is not None:
             raise ValueError("give either scheduler (diffusers) or sampler / schedule, not both")
         if prediction_type is not None:
             options["prediction_type"] = prediction_type
         s = Sampler.from_diffusers(scheduler, steps, timesteps=timesteps, guidance_scale=guidance_scale,
-                                   time_sharing=time_sharing, generator=gens, **options)
+                                   time_sharing=_model_time_sharing(model, time_sharing),
+                                   generator=gens, **options)
     else:
         s = Sampler(sampler or "dpm++2m", schedule, steps, timesteps=timesteps, guidance_scale=guidance_scale,
-                    time_sharing=time_sharing, generator=gens,
+                    time_sharing=_model_time_sharing(model, time_sharing), generator=gens,
                     prediction_type=prediction_type or _model_prediction(model), **options)
     x_T = _initial_noise(shape, x_T, gens, device, dtype)
     if seeds is not None and len(gens) != x_T.shape[0]:
@@ -103,15 +117,33 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
     for i in steps_iter:
         t = s.model_time(B, x.device, doubled=cfg)
         inp = s.scale_model_input(x)
+        # The loop's own states (not the caller's x_T) are dead after the step unless a
+        # callback may have kept them: donate them to the step (an in-place update).
+        donate = callback is None and x is not x_T
         if cfg:
             out = model_output(model(torch.cat([inp, inp]), t, *args, **kwargs))
             out_u, out_c = out.chunk(2)
-            x = s.step(out_u, None, x, model_out_cond=out_c)
+            x = s.step(out_u, None, x, model_out_cond=out_c, generator=gens, donate=donate)
         else:
-            x = s.step(model_output(model(inp, t, *args, **kwargs)), None, x)
+            x = s.step(model_output(model(inp, t, *args, **kwargs)), None, x, generator=gens,
+                       donate=donate)
         if callback is not None:
             callback(i, shown_t[i], x)
     return x
+
+
+def _prebuilt(s, steps, guidance_scale, **given):
+    """Check that nothing given to ``sample`` contradicts a prebuilt Sampler."""
+    for name, value in given.items():
+        if value is not None:
+            raise ValueError(f"sample: {name} cannot be given with a prebuilt Sampler (it was "
+                             "fixed when the Sampler was built)")
+    if steps not in (20, None, s.steps):
+        raise ValueError(f"sample: steps={steps} but the prebuilt Sampler has {s.steps} steps")
+    if guidance_scale is not None and guidance_scale != s.guidance_scale:
+        raise ValueError(f"sample: guidance_scale={guidance_scale} but the prebuilt Sampler has "
+                         f"guidance_scale={s.guidance_scale}")
+    return s
 
 
 def _model_time_sharing(model, time_sharing):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..schedules import NoiseSchedule, TimeSharing
-from ..step import fused_step
+from .. import _ops
 from ..wrappers import model_output
 from .core import PREDICTIONS, Clamp, Plan
 from .grid import build_grid
@@ -209,6 +209,12 @@ class Sampler:
         self._drop = [[] for _ in calls]
         for name, k in reads.items():
             self._drop[k].append(name)
+        # What step() needs of each call, looked up once: (op, n_out, index of the new
+        # state, index of the next model input or -1, (index, name) of the stored outputs).
+        self._runs = [(c.op, len(c.op.outputs), c.op.outputs.index("x"),
+                       c.op.outputs.index("x_in") if "x_in" in c.op.outputs else -1,
+                       tuple((o, n) for o, n in enumerate(c.op.outputs) if n not in ("x", "x_in")))
+                      for c in calls]
         self._calls_t = np.stack([c.t for c in calls])  # [n_calls, R]
         self._tables = {}
 
@@ -252,6 +258,7 @@ class Sampler:
         """Forget the history; the next ``step`` is the first of a new run."""
         self._k = 0
         self._store = {}
+        self._owned = set()  # names in _store whose tensors the sampler may overwrite
         self._x_in = (None, None)
 
     def init_noise(self, x_T: torch.Tensor) -> torch.Tensor:
@@ -282,24 +289,37 @@ class Sampler:
     def model_time(self, batch: int, device=None, doubled: bool = False) -> torch.Tensor:
         """The network's time input for the next call: [batch] (or [2 * batch] for a CFG
         batch), int64 or float32, with ``time_sharing`` applied."""
-        tab = self._time_table(torch.device(device or "cpu"))[self._k]
-        t = tab.expand(batch) if tab.shape[0] == 1 else tab
-        if t.shape[0] != batch:
-            raise ValueError(f"per-sample timesteps have {t.shape[0]} rows, batch is {batch}")
-        return torch.cat([t, t]) if doubled else t
+        key = ("t", device, batch, doubled)  # every call's input, built once per form
+        rows = self._tables.get(key)
+        if rows is None:
+            tab = self._time_table(torch.device(device or "cpu"))
+            if tab.shape[1] not in (1, batch):
+                raise ValueError(f"per-sample timesteps have {tab.shape[1]} rows, batch is {batch}")
+            tab = tab.expand(-1, batch)
+            rows = self._tables[key] = list(torch.cat([tab, tab], 1) if doubled else tab)
+        return rows[self._k]
 
     def step(self, model_out: torch.Tensor, t, x: torch.Tensor, *,
              model_out_cond: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-             generator=None) -> torch.Tensor:
+             generator=None, donate: bool = False) -> torch.Tensor:
         """One sampler update from the model output at the current call; returns the next
         state. ``model_out``: the model's output for ``scale_model_input(x)`` (with CFG, the
         unconditional one, and ``model_out_cond`` the conditional one). ``t``: the model
         time of this call (checked when given as a number or CPU tensor). ``noise``:
         explicit standard-normal noise for stochastic samplers (else drawn from
-        ``generator`` or the sampler's generator)."""
+        ``generator`` or the sampler's generator).
+
+        ``donate=True`` promises that the caller does not use ``x`` (nor the model input
+        ``scale_model_input`` returned for it) after this call: the step may then write
+        its results into their memory, in place, instead of new tensors, which saves a
+        memory pass per step on CPU (``fastdiff.sample`` donates its own states). The
+        sampler's internal history is always updated in place once no later step reads it.
+        """
         k = self._k
-        call = self.plan.calls[k]
-        op = call.op
+        op, n_out, x_at, x_in_at, stored = self._runs[k]
+        if not isinstance(x, torch.Tensor) or x.dtype not in _STEP_DTYPES:
+            raise TypeError(f"x must be a float32/float16/bfloat16/float64 tensor, got "
+                            f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
         model_out = _prediction(model_out, x, "model_out")
         if model_out_cond is not None:
             model_out_cond = _prediction(model_out_cond, x, "model_out_cond")
@@ -308,32 +328,60 @@ class Sampler:
         self._check_rows(x)
         if t is not None:
             self._check_t(t, k)
-        tab = self._table(x.device, x.dtype)
-        coeffs = tab["coeffs"][k]
+        device = x.device
+        coeffs = self._table(device, x.dtype)["coeffs"][k]
         if op.clamp and self.clamp.kind == "dynamic":
             coeffs = self._threshold(coeffs, x, model_out, model_out_cond)
-        z = None
-        if op.noise:
-            z = self._noise(x, noise, generator)
+        z = self._noise(x, noise, generator) if op.noise else None
+        store = self._store
+        donate = donate and x.is_contiguous() and not x.requires_grad
         if op.keep_x is not None:
-            self._store[op.keep_x] = x
-        outs = fused_step(x, model_out, coeffs,
-                          x_base=self._store[op.x_base] if op.x_base is not None else None,
-                          model_out_cond=model_out_cond,
-                          history=[self._store[n] for n in op.history], noise=z,
-                          clamp=op.clamp, n_out=len(op.outputs))
-        new = outs[op.outputs.index("x")]
-        for name, o in zip(op.outputs, outs):
-            if name == "x_in":
-                self._x_in = (new, o)  # the next model input, valid for this state only
-            elif name != "x":
-                self._store[name] = o
+            store[op.keep_x] = x
+            if donate:
+                self._owned.add(op.keep_x)
+        args = (x, store[op.x_base] if op.x_base is not None else None, model_out,
+                model_out_cond, [store[n] for n in op.history], z, coeffs, op.clamp)
+        out = self._reuse(k, x, donate, n_out)
+        if out is None:
+            outs = _ops.resolve("sampler_step", device)(*args, n_out)
+        else:
+            outs = [o if o is not None else torch.empty_like(x, memory_format=torch.contiguous_format)
+                    for o in out]
+            _ops.resolve("sampler_step.out", device)(*args, out=outs)
+        new = outs[x_at]
+        if x_in_at >= 0:
+            self._x_in = (new, outs[x_in_at])  # the next model input, valid for this state only
+        for o, name in stored:
+            store[name] = outs[o]
+            self._owned.add(name)
         for name in self._drop[k]:
-            self._store.pop(name, None)
+            store.pop(name, None)
+            self._owned.discard(name)
         self._k += 1
         if self._k == len(self.plan.calls):
             self.reset()
         return new
+
+    def _reuse(self, k, x, donate, n):
+        """Memory for call k's outputs that nothing reads after it: the donated state x
+        (unless it is kept as history), the donated model input of this call, and the
+        sampler's own history tensors whose last reader is this call. A list with one
+        tensor or None (allocate) per output, or None when there is nothing to reuse."""
+        pool = []
+        if donate and self.plan.calls[k].op.keep_x is None \
+                and all(x is not t for t in self._store.values()):
+            pool.append(x)
+        for name in self._drop[k]:
+            t = self._store.get(name)
+            if name in self._owned and t is not None and t.is_contiguous() \
+                    and all(t is not p for p in pool):
+                pool.append(t)
+        owner, x_in = self._x_in
+        if donate and owner is x and x_in is not x and x_in.is_contiguous():
+            pool.append(x_in)
+        if not pool:
+            return None
+        return (pool + [None] * n)[:n]
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -424,6 +472,9 @@ class Sampler:
         return c
 
 
+_STEP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def _bview(x):
     return (-1,) + (1,) * (x.dim() - 1)
 
@@ -438,6 +489,8 @@ def _prediction(out, x, name):
             out = out[:, :x.shape[1]].contiguous()  # learned variance: the first half predicts
         else:
             raise ValueError(f"{name} has shape {tuple(out.shape)}, expected x's shape {tuple(x.shape)}")
+    if out.device != x.device:
+        raise ValueError(f"{name} is on {out.device}, expected x's device {x.device}")
     if out.dtype != x.dtype:
         out = out.to(x.dtype)
     return out

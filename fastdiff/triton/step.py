@@ -15,9 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._ops import STEP_HEAD, step_n_basis
+from .._ops import STEP_HEAD, check_step_out, step_n_basis
 
-__all__ = ["sampler_step"]
+__all__ = ["sampler_step", "sampler_step_out"]
 
 # Pointer slots of the kernel. More outputs are served by further launches (each
 # recomputes d); more history tensors than this are rejected.
@@ -218,10 +218,30 @@ def sampler_step(x: torch.Tensor, x_base: torch.Tensor | None, model_out: torch.
     history = list(history)
     _check(x, x_base, model_out, model_out_cond, history, noise, coeffs, n_out)
     outs = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(n_out)]
+    _launch(x, x_base, model_out, model_out_cond, history, noise, coeffs, clamp, outs)
+    return outs
+
+
+def sampler_step_out(x: torch.Tensor, x_base: torch.Tensor | None, model_out: torch.Tensor,
+                     model_out_cond: torch.Tensor | None, history: list[torch.Tensor],
+                     noise: torch.Tensor | None, coeffs: torch.Tensor, clamp: bool, *,
+                     out: list[torch.Tensor]) -> None:
+    """Triton ``fastdiff::sampler_step.out``: the step written into ``out`` (contiguous
+    tensors like x; each may be one of the inputs exactly, see
+    ``fastdiff._ops.check_step_out``: a program loads all inputs of its block before it
+    stores, and up to MAX_OUT outputs take one launch)."""
+    history = list(history)
+    _check(x, x_base, model_out, model_out_cond, history, noise, coeffs, len(out))
+    check_step_out(x, x_base, model_out, model_out_cond, history, noise, coeffs, out)
+    _launch(x, x_base, model_out, model_out_cond, history, noise, coeffs, clamp, list(out))
+
+
+def _launch(x, x_base, model_out, model_out_cond, history, noise, coeffs, clamp, outs):
     B = x.shape[0]
     if x.numel() == 0:
-        return outs
+        return
     S = x.numel() // B
+    n_out = len(outs)
 
     def c(t):
         return None if t is None else t.contiguous()
@@ -244,4 +264,3 @@ def sampler_step(x: torch.Tensor, x_base: torch.Tensor | None, model_out: torch.
             HAS_NOISE=nzc is not None, CLAMP=bool(clamp), F64=x.dtype == torch.float64,
             RNE_BF16=x.dtype == torch.bfloat16 and _interpreting(), BLOCK=block,
             enable_fp_fusion=False)
-    return outs
