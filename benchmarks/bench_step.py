@@ -226,8 +226,7 @@ def bench_one(shape, dtype_name, use_compile, compiled, cold=False):
 
 
 def print_table(rows):
-    head = (f"{'':>23} {'':>9} {'':>7} {'new tensors (Sampler.step)':^34} | "
-            f"{'in place (fastdiff.sample)':^34} |\n"
+    head = (f"{'':42}{'new tensors (Sampler.step)':^33} | {'in place (fastdiff.sample)':^33} |\n"
             f"{'shape':>17} {'dtype':>5} {'diffusers':>9} {'eager':>7} {'compile':>8} "
             f"{'fastdiff':>8} {'x diff':>7} {'x comp':>7} | {'compile':>8} {'fastdiff':>8} "
             f"{'x diff':>7} {'x comp':>7} | {'coeffs':>6} {'GB/s':>5} {'copy':>5} {'%copy':>5}")

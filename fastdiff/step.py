@@ -45,6 +45,11 @@ class StepCoeffs:
         """The matrix [B, STEP_HEAD + n_out * nb], float64; a view: writes go through."""
         return torch.from_numpy(self._data)
 
+    @property
+    def array(self) -> np.ndarray:
+        """The same matrix as a numpy array (a view)."""
+        return self._data
+
     def guidance(self, g) -> "StepCoeffs":
         """Classifier-free guidance m = m_uncond + g * (m_cond - m_uncond)."""
         self._data[:, 0] = _col(g)

@@ -284,7 +284,7 @@ class Sampler:
         c_in = self.plan.calls[self._k].c_in
         if c_in is None:
             return x
-        return x * self._table(x.device, x.dtype)["c_in"][self._k].view(_bview(x))
+        return x * self._c_in(x.device, x.dtype)[self._k].view(_bview(x))
 
     def model_time(self, batch: int, device=None, doubled: bool = False) -> torch.Tensor:
         """The network's time input for the next call: [batch] (or [2 * batch] for a CFG
@@ -395,15 +395,29 @@ class Sampler:
         key = (device, dtype)
         tab = self._tables.get(key)
         if tab is None:
-            acc = torch.float64 if dtype == torch.float64 else torch.float32
-            datas = [c.op.coeffs.data for c in self.plan.calls]
-            flat = torch.cat([d.reshape(-1) for d in datas]).to(device=device, dtype=acc)
-            coeffs = [p.view(d.shape) for p, d in zip(flat.split([d.numel() for d in datas]), datas)]
+            # Calls of one matrix shape are stacked and rounded on the host (numpy rounds
+            # float64 -> float32 to nearest, as torch does), copied in one go and unbound:
+            # a few tensor ops in all, not a few per call (this runs in the first step).
+            acc = np.float64 if dtype == torch.float64 else np.float32
+            mats = [c.op.coeffs.array for c in self.plan.calls]
+            coeffs = [None] * len(mats)
+            for shape in {m.shape for m in mats}:
+                idx = [k for k, m in enumerate(mats) if m.shape == shape]
+                block = torch.from_numpy(np.stack([mats[k] for k in idx]).astype(acc)).to(device)
+                for k, c in zip(idx, block.unbind(0)):
+                    coeffs[k] = c
+            tab = self._tables[key] = {"coeffs": coeffs}
+        return tab
+
+    def _c_in(self, device, dtype):
+        """Model-input scales of every call, [n_calls, R] (only needed when the previous
+        step's folded model input cannot be used)."""
+        tab = self._table(device, dtype)
+        if "c_in" not in tab:
             c_in = np.stack([np.ones(self.grid.rows) if c.c_in is None else c.c_in
                              for c in self.plan.calls])
-            tab = {"coeffs": coeffs, "c_in": torch.from_numpy(c_in).to(device=device, dtype=dtype)}
-            self._tables[key] = tab
-        return tab
+            tab["c_in"] = torch.from_numpy(c_in).to(device=device, dtype=dtype)
+        return tab["c_in"]
 
     def _time_table(self, device):
         """Network time inputs of every call, [n_calls, R], time sharing applied."""
