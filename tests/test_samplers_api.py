@@ -241,6 +241,21 @@ def test_donated_steps_update_in_place_and_equal_fresh_ones(schedule, gen):
     assert torch.equal(x_T, keep)  # never donated, never written
 
 
+def test_donated_steps_on_the_triton_kernel(schedule, gen, triton_backend):
+    # The in-place loop through the Triton kernel (interpreted) equals the C++ one.
+    g = _gaussian(gen)
+    x_T = torch.randn(2, 6, generator=gen)
+    for name in ("dpm++3m", "euler", "heun"):
+        model = g.as_model(schedule)
+        got = sample(lambda x, t: model(x.double(), t).float(), x_T=x_T, schedule=schedule,
+                     sampler=name, steps=4, progress=False)
+        fastdiff.set_backend("auto")
+        want = sample(lambda x, t: model(x.double(), t).float(), x_T=x_T, schedule=schedule,
+                      sampler=name, steps=4, progress=False)
+        fastdiff.set_backend("triton")
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_sample_donates_its_states_but_never_x_T(schedule, gen):
     g = _gaussian(gen)
     x_T = torch.randn(2, 6, generator=gen, dtype=F64)
