@@ -30,10 +30,10 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
             before ``init_noise_sigma``). Default: drawn from ``generator`` / ``seeds``.
         schedule: :class:`fastdiff.schedules.NoiseSchedule` (default DDPM linear).
         sampler: a name from :data:`fastdiff.SAMPLERS` (default "dpm++2m"), or a
-            :class:`fastdiff.Sampler` built before (its steps, schedule, options and
-            guidance scale are used: to draw many batches without recomputing its
-            coefficients; schedule, scheduler, timesteps, prediction_type, time_sharing
-            and options must then not be given).
+            :class:`fastdiff.Sampler` built before (its steps, schedule, options,
+            guidance scale and time sharing are used, not the model's attributes: to draw
+            many batches without recomputing its coefficients; schedule, scheduler,
+            timesteps, prediction_type, time_sharing and options must then not be given).
         steps: number of steps; ``timesteps``: explicit model times [steps] or
             [B, steps] (per-sample grids).
         scheduler: a diffusers scheduler instance instead of ``sampler``/``schedule``: its
