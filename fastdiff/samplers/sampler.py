@@ -341,7 +341,7 @@ class Sampler:
                 self._owned.add(op.keep_x)
         args = (x, store[op.x_base] if op.x_base is not None else None, model_out,
                 model_out_cond, [store[n] for n in op.history], z, coeffs, op.clamp)
-        out = self._reuse(k, x, donate, n_out)
+        out = self._reuse(op, k, x, donate, n_out)
         if out is None:
             outs = _ops.resolve("sampler_step", device)(*args, n_out)
         else:
@@ -362,13 +362,13 @@ class Sampler:
             self.reset()
         return new
 
-    def _reuse(self, k, x, donate, n):
+    def _reuse(self, op, k, x, donate, n):
         """Memory for call k's outputs that nothing reads after it: the donated state x
         (unless it is kept as history), the donated model input of this call, and the
         sampler's own history tensors whose last reader is this call. A list with one
         tensor or None (allocate) per output, or None when there is nothing to reuse."""
         pool = []
-        if donate and self.plan.calls[k].op.keep_x is None \
+        if donate and op.keep_x is None \
                 and all(x is not t for t in self._store.values()):
             pool.append(x)
         for name in self._drop[k]:
