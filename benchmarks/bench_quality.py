@@ -4,7 +4,7 @@ For each sampler (DDIM, DPM-Solver++ 2M, UniPC, DDPM) and step count (5, 10, 20,
 100) both models draw the same class-conditional batch from the same seeds; the table is
 the Frechet distance (FD) to the 360 held-out real digits in the shipped classifier's
 feature space (lower is better) and the relative change E-TSDM vs baseline. The second
-part probes both networks' Lipschitz constant in t near t = 0 (PAPERS.md section 1:
+part probes both networks' Lipschitz constant in t near t = 0 (docs/etsdm.md:
 K(t) = ||eps(x_t, t) - eps(x_t, t+1)||, the paper's finite difference, and the exact
 ||d eps / dt|| by JVP) and writes the curves as one plot.
 

@@ -330,7 +330,7 @@ def _probe_model(name, samples, gen):
     if name == "gaussian":
         from .gaussian import GaussianData
         schedule = NoiseSchedule.linear(1000)
-        # A narrow data distribution: its eps* is singular in t at t = 0 (PAPERS.md 1).
+        # A narrow data distribution: its eps* is singular in t at t = 0 (docs/etsdm.md).
         data = GaussianData(torch.randn(64, generator=gen, dtype=torch.float64) * 0.5, s=0.002)
         x0 = data.sample(samples, gen).reshape(samples, 1, 8, 8)
         return _GaussianInT(data, schedule), schedule, x0, None, None

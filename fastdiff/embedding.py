@@ -157,7 +157,7 @@ def timestep_embedding(t, dim: int, *, flip_sin_to_cos: bool = False,
     Args:
         t: [B] integer or floating timesteps (schedule units), any device.
         dim: embedding width (odd widths are zero-padded like diffusers).
-        sharing: a :class:`TimeSharing` (f of PAPERS.md section 1) or None.
+        sharing: a :class:`TimeSharing` (f of docs/etsdm.md) or None.
 
     Returns:
         [B, dim] float32 (float64 when t is float64). Differentiable in floating t; its

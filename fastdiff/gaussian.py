@@ -1,4 +1,4 @@
-"""Closed-form diffusion models (PAPERS.md section 3): oracles for samplers and probes.
+"""Closed-form diffusion models (docs/gaussian.md): oracles for samplers and probes.
 
 For data x0 ~ N(mu, s^2 I) the noised marginal at a VP point (alpha, sigma) is
 N(alpha mu, (alpha^2 s^2 + sigma^2) I) and the optimal noise prediction is exact:

@@ -1,7 +1,7 @@
 """Lipschitz probes: how fast a diffusion network's output moves with its inputs.
 
 * :func:`lipschitz_t` measures ``K(t) = || d eps_theta(x_t, t) / dt ||_2`` with x_t held
-  fixed (PAPERS.md section 1, the quantity E-TSDM drives to zero near t = 0), for many
+  fixed (docs/etsdm.md, the quantity E-TSDM drives to zero near t = 0), for many
   (sample, timestep) pairs flattened into one large batch per model call.
 * :func:`lipschitz_x` measures the spectral norm of ``d eps_theta(x, t) / dx`` per sample
   by batched power iteration.

@@ -16,7 +16,7 @@ __all__ = ["TimeSharing", "NoiseSchedule", "diffusers_timesteps", "rescale_zero_
 
 @dataclass(frozen=True)
 class TimeSharing:
-    """E-TSDM time sharing (Yang et al., ICLR 2024, PAPERS.md section 1).
+    """E-TSDM time sharing (Yang et al., ICLR 2024, docs/etsdm.md).
 
     Splits ``[0, t_tilde)`` into ``n`` equal sub-intervals and maps every t inside one to
     the sub-interval's LEFT end; t >= t_tilde is unchanged::
@@ -56,7 +56,7 @@ class TimeSharing:
 
     @classmethod
     def continuous(cls, t_tilde: float = 0.1, n: int = 5) -> "TimeSharing":
-        """The continuous-time form on [0, 1] (PAPERS.md: t~ = 0.1, n = 5)."""
+        """The continuous-time form on [0, 1] (docs/etsdm.md: t~ = 0.1, n = 5)."""
         return cls(float(t_tilde), n)
 
     @property
@@ -243,7 +243,7 @@ def _validate_alphas_cumprod(ac):
 
 
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
-    """Lin et al. zero-terminal-SNR rescale (PAPERS.md section 2), as diffusers does it.
+    """Lin et al. zero-terminal-SNR rescale (docs/singdiffusion.md), as diffusers does it.
 
     ``betas``: floating tensor [T], T >= 2. Works in the input's dtype, so float32 input
     reproduces diffusers' ``rescale_zero_terminal_snr`` bit for bit. Returns betas [T] with
@@ -676,7 +676,7 @@ class NoiseSchedule:
 
     def d_sigma_dt(self, t) -> torch.Tensor:
         """d sigma_t / dt = -(alpha_t / sigma_t) d alpha_t / dt (continuous only). Diverges
-        (+inf) at t = 0, the singularity E-TSDM addresses (PAPERS.md section 1)."""
+        (+inf) at t = 0, the singularity E-TSDM addresses (docs/etsdm.md)."""
         x, dev = self._cont_time_checked(t, "d_sigma_dt")
         la = self._cont_log_alpha(x)
         alpha, sigma = la.exp(), _std(la)

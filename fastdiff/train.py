@@ -1,6 +1,6 @@
 """Diffusion training with E-TSDM time sharing: the loss and a small, exact training loop.
 
-``diffusion_loss`` is PAPERS.md section 1's objective: the forward process noises x0 at
+``diffusion_loss`` is docs/etsdm.md's objective: the forward process noises x0 at
 the TRUE timestep t, the network is conditioned on the shared time f(t):
 
     x_t  = alpha_t x0 + sigma_t eps,   loss = || net(x_t, f(t)) - target ||^2

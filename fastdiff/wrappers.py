@@ -1,6 +1,6 @@
 """Drop-in E-TSDM for an existing network: ``fastdiff.etsdm(model)``.
 
-The wrapper maps the time argument through the sharing map f (PAPERS.md section 1) and
+The wrapper maps the time argument through the sharing map f (docs/etsdm.md) and
 calls the original model; weights are not copied and the architecture is unchanged.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Lipschitz probes against closed forms, autodiff cross-checks and diffusers' UNet.
 
-Oracle: the Gaussian data model of PAPERS.md section 3. For x0 ~ N(mu, s^2 I),
+Oracle: the Gaussian data model of docs/gaussian.md. For x0 ~ N(mu, s^2 I),
 eps*(x, t) = sigma (x - alpha mu) / D with D = alpha^2 s^2 + sigma^2, so with x held fixed
 
     d eps*/dt = [sigma' (x - alpha mu) - sigma alpha' mu] / D - sigma (x - alpha mu) D' / D^2,

@@ -1,4 +1,4 @@
-"""Samplers against closed-form Gaussian models (PAPERS.md section 3): exact scores, the
+"""Samplers against closed-form Gaussian models (docs/gaussian.md): exact scores, the
 exact probability-flow ODE solution, convergence orders, and the stationary statistics of
 the stochastic samplers."""
 import math

@@ -62,7 +62,7 @@ def test_zero_snr_rescale_follows_lin_et_al():
     base = NoiseSchedule.scaled_linear()
     z = NoiseSchedule.scaled_linear(rescale_zero_terminal_snr=True)
     s, s_new = base.alphas_cumprod.sqrt(), z.alphas_cumprod.sqrt()
-    expected = (s - s[-1]) * s[0] / (s[0] - s[-1])  # PAPERS.md section 2
+    expected = (s - s[-1]) * s[0] / (s[0] - s[-1])  # docs/singdiffusion.md
     assert (s_new - expected).abs().max() < 1e-6
     assert z.alphas_cumprod[-1] == 0 and z.betas[-1] == 1
     assert torch.equal(z.alphas_cumprod[0], base.alphas_cumprod[0])
@@ -324,7 +324,7 @@ def test_derivatives_match_finite_differences(make, gen):
         fd = (f(t + h) - f(t - h)) / (2 * h)
         exact = df(t)
         assert ((fd - exact).abs() / exact.abs().clamp_min(1e-3)).max() < 1e-6
-    assert s.d_sigma_dt(0.0).item() == math.inf  # the t -> 0 singularity (PAPERS.md section 1)
+    assert s.d_sigma_dt(0.0).item() == math.inf  # the t -> 0 singularity (docs/etsdm.md)
     assert s.d_alpha_dt(0.0).item() < 0
 
 

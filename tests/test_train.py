@@ -49,7 +49,7 @@ def test_loss_noises_at_true_t_and_feeds_shared_t(prediction):
     loss = diffusion_loss(spy, x0, NoiseSchedule.linear(1000), prediction=prediction,
                           time_sharing=TimeSharing(100, 5), cond=cond, t=t, noise=noise)
     (x_seen, t_seen, c_seen), = spy.calls
-    # The condition is f(t): left ends of the 20-wide sub-intervals below 100 (PAPERS.md).
+    # The condition is f(t): left ends of the 20-wide sub-intervals below 100 (docs/etsdm.md).
     assert t_seen.tolist() == [0, 0, 20, 40, 80, 100, 512, 999]
     assert torch.equal(c_seen, cond)
     # The noise level is the TRUE t's (diffusers' table as the reference).

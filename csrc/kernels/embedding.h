@@ -10,7 +10,7 @@
 namespace fastdiff {
 namespace embedding {
 
-// E-TSDM sharing map f(t) (PAPERS.md section 1): left end of t's sub-interval of
+// E-TSDM sharing map f(t) (docs/etsdm.md): left end of t's sub-interval of
 // [0, end); identity at and beyond end, and when sharing is off (end <= 0).
 template <typename acc>
 FASTDIFF_HOST_DEVICE acc share(acc t, acc width, acc end) {

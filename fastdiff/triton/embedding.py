@@ -2,7 +2,7 @@
 ``fastdiff._ops.embedding_ref``).
 
 One program computes a block of rows x frequencies: it maps its rows' t through the
-E-TSDM sharing map f (PAPERS.md section 1), then writes the sin and cos columns of each
+E-TSDM sharing map f (docs/etsdm.md), then writes the sin and cos columns of each
 frequency (or, in derivative mode, d emb / d t). Integer t inside the optional cached
 table is served from the table, so the result equals the C++ kernels' bit for bit there.
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (the tests).
