@@ -26,6 +26,7 @@ from .. import _ops
 from ..wrappers import model_output
 from .core import PREDICTIONS, Clamp, Plan
 from .grid import build_grid
+from .guidance import rescale_coeffs
 from .registry import SAMPLERS, family
 
 __all__ = ["Sampler", "make_generators", "randn"]
@@ -102,6 +103,10 @@ class Sampler:
         clip_sample, clip_sample_range: clamp the data estimate to [-range, range].
         guidance_scale: classifier-free guidance weight w (m_u + w (m_c - m_u)), used when
             ``step`` gets ``model_out_cond``.
+        guidance_rescale: phi of Lin et al.'s guidance rescale (diffusers' name), in
+            [0, 1]: the guided output is rescaled per sample to the conditional output's
+            std and mixed ``phi * rescaled + (1 - phi) * guided``, folded into the step's
+            coefficients (``fastdiff.samplers.guidance``). 0: off.
         time_sharing: a :class:`fastdiff.TimeSharing`: the network's time input is f(t)
             (E-TSDM); the update keeps the true schedule. Used by :meth:`model_time`.
         generator, seeds: noise source of stochastic samplers (a generator, a list with
@@ -126,7 +131,7 @@ class Sampler:
                  guidance_scale: float | None = None, time_sharing: TimeSharing | None = None,
                  generator=None, seeds=None, sigma_min: float | None = None,
                  sigma_max: float | None = None, lambda_min_clipped: float = -math.inf,
-                 diffusers_rule: bool = False, **options):
+                 diffusers_rule: bool = False, guidance_rescale: float = 0.0, **options):
         fam = family(sampler)
         self.name = sampler
         self.schedule = NoiseSchedule.linear() if schedule is None else schedule
@@ -143,6 +148,12 @@ class Sampler:
             raise TypeError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
         if time_sharing is not None and not isinstance(time_sharing, TimeSharing):
             raise TypeError(f"time_sharing must be a fastdiff.TimeSharing, got {type(time_sharing).__name__}")
+        if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)) \
+                or not 0 <= guidance_rescale <= 1:
+            raise ValueError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
+        if guidance_rescale and guidance_scale is None:
+            raise ValueError("guidance_rescale needs guidance_scale (it rescales the guided output)")
+        self.guidance_rescale = float(guidance_rescale)
         opts = {**fam.fixed, **options}
         params = inspect.signature(fam.plan).parameters
         unknown = sorted(set(opts) - set(params) - {"pred", "clamp"})
@@ -330,6 +341,8 @@ class Sampler:
             self._check_t(t, k)
         device = x.device
         coeffs = self._table(device, x.dtype)["coeffs"][k]
+        if model_out_cond is not None and self.guidance_rescale:
+            coeffs = rescale_coeffs(coeffs, model_out, model_out_cond, self.guidance_rescale)
         if op.clamp and self.clamp.kind == "dynamic":
             coeffs = self._threshold(coeffs, x, model_out, model_out_cond)
         z = self._noise(x, noise, generator) if op.noise else None
