@@ -24,6 +24,11 @@ PRETRAINED = {
     "digits": ("digits.pt", "class-conditional 8x8 digits UNet trained with E-TSDM "
                             "(t~=100, n=5, linear T=1000)"),
     "digits-baseline": ("digits-baseline.pt", "the same UNet and recipe without time sharing"),
+    "brightness": ("brightness.pt", "class-conditional 8x8 UNet on fastdiff.data.load_brightness "
+                                    "(digits, inverted digits, near-solid black / white), eps, "
+                                    "SD's scaled_linear schedule (non-zero terminal SNR)"),
+    "brightness-zsnr": ("brightness-zsnr.pt", "the same UNet and data, v-prediction on the "
+                                              "zero-terminal-SNR rescale of that schedule"),
 }
 
 
@@ -42,7 +47,8 @@ def pretrained(name: str = "digits", *, device: str | torch.device = "cpu"
     """Load an embedded model.
 
     Args:
-        name: "digits" (E-TSDM) or "digits-baseline".
+        name: "digits" (E-TSDM), "digits-baseline", or the brightness benchmark's
+            "brightness" / "brightness-zsnr" (docs/singdiffusion.md).
         device: where the weights go.
 
     Returns:

@@ -348,7 +348,8 @@ class DiffusersInitialPredictor(nn.Module):
 def load_initial_predictor(path: str, *, device="cpu", subfolder: str | None = None):
     """Load a saved initial predictor (eval mode).
 
-    ``path`` is either fastdiff's format (the ``model.pt`` written by
+    ``path`` is the name of a shipped predictor (``"brightness-initial"``), or
+    fastdiff's format (the ``model.pt`` written by
     :func:`fit_initial_predictor`, or its run folder, or a shipped ``.pt``, with the
     ``.json`` summary beside it) or a diffusers folder (``config.json`` +
     ``diffusion_pytorch_model.safetensors`` of a ``UNet2DConditionModel`` whose ResNet
@@ -356,6 +357,9 @@ def load_initial_predictor(path: str, *, device="cpu", subfolder: str | None = N
     ``from_config`` and ``load_state_dict`` from safetensors.
     """
     folder = os.path.join(path, subfolder) if subfolder else path
+    shipped = os.path.join(os.path.dirname(__file__), "assets", f"{path}.pt")
+    if not os.path.exists(folder) and os.sep not in path and os.path.exists(shipped):
+        folder = shipped  # a shipped predictor by name, e.g. "brightness-initial"
     if os.path.isdir(folder) and os.path.exists(os.path.join(folder, "config.json")):
         return _load_diffusers(folder, device)
     pt = os.path.join(folder, "model.pt") if os.path.isdir(folder) else folder
