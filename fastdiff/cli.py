@@ -10,6 +10,8 @@ import argparse
 import json
 import sys
 
+from ._files import atomic_open, atomic_write_text
+
 
 def _add_info(sub):
     p = sub.add_parser("info", help="backends, versions, and a self-check of every op")
@@ -67,7 +69,7 @@ def _run_train(args) -> int:
     from .data import digits_dataset
     from .nets import UNet
     from .schedules import NoiseSchedule, TimeSharing
-    from .train import FINAL_CONFIG, atomic_write_text, train
+    from .train import FINAL_CONFIG, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,7 +106,8 @@ def _run_train(args) -> int:
     return 0
 
 
-# Models `fastdiff sample --model` can draw from (a trained digits model joins later).
+# Shipped models `fastdiff sample --model` can draw from; any folder written by
+# `fastdiff train` / fastdiff.save_model works too.
 SAMPLE_MODELS = ("digits", "digits-baseline", "gaussian-mixture")
 
 
@@ -112,10 +115,12 @@ def _add_sample(sub):
     p = sub.add_parser("sample", help="draw samples with a fused sampler (default: the "
                        "shipped E-TSDM digits model, DPM-Solver++ 2M, 20 steps); writes a PNG "
                        "and reports the time and the distance to real data")
-    p.add_argument("--model", default="digits", choices=SAMPLE_MODELS,
+    p.add_argument("--model", default="digits", metavar="{" + ",".join(SAMPLE_MODELS) + "} or PATH",
                    help="digits / digits-baseline: the shipped class-conditional 8x8 models "
                    "(E-TSDM / without), scored by Frechet distance to held-out digits; "
-                   "gaussian-mixture: 8 modes on a ring with its exact denoiser")
+                   "gaussian-mixture: 8 modes on a ring with its exact denoiser; PATH: a "
+                   "folder written by `fastdiff train --out` or fastdiff.save_model (its "
+                   "schedule and E-TSDM sharing are used)")
     p.add_argument("--sampler", default="dpm++2m", help="sampler name, one of fastdiff.SAMPLERS")
     p.add_argument("--steps", type=int, default=20, help="sampler steps")
     p.add_argument("--n", type=int, default=None,
@@ -137,7 +142,8 @@ def _run_sample(args) -> int:
     from .schedules import NoiseSchedule
 
     n = args.n if args.n is not None else (2000 if args.model == "gaussian-mixture" else 360)
-    out = args.out or os.path.join("out", f"{args.model}.png")
+    tag = os.path.basename(os.path.normpath(args.model))
+    out = args.out or os.path.join("out", f"{tag}.png")
     if n < 2 or args.steps < 1:
         print(f"fastdiff sample: error: need --n >= 2 and --steps >= 1, got {n}, {args.steps}",
               file=sys.stderr)
@@ -147,8 +153,15 @@ def _run_sample(args) -> int:
     except (ValueError, TypeError) as e:
         print(f"fastdiff sample: error: {e}", file=sys.stderr)
         return 2
-    run = _sample_gaussian if args.model == "gaussian-mixture" else _sample_digits
-    summary, lines = run(args, n, out)
+    if args.model == "gaussian-mixture":
+        summary, lines = _sample_gaussian(args, n, out)
+    else:
+        try:
+            model, schedule = _load_cli_model(args.model)
+        except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+            print(f"fastdiff sample: error: {e}", file=sys.stderr)
+            return 2
+        summary, lines = _sample_digits(args, n, out, model, schedule)
     summary.update(model=args.model, sampler=args.sampler, steps=args.steps, n=n,
                    seed=args.seed, out=out)
     if args.json:
@@ -172,37 +185,57 @@ def _timed_sample(model, x_T, schedule, args, **kw):
     return x, time.perf_counter() - start
 
 
-def _sample_digits(args, n, out):
+def _load_cli_model(name):
+    """A shipped name or a saved folder -> (fastdiff UNet on 1-channel digits, schedule)."""
+    from .model_io import load_model
+    from .nets import UNet
+
+    model, schedule = load_model(name)
+    if not isinstance(model, UNet) or model.config["in_channels"] != 1 or \
+            model.num_classes not in (None, 10) or model.sample_size not in (8, 16):
+        raise ValueError(f"{name}: the CLI samples and probes fastdiff UNets on the digits "
+                         "(1 channel, 8x8 or 16x16, 10 classes or unconditional); use "
+                         "fastdiff.load_model and fastdiff.sample from Python for other models")
+    if schedule is None or schedule.continuous:
+        raise ValueError(f"{name}: no discrete noise schedule was saved with the model "
+                         "(save it with fastdiff.save_model(..., schedule=...))")
+    return model, schedule
+
+
+def _sample_digits(args, n, out, model, schedule):
     import torch
 
     from .data import save_grid
     from .metrics import digits_fd
-    from .pretrained import pretrained
 
-    model, schedule = pretrained(args.model)
+    size = model.sample_size
     labels = torch.arange(n) % 10
     seeds = list(range(args.seed, args.seed + n))
-    x_T = torch.cat([torch.randn((1, 1, 8, 8), generator=torch.Generator().manual_seed(s))
+    x_T = torch.cat([torch.randn((1, 1, size, size), generator=torch.Generator().manual_seed(s))
                      for s in seeds])
-    kw = dict(cond=labels, seeds=seeds)
-    if args.guidance is not None:
+    kw = dict(cond=labels if model.num_classes else None, seeds=seeds)
+    if args.guidance is not None and model.num_classes:
         kw.update(guidance_scale=args.guidance, uncond=torch.full_like(labels, model.null_class))
     x, elapsed = _timed_sample(model, x_T, schedule, args, **kw)
-    fd = digits_fd(x)
-    fd_real = digits_fd(_balanced_real(labels, args.seed))
     order = torch.argsort(labels, stable=True)  # one class per grid column block
-    save_grid(x[order].view(10, -1, 1, 8, 8).transpose(0, 1).reshape(-1, 1, 8, 8)
-              if n % 10 == 0 else x, out)
+    save_grid(x[order].view(10, -1, 1, size, size).transpose(0, 1).reshape(-1, 1, size, size)
+              if n % 10 == 0 and model.num_classes else x, out)
     sharing = getattr(model, "time_sharing", None)
     summary = {"time_s": round(elapsed, 4), "ms_per_step": round(1000 * elapsed / args.steps, 3),
-               "fd_heldout": round(fd, 3), "fd_real_train_vs_heldout": round(fd_real, 3)}
+               "time_sharing": None if sharing is None else [sharing.t_tilde, sharing.n]}
+    what = "class-conditional" if model.num_classes else "unconditional"
     lines = [
-        f"fastdiff sample: {args.model} (class-conditional 8x8 digits, "
+        f"fastdiff sample: {args.model} ({what} {size}x{size} digits, "
         f"{'E-TSDM ' + str(sharing) if sharing else 'no time sharing'}), sampler "
-        f"{args.sampler}, {args.steps} steps, n={n} ({n // 10} per class), seed {args.seed}",
-        f"time: {elapsed:.3f} s ({summary['ms_per_step']:.2f} ms per step, model included)",
-        f"Frechet distance to held-out real digits: {fd:.2f} "
-        f"(real train digits, same n: {fd_real:.2f}; lower is better)"]
+        f"{args.sampler}, {args.steps} steps, n={n}"
+        f"{f' ({n // 10} per class)' if model.num_classes else ''}, seed {args.seed}",
+        f"time: {elapsed:.3f} s ({summary['ms_per_step']:.2f} ms per step, model included)"]
+    if size == 8:  # the FD classifier works on 8x8 digits
+        fd = digits_fd(x)
+        fd_real = digits_fd(_balanced_real(labels, args.seed))
+        summary.update(fd_heldout=round(fd, 3), fd_real_train_vs_heldout=round(fd_real, 3))
+        lines.append(f"Frechet distance to held-out real digits: {fd:.2f} "
+                     f"(real train digits, same n: {fd_real:.2f}; lower is better)")
     return summary, lines
 
 
@@ -255,10 +288,7 @@ def _sample_gaussian(args, n, out):
 
 
 def _scatter_png(path, samples, true, title):
-    """Scatter of the samples over exact draws; written to a temp file, then renamed."""
-    import os
-    import tempfile
-
+    """Scatter of the samples over exact draws; written atomically."""
     from matplotlib.figure import Figure  # no pyplot: the Agg canvas, no global state
 
     fig = Figure(figsize=(5, 5), dpi=120)
@@ -268,26 +298,18 @@ def _scatter_png(path, samples, true, title):
     ax.set_aspect("equal")
     ax.set_title(title, fontsize=8)
     ax.legend(loc="upper right", fontsize=7, markerscale=3)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
 
 
 def _add_lipschitz(sub):
     p = sub.add_parser("lipschitz", help="Lipschitz constant of a model in t near t = 0 "
                        "(E-TSDM vs baseline): plot K(t) = ||d eps/dt|| and write JSON")
     p.add_argument("--model", action="append", default=None,
-                   help="repeatable; 'gaussian' (closed-form N(mu, s^2 I) data, exact eps*) or an "
+                   help="repeatable; 'gaussian' (closed-form N(mu, s^2 I) data, exact eps*), an "
                    "embedded model (digits: trained with E-TSDM, probed through its sharing; "
-                   "digits-baseline), conditioned on held-out digits' labels; a '+etsdm' "
+                   "digits-baseline) or a folder written by `fastdiff train --out` / "
+                   "fastdiff.save_model, conditioned on held-out digits' labels; a '+etsdm' "
                    "suffix probes a model through E-TSDM sharing (t~=100, n=5). Default: "
                    "gaussian and gaussian+etsdm")
     p.add_argument("--method", default="fd", choices=["auto", "jvp", "vjp", "fd"],
@@ -335,19 +357,16 @@ def _probe_model(name, samples, gen):
         x0 = data.sample(samples, gen).reshape(samples, 1, 8, 8)
         return _GaussianInT(data, schedule), schedule, x0, None, None
     from .data import load_digits
-    from .pretrained import PRETRAINED, pretrained
-    if name not in PRETRAINED:
-        raise ValueError(f"unknown model {name!r}; choose 'gaussian' or one of {sorted(PRETRAINED)}")
-    model, schedule = pretrained(name)
+    model, schedule = _load_cli_model(name)
     x0, labels = load_digits("test", size=model.sample_size)
     idx = torch.randperm(x0.shape[0], generator=gen)[:samples]
     # conditioned on each held-out digit's own label
-    return model, schedule, x0[idx], {"class_labels": labels[idx]}, model.time_sharing
+    kwargs = {"class_labels": labels[idx]} if model.num_classes else None
+    return model, schedule, x0[idx], kwargs, model.time_sharing
 
 
 def _run_lipschitz(args) -> int:
     import os
-    import tempfile
 
     import torch
     from matplotlib.figure import Figure
@@ -359,6 +378,14 @@ def _run_lipschitz(args) -> int:
     if args.samples < 1:
         print(f"fastdiff lipschitz: error: --samples must be >= 1, got {args.samples}", file=sys.stderr)
         return 2
+    for name in names:  # every model must load before the first probe starts
+        base = name.partition("+")[0]
+        try:
+            if base != "gaussian":
+                _load_cli_model(base)
+        except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+            print(f"fastdiff lipschitz: error: {e}", file=sys.stderr)
+            return 2
     fig = Figure(figsize=(6.4, 4.2), dpi=120, layout="constrained")
     ax = fig.add_subplot()
     curves, shared_at = {}, set()
@@ -371,7 +398,7 @@ def _run_lipschitz(args) -> int:
         gen = torch.Generator().manual_seed(args.seed)  # same data and noise for every model
         try:
             model, schedule, x0, kwargs, trained_sharing = _probe_model(base, args.samples, gen)
-        except (ValueError, KeyError, FileNotFoundError) as e:
+        except (ValueError, TypeError, KeyError, FileNotFoundError, ImportError) as e:
             print(f"fastdiff lipschitz: error: {e}", file=sys.stderr)
             return 2
         sharing = trained_sharing
@@ -408,26 +435,43 @@ def _run_lipschitz(args) -> int:
     ax.set_title(f"Lipschitz constant in t ({args.stat} over {args.samples} samples, "
                  f"{curves[names[0]].method})", fontsize=9)
     ax.legend(fontsize=7)
-    folder = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, args.out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_open(args.out, "wb") as f:
+        fig.savefig(f, format="png")
     print(f"wrote {os.path.abspath(args.out)}")
     if args.json:
-        from .probes import _atomic_write
-        _atomic_write(args.json, json.dumps({"format": 1, "curves": {
-            n: r.to_dict() for n, r in curves.items()}}))
+        atomic_write_text(json.dumps({"format": 1, "curves": {
+            n: r.to_dict() for n, r in curves.items()}}), args.json)
         print(f"wrote {os.path.abspath(args.json)}")
     return 0
 
 
 COMMANDS = [_add_info, _add_train, _add_sample, _add_lipschitz]
+
+# import name -> pip name, of what a command needs beyond torch (all in the default
+# install; checked before the work starts, so a broken environment fails in a second).
+_PIP = {"sklearn": "scikit-learn", "matplotlib": "matplotlib", "safetensors": "safetensors"}
+
+
+def _needs(args) -> list[str]:
+    if args.command == "train":
+        return ["sklearn", "safetensors"]
+    if args.command == "sample":
+        return ["matplotlib", "safetensors"] + ([] if args.model == "gaussian-mixture" else ["sklearn"])
+    if args.command == "lipschitz":
+        digits = any(m.partition("+")[0] != "gaussian" for m in args.model or [])
+        return ["matplotlib", "safetensors"] + (["sklearn"] if digits else [])
+    return []
+
+
+def _missing(modules) -> list[str]:
+    import importlib.util
+
+    def importable(name):
+        if name in sys.modules:  # None there means "import blocked"
+            return sys.modules[name] is not None
+        return importlib.util.find_spec(name) is not None
+
+    return [m for m in modules if not importable(m)]
 
 
 def main(argv=None) -> int:
@@ -439,6 +483,12 @@ def main(argv=None) -> int:
     if args.command is None:
         # The main job with no arguments: sample the embedded default model.
         args = parser.parse_args(["sample"] if "sample" in sub.choices else ["info"])
+    missing = _missing(_needs(args))
+    if missing:
+        pip = " ".join(_PIP[m] for m in missing)
+        print(f"fastdiff {args.command}: error: needs {', '.join(missing)}, which is not "
+              f"installed (pip install {pip})", file=sys.stderr)
+        return 2
     return int(args.run(args) or 0)
 
 
