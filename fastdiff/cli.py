@@ -55,7 +55,7 @@ def _add_train(sub):
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="start over even if OUT/checkpoint.pt exists")
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument("--out", required=True, help="output folder (checkpoint, log, model.pt)")
+    p.add_argument("--out", required=True, help="output folder (checkpoint, log, and the model: model.safetensors + model.json)")
     p.set_defaults(run=_run_train)
 
 
