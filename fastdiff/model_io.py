@@ -184,8 +184,8 @@ def _resolve(name_or_path) -> str:
     if os.path.isfile(path):  # a file inside a saved folder (model.json, the weights)
         path = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"load_model: {path!r} is neither a shipped model "
-                                f"({', '.join(sorted(PRETRAINED))}) nor a folder")
+        raise ValueError(f"load_model: {path!r} is neither a shipped model "
+                         f"({', '.join(sorted(PRETRAINED))}) nor an existing folder")
     return path
 
 

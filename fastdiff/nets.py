@@ -194,7 +194,7 @@ class UNet(nn.Module):
         # Kept in ``config`` so that ``UNet(**model.config)`` rebuilds the same model.
         from .model_io import sharing_from_dict, sharing_to_dict
 
-        if not isinstance(sharing, (TimeSharing, dict, list, tuple, type(None))):
+        if not isinstance(sharing, (TimeSharing, dict, type(None))):
             raise TypeError(f"UNet: time_sharing must be a fastdiff.TimeSharing or None, "
                             f"got {type(sharing).__name__}")
         self._time_sharing = sharing_from_dict(sharing, "UNet: time_sharing")

@@ -615,10 +615,11 @@ class NoiseSchedule:
         ``{"kind": "linear", "T": ..., "beta_start": ..., ...}`` of earlier model.json files."""
         if not isinstance(d, dict):
             raise TypeError(f"from_dict expects a dict, got {type(d).__name__}")
-        if d.get("kind") in _RECIPES and "params" not in d:
+        if d.get("kind") in _RECIPES and "params" not in d and "T" in d:
             d = {"kind": d["kind"], "continuous": False,
                  "params": {k: v for k, v in d.items() if k != "kind"}}
-        if not d.get("continuous") and d.get("kind") in _RECIPES and "betas" not in d:
+        if (not d.get("continuous") and d.get("kind") in _RECIPES and "params" in d
+                and "betas" not in d):
             try:
                 return getattr(cls, d["kind"])(**d.get("params", {}))
             except TypeError as e:

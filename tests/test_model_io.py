@@ -85,9 +85,9 @@ def test_shipped_models_load_through_the_format():
 
 
 def test_unknown_name_or_missing_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither a shipped model"):
+    with pytest.raises(ValueError, match="neither a shipped model.*digits-baseline"):
         load_model("digts")
-    with pytest.raises(FileNotFoundError, match="neither a shipped model"):
+    with pytest.raises(ValueError, match="neither a shipped model"):
         fastdiff.pretrained(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="model.json"):
         load_model(tmp_path)
@@ -245,3 +245,16 @@ def test_other_modules_save_weights_and_refuse_to_guess_the_class(tmp_path, gen)
         load_model(tmp_path / "n")
     sd = load_weights(tmp_path / "n" / "model.safetensors")
     assert torch.equal(sd["weight"], net.weight.detach())
+
+
+def test_import_fastdiff_stays_light():
+    """The model format's dependencies are imported when a model is saved or loaded,
+    not by `import fastdiff` (measured by benchmarks/bench_import.py)."""
+    import subprocess
+    import sys
+    code = ("import sys, fastdiff; print(sorted(m for m in ('safetensors', 'diffusers', "
+            "'sklearn', 'matplotlib') if m in sys.modules))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=root, env={**os.environ, "PYTHONPATH": root})
+    assert out.stdout.strip() == "[]", out.stdout
