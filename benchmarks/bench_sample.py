@@ -136,6 +136,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
     shape = tuple(int(v) for v in args.shape.split(","))
     names = [n.strip() for n in args.samplers.split(",") if n.strip()]
     for n in names:
