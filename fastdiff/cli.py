@@ -495,7 +495,8 @@ def _k_summary(res, schedule, sharing, stat: str) -> dict:
         return k[mask].mean().item() if mask.any() else float("nan")
 
     out = {"stat": stat, "t_split": float(split), "t_first": ts[0].item(), "k_first": k[0].item(),
-           "below_split": mean(near), "above_split": mean(~near)}
+           "below_split": mean(near), "above_split": mean(~near),
+           "below_points": int(near.sum()), "above_points": int((~near).sum())}
     if sharing is not None and res.method == "fd":
         partner = _fd_partner(ts, schedule)
         f, f2 = sharing(ts).double(), sharing(partner).double()
@@ -512,11 +513,12 @@ def _k_summary(res, schedule, sharing, stat: str) -> dict:
 
 def _k_headline(name: str, method: str, s: dict) -> str:
     stat, split = s["stat"], s["t_split"]
-    head = f"{name:>16s} [{method}]: K(t={s['t_first']:g}) = {s['k_first']:.4g}; {stat} K over "
+    parts = [] if "jumps" in s else [f"t < {split:g}: {s['below_split']:.4g}"] * bool(s["below_points"])
+    parts += [f"t >= {split:g}: {s['above_split']:.4g}"] * bool(s["above_points"])
+    head = f"{name:>16s} [{method}]: K(t={s['t_first']:g}) = {s['k_first']:.4g}"
+    head += (f"; {stat} K over " + ", over ".join(parts)) if parts else ""
     if "jumps" not in s:
-        return head + (f"t < {split:g}: {s['below_split']:.4g}, over t >= {split:g}: "
-                       f"{s['above_split']:.4g}")
-    head += f"t >= {split:g}: {s['above_split']:.4g}"
+        return head
     ends = ", ".join(f"{t:g}" for t in s["jump_t"])
     sizes = sorted({round(d, 6) for d in s["jump_size"]})
     return "\n".join([
