@@ -50,8 +50,11 @@ def _check_output_file(path: str, flag: str) -> None:
 def _check_output_dir(folder: str, flag: str, shown: str | None = None) -> None:
     import tempfile
     shown = folder if shown is None else shown
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise ValueError(f"{flag} {shown!r}: {folder!r} exists and is not a directory")
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{flag} {shown!r}: {existing!r} exists and is not a directory")
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):  # the only sure test (read-only mounts, ACLs)
@@ -569,8 +572,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastdiff", description=__doc__.splitlines()[0])
     debug_help = "show the full traceback of an error (or set FASTDIFF_DEBUG=1)"
     parser.add_argument("--debug", action="store_true", help=debug_help)
-    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(
-        a.__name__[len("_add_"):] for a in COMMANDS) + "}")
+    sub = parser.add_subparsers(dest="command")
     for add in COMMANDS:
         add(sub)
     for p in sub.choices.values():  # also accepted after the command; SUPPRESS keeps a
