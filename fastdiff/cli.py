@@ -105,6 +105,7 @@ def _add_train(sub):
     p.add_argument("--p-uncond", type=_FRACTION, default=0.1,
                    help="label dropout probability (classifier-free guidance)")
     p.add_argument("--channels", type=_POSITIVE_INT, default=32, help="UNet base width")
+    p.add_argument("--dropout", type=_FRACTION, default=0.0, help="UNet ResBlock dropout")
     p.add_argument("--size", type=int, default=8, choices=[8, 16], help="image size")
     p.add_argument("--prediction", default="epsilon",
                    choices=["epsilon", "v_prediction", "sample"])
@@ -150,7 +151,7 @@ def _run_train(args) -> int:
     torch.manual_seed(args.seed)  # model initialisation (identical on every rank)
     model = UNet(in_channels=1, channels=args.channels, channel_mult=(1, 2) if args.size == 8
                  else (1, 2, 2), num_res_blocks=2, attention_levels=(1,), num_classes=10,
-                 prediction_type=args.prediction, sample_size=args.size)
+                 prediction_type=args.prediction, sample_size=args.size, dropout=args.dropout)
     start = time.time()
     try:
         train(model, digits_dataset("train", size=args.size), schedule, steps=args.steps,
