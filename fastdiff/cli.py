@@ -160,7 +160,7 @@ def _run_train(args) -> int:
               time_sharing=sharing, p_uncond=args.p_uncond, out_dir=args.out,
               resume=args.resume, ckpt_every=args.ckpt_every, progress=args.progress,
               seed=args.seed, device=args.device,
-              extra_config={"command": "fastdiff " + " ".join(sys.argv[1:])})
+              extra_config={"command": "fastdiff " + " ".join(args.argv)})
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -580,6 +580,7 @@ def main(argv=None) -> int:
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help=debug_help)  # top-level --debug from being reset
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else [str(a) for a in argv]  # as typed, for records
     if args.command is None:
         # argparse's convention for a missing required argument: usage on stderr, status 2
         parser.print_help(sys.stderr)

@@ -271,6 +271,7 @@ def test_cli_train_writes_weights_log_and_summary(tmp_path, flag, capsys):
                  "--channels", "8", "--t-tilde", "50", "--n", "5", "--no-progress",
                  "--out", str(out)]) == 0
     summary = json.loads((out / "model.json").read_text())
+    assert summary["command"].startswith(f"fastdiff train --data digits {flag} --steps 2 ")
     assert summary["time_sharing"] == ({"t_tilde": 50, "n": 5} if flag == "--etsdm" else None)
     assert summary["train"]["steps"] == 2 and summary["train"]["batch_size"] == 16
     assert [json.loads(s)["step"] for s in open(out / "log.jsonl")] == [1, 2]
