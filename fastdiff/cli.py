@@ -16,6 +16,8 @@ import math
 import os
 import sys
 
+from ._files import atomic_open, atomic_write_text
+
 
 def _number(kind, ok, expected: str):
     """An argparse type: ``kind(text)`` if it is finite and ``ok``, else a usage error."""
@@ -63,15 +65,6 @@ def _check_output_dir(folder: str, flag: str, shown: str | None = None) -> None:
         raise ValueError(f"{flag} {shown!r} cannot be written: {e.strerror or e}") from None
 
 
-def _require(module: str, extra: str, needed_for: str) -> None:
-    """An optional dependency, checked before the work that needs it starts."""
-    import importlib.util
-    if importlib.util.find_spec(module) is None:
-        pkg = {"sklearn": "scikit-learn"}.get(module, module)
-        raise ImportError(f"{needed_for} needs {pkg}: pip install {pkg} "
-                          f"(or the extra: pip install 'fastdiff[{extra}]')")
-
-
 def _add_info(sub):
     p = sub.add_parser("info", help="backends, versions, and a self-check of every op")
     p.set_defaults(run=_run_info)
@@ -116,7 +109,7 @@ def _add_train(sub):
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="start over even if OUT/checkpoint.pt exists")
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument("--out", required=True, help="output folder (checkpoint, log, model.pt)")
+    p.add_argument("--out", required=True, help="output folder (checkpoint, log, and the model: model.safetensors + model.json)")
     p.set_defaults(run=_run_train)
 
 
@@ -130,10 +123,9 @@ def _run_train(args) -> int:
     from .data import digits_dataset
     from .nets import UNet
     from .schedules import NoiseSchedule, TimeSharing
-    from .train import FINAL_CONFIG, atomic_write_text, train
+    from .train import FINAL_CONFIG, train
 
     _check_output_dir(args.out, "--out")
-    _require("sklearn", "data", "--data digits")
     if args.device is not None:
         try:
             dev = torch.device(args.device)
@@ -176,7 +168,8 @@ def _run_train(args) -> int:
     return 0
 
 
-# Models `fastdiff sample --model` can draw from (a trained digits model joins later).
+# Shipped models `fastdiff sample --model` can draw from; any folder written by
+# `fastdiff train` / fastdiff.save_model works too.
 SAMPLE_MODELS = ("digits", "digits-baseline", "gaussian-mixture")
 
 
@@ -184,10 +177,12 @@ def _add_sample(sub):
     p = sub.add_parser("sample", help="draw samples with a fused sampler (default: the "
                        "shipped E-TSDM digits model, DPM-Solver++ 2M, 20 steps); writes a PNG "
                        "and reports the time and the distance to real data")
-    p.add_argument("--model", default="digits", choices=SAMPLE_MODELS,
+    p.add_argument("--model", default="digits", metavar="{" + ",".join(SAMPLE_MODELS) + "} or PATH",
                    help="digits / digits-baseline: the shipped class-conditional 8x8 models "
                    "(E-TSDM / without), scored by Frechet distance to held-out digits; "
-                   "gaussian-mixture: 8 modes on a ring with its exact denoiser")
+                   "gaussian-mixture: 8 modes on a ring with its exact denoiser; PATH: a "
+                   "folder written by `fastdiff train --out` or fastdiff.save_model (its "
+                   "schedule and E-TSDM sharing are used)")
     p.add_argument("--sampler", default="dpm++2m", help="sampler name, one of fastdiff.SAMPLERS")
     p.add_argument("--steps", type=_POSITIVE_INT, default=20, help="sampler steps")
     p.add_argument("--n", type=_number(int, lambda v: v >= 2, "an integer >= 2"), default=None,
@@ -209,14 +204,15 @@ def _run_sample(args) -> int:
     from .schedules import NoiseSchedule
 
     n = args.n if args.n is not None else (2000 if args.model == "gaussian-mixture" else 360)
-    out = args.out or os.path.join("out", f"{args.model}.png")
+    tag = os.path.basename(os.path.normpath(args.model))
+    out = args.out or os.path.join("out", f"{tag}.png")
     _check_output_file(out, "--out")
-    _require("matplotlib", "plot", "the PNG")
-    if args.model != "gaussian-mixture":
-        _require("sklearn", "data", f"--model {args.model} (digits data and Frechet distance)")
     Sampler(args.sampler, NoiseSchedule.linear(), args.steps)  # validate name and steps
-    run = _sample_gaussian if args.model == "gaussian-mixture" else _sample_digits
-    summary, lines = run(args, n, out)
+    if args.model == "gaussian-mixture":
+        summary, lines = _sample_gaussian(args, n, out)
+    else:
+        model, schedule = _load_cli_model(args.model)
+        summary, lines = _sample_digits(args, n, out, model, schedule)
     summary.update(model=args.model, sampler=args.sampler, steps=args.steps, n=n,
                    seed=args.seed, out=out)
     if args.json:
@@ -240,37 +236,57 @@ def _timed_sample(model, x_T, schedule, args, **kw):
     return x, time.perf_counter() - start
 
 
-def _sample_digits(args, n, out):
+def _load_cli_model(name):
+    """A shipped name or a saved folder -> (fastdiff UNet on 1-channel digits, schedule)."""
+    from .model_io import load_model
+    from .nets import UNet
+
+    model, schedule = load_model(name)
+    if not isinstance(model, UNet) or model.config["in_channels"] != 1 or \
+            model.num_classes not in (None, 10) or model.sample_size not in (8, 16):
+        raise ValueError(f"{name}: the CLI samples and probes fastdiff UNets on the digits "
+                         "(1 channel, 8x8 or 16x16, 10 classes or unconditional); use "
+                         "fastdiff.load_model and fastdiff.sample from Python for other models")
+    if schedule is None or schedule.continuous:
+        raise ValueError(f"{name}: no discrete noise schedule was saved with the model "
+                         "(save it with fastdiff.save_model(..., schedule=...))")
+    return model, schedule
+
+
+def _sample_digits(args, n, out, model, schedule):
     import torch
 
     from .data import save_grid
     from .metrics import digits_fd
-    from .pretrained import pretrained
 
-    model, schedule = pretrained(args.model)
+    size = model.sample_size
     labels = torch.arange(n) % 10
     seeds = list(range(args.seed, args.seed + n))
-    x_T = torch.cat([torch.randn((1, 1, 8, 8), generator=torch.Generator().manual_seed(s))
+    x_T = torch.cat([torch.randn((1, 1, size, size), generator=torch.Generator().manual_seed(s))
                      for s in seeds])
-    kw = dict(cond=labels, seeds=seeds)
-    if args.guidance is not None:
+    kw = dict(cond=labels if model.num_classes else None, seeds=seeds)
+    if args.guidance is not None and model.num_classes:
         kw.update(guidance_scale=args.guidance, uncond=torch.full_like(labels, model.null_class))
     x, elapsed = _timed_sample(model, x_T, schedule, args, **kw)
-    fd = digits_fd(x)
-    fd_real = digits_fd(_balanced_real(labels, args.seed))
     order = torch.argsort(labels, stable=True)  # one class per grid column block
-    save_grid(x[order].view(10, -1, 1, 8, 8).transpose(0, 1).reshape(-1, 1, 8, 8)
-              if n % 10 == 0 else x, out)
+    save_grid(x[order].view(10, -1, 1, size, size).transpose(0, 1).reshape(-1, 1, size, size)
+              if n % 10 == 0 and model.num_classes else x, out)
     sharing = getattr(model, "time_sharing", None)
     summary = {"time_s": round(elapsed, 4), "ms_per_step": round(1000 * elapsed / args.steps, 3),
-               "fd_heldout": round(fd, 3), "fd_real_train_vs_heldout": round(fd_real, 3)}
+               "time_sharing": None if sharing is None else [sharing.t_tilde, sharing.n]}
+    what = "class-conditional" if model.num_classes else "unconditional"
     lines = [
-        f"fastdiff sample: {args.model} (class-conditional 8x8 digits, "
+        f"fastdiff sample: {args.model} ({what} {size}x{size} digits, "
         f"{'E-TSDM ' + str(sharing) if sharing else 'no time sharing'}), sampler "
-        f"{args.sampler}, {args.steps} steps, n={n} ({n // 10} per class), seed {args.seed}",
-        f"time: {elapsed:.3f} s ({summary['ms_per_step']:.2f} ms per step, model included)",
-        f"Frechet distance to held-out real digits: {fd:.2f} "
-        f"(real train digits, same n: {fd_real:.2f}; lower is better)"]
+        f"{args.sampler}, {args.steps} steps, n={n}"
+        f"{f' ({n // 10} per class)' if model.num_classes else ''}, seed {args.seed}",
+        f"time: {elapsed:.3f} s ({summary['ms_per_step']:.2f} ms per step, model included)"]
+    if size == 8:  # the FD classifier works on 8x8 digits
+        fd = digits_fd(x)
+        fd_real = digits_fd(_balanced_real(labels, args.seed))
+        summary.update(fd_heldout=round(fd, 3), fd_real_train_vs_heldout=round(fd_real, 3))
+        lines.append(f"Frechet distance to held-out real digits: {fd:.2f} "
+                     f"(real train digits, same n: {fd_real:.2f}; lower is better)")
     return summary, lines
 
 
@@ -323,10 +339,7 @@ def _sample_gaussian(args, n, out):
 
 
 def _scatter_png(path, samples, true, title):
-    """Scatter of the samples over exact draws; written to a temp file, then renamed."""
-    import os
-    import tempfile
-
+    """Scatter of the samples over exact draws; written atomically."""
     from matplotlib.figure import Figure  # no pyplot: the Agg canvas, no global state
 
     fig = Figure(figsize=(5, 5), dpi=120)
@@ -336,26 +349,18 @@ def _scatter_png(path, samples, true, title):
     ax.set_aspect("equal")
     ax.set_title(title, fontsize=8)
     ax.legend(loc="upper right", fontsize=7, markerscale=3)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
 
 
 def _add_lipschitz(sub):
     p = sub.add_parser("lipschitz", help="Lipschitz constant of a model in t near t = 0 "
                        "(E-TSDM vs baseline): plot K(t) = ||d eps/dt|| and write JSON")
     p.add_argument("--model", action="append", default=None,
-                   help="repeatable; 'gaussian' (closed-form N(mu, s^2 I) data, exact eps*) or an "
+                   help="repeatable; 'gaussian' (closed-form N(mu, s^2 I) data, exact eps*), an "
                    "embedded model (digits: trained with E-TSDM, probed through its sharing; "
-                   "digits-baseline), conditioned on held-out digits' labels; a '+etsdm' "
+                   "digits-baseline) or a folder written by `fastdiff train --out` / "
+                   "fastdiff.save_model, conditioned on held-out digits' labels; a '+etsdm' "
                    "suffix probes a model through E-TSDM sharing (t~=100, n=5). Default: "
                    "gaussian and gaussian+etsdm")
     p.add_argument("--method", default="fd", choices=["auto", "jvp", "vjp", "fd"],
@@ -405,34 +410,29 @@ def _probe_model(name, samples, gen):
         x0 = data.sample(samples, gen).reshape(samples, 1, 8, 8)
         return _GaussianInT(data, schedule), schedule, x0, None, None
     from .data import load_digits
-    from .pretrained import PRETRAINED, pretrained
-    if name not in PRETRAINED:
-        raise ValueError(f"unknown model {name!r}; choose 'gaussian' or one of {sorted(PRETRAINED)}")
-    model, schedule = pretrained(name)
+    model, schedule = _load_cli_model(name)
     x0, labels = load_digits("test", size=model.sample_size)
     idx = torch.randperm(x0.shape[0], generator=gen)[:samples]
     # conditioned on each held-out digit's own label
-    return model, schedule, x0[idx], {"class_labels": labels[idx]}, model.time_sharing
+    kwargs = {"class_labels": labels[idx]} if model.num_classes else None
+    return model, schedule, x0[idx], kwargs, model.time_sharing
 
 
 def _run_lipschitz(args) -> int:
     import torch
 
-    from .probes import _atomic_write, lipschitz_t
+    from .probes import lipschitz_t
     from .schedules import TimeSharing
 
     names = args.model or ["gaussian", "gaussian+etsdm"]
     _check_output_file(args.out, "--out")
     if args.json:
         _check_output_file(args.json, "--json")
-    _require("matplotlib", "plot", "the plot")
     jobs = []  # every model is resolved before the first probe starts
     for name in names:
         base, _, suffix = name.partition("+")
         if suffix not in ("", "etsdm"):
             raise ValueError(f"unknown suffix '+{suffix}' in {name!r} (only '+etsdm')")
-        if base != "gaussian":
-            _require("sklearn", "data", f"--model {base} (held-out digits)")
         gen = torch.Generator().manual_seed(args.seed)  # same data and noise for every model
         try:
             model, schedule, x0, kwargs, trained_sharing = _probe_model(base, args.samples, gen)
@@ -463,7 +463,7 @@ def _run_lipschitz(args) -> int:
     # The curves are on disk before the plot is tried: a failing plot loses no data.
     payload = json.dumps({"format": 1, "curves": {n: r.to_dict() for n, (r, _) in curves.items()}})
     if args.json:
-        _atomic_write(args.json, payload)
+        atomic_write_text(payload, args.json)
         print(f"wrote {os.path.abspath(args.json)}")
     try:
         _lipschitz_png(args, curves)
@@ -473,7 +473,7 @@ def _run_lipschitz(args) -> int:
         saved = args.json
         if not saved:
             saved = os.path.splitext(args.out)[0] + ".json"
-            _atomic_write(saved, payload)
+            atomic_write_text(payload, saved)
         print(f"fastdiff lipschitz: error: the plot failed ({type(e).__name__}: {e}); "
               f"the curves are in {os.path.abspath(saved)}", file=sys.stderr)
         return 1
@@ -486,8 +486,6 @@ def _k_summary(res, schedule, sharing, stat: str) -> dict:
     for an E-TSDM model probed by fd, the sub-interval ends (where the fd pair straddles a
     jump of f(t), so K is a jump over the whole sub-interval) apart from the interior
     (where f(t) = f(t'), so K = 0)."""
-    import torch
-
     from .probes import _fd_partner
     from .schedules import TimeSharing
 
@@ -535,8 +533,6 @@ def _k_headline(name: str, method: str, s: dict) -> str:
 
 
 def _lipschitz_png(args, curves) -> None:
-    import tempfile
-
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.4, 4.2), dpi=120, layout="constrained")
@@ -550,19 +546,37 @@ def _lipschitz_png(args, curves) -> None:
     ax.set_title(f"Lipschitz constant in t ({args.stat} over {args.samples} samples, "
                  f"{first.method})", fontsize=9)
     ax.legend(fontsize=7)
-    folder = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, args.out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_open(args.out, "wb") as f:
+        fig.savefig(f, format="png")
 
 
 COMMANDS = [_add_info, _add_train, _add_sample, _add_lipschitz]
+
+# import name -> pip name, of what a command needs beyond torch (all in the default
+# install; checked before the work starts, so a broken environment fails in a second).
+_PIP = {"sklearn": "scikit-learn", "matplotlib": "matplotlib", "safetensors": "safetensors"}
+
+
+def _needs(args) -> list[str]:
+    if args.command == "train":
+        return ["sklearn", "safetensors"]
+    if args.command == "sample":
+        return ["matplotlib", "safetensors"] + ([] if args.model == "gaussian-mixture" else ["sklearn"])
+    if args.command == "lipschitz":
+        digits = any(m.partition("+")[0] != "gaussian" for m in args.model or [])
+        return ["matplotlib", "safetensors"] + (["sklearn"] if digits else [])
+    return []
+
+
+def _missing(modules) -> list[str]:
+    import importlib.util
+
+    def importable(name):
+        if name in sys.modules:  # None there means "import blocked"
+            return sys.modules[name] is not None
+        return importlib.util.find_spec(name) is not None
+
+    return [m for m in modules if not importable(m)]
 
 
 def _debug(args) -> bool:
@@ -584,6 +598,12 @@ def main(argv=None) -> int:
     if args.command is None:
         # argparse's convention for a missing required argument: usage on stderr, status 2
         parser.print_help(sys.stderr)
+        return 2
+    missing = _missing(_needs(args))
+    if missing:  # before the work starts, so a broken environment fails in a second
+        pip = " ".join(_PIP[m] for m in missing)
+        print(f"fastdiff {args.command}: error: needs {', '.join(missing)}, which is not "
+              f"installed (pip install {pip})", file=sys.stderr)
         return 2
     try:
         return int(args.run(args) or 0)

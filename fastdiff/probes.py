@@ -29,8 +29,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 
@@ -40,6 +38,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import _ops
+from ._files import atomic_write_text
 from .schedules import NoiseSchedule, TimeSharing
 from .wrappers import ETSDM, model_output
 
@@ -117,7 +116,7 @@ class LipschitzResult:
 
     def to_json(self, path) -> str:
         """Write :meth:`to_dict` as JSON (atomically). Returns ``path``."""
-        return _atomic_write(path, json.dumps(self.to_dict()))
+        return atomic_write_text(json.dumps(self.to_dict()), path)
 
     @classmethod
     def from_json(cls, path) -> "LipschitzResult":
@@ -131,7 +130,7 @@ class LipschitzResult:
         cols = torch.cat([self.timesteps[:, None]] + [getattr(self, s)[:, None] for s in _STATS]
                          + [self.values], dim=1)
         lines = [",".join(head)] + [",".join(repr(v) for v in row) for row in cols.tolist()]
-        return _atomic_write(path, "\n".join(lines) + "\n")
+        return atomic_write_text("\n".join(lines) + "\n", path)
 
     # -- plot ----------------------------------------------------------------------------
     def plot(self, ax=None, label: str | None = None, stat: str = "mean",
@@ -198,21 +197,6 @@ class LipschitzResult:
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
         return ax
-
-
-def _atomic_write(path, text: str) -> str:
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 # ---------------------------------------------------------------------------------------

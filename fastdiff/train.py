@@ -23,7 +23,6 @@ import json
 import math
 import operator
 import os
-import tempfile
 import time
 from typing import Iterable
 
@@ -32,6 +31,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ._files import atomic_save, atomic_write_text, remove_stale_temps
+from .checkpoint import load_checkpoint, save_checkpoint as _write_checkpoint
+from .model_io import CONFIG as FINAL_CONFIG, WEIGHTS as FINAL_WEIGHTS, save_model
 from .nets import PREDICTION_TYPES
 from .schedules import NoiseSchedule, TimeSharing
 from .wrappers import model_output
@@ -40,10 +42,11 @@ __all__ = ["diffusion_loss", "train", "ema_update", "ema_decay_at", "atomic_save
            "atomic_write_text", "load_checkpoint", "CHECKPOINT", "LOG", "FINAL_WEIGHTS",
            "FINAL_CONFIG"]
 
-CHECKPOINT = "checkpoint.pt"   # full training state (resume)
+CHECKPOINT = "checkpoint.pt"   # full training state (resume), with a sha256
 LOG = "log.jsonl"              # one JSON object per logged step
-FINAL_WEIGHTS = "model.pt"     # plain EMA state_dict (what fastdiff/assets ships)
-FINAL_CONFIG = "model.json"    # UNet config, sharing, schedule, training summary
+# The final EMA model in fastdiff's format (fastdiff.save_model): FINAL_WEIGHTS
+# (model.safetensors) and FINAL_CONFIG (model.json: config, sharing, schedule, summary).
+RESUME_HINT = "delete it or pass resume=False (CLI: --no-resume) to start over"
 
 
 def _check_schedule(schedule) -> NoiseSchedule:
@@ -146,48 +149,6 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     torch._foreach_lerp_(e_params, m_params, 1.0 - decay)
     for eb, mb in zip(ema.buffers(), model.buffers()):
         eb.copy_(mb)
-
-
-def atomic_save(obj, path: str) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace``.
-
-    A crash at any point leaves either the previous file or the new one, never a torn one.
-    """
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are shipped / shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_text(text: str, path: str) -> None:
-    """Text counterpart of :func:`atomic_save` (temp file, fsync, ``os.replace``)."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """A training checkpoint (``weights_only=True``: plain tensors and containers only)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def _as_dataset(data) -> torch.utils.data.Dataset:
@@ -308,9 +269,11 @@ def train(model: nn.Module, data, schedule: NoiseSchedule, *, steps: int,
             Stored on the returned EMA model as ``time_sharing``.
         p_uncond: probability of replacing a label by the null class (classifier-free
             guidance training); ignored for unlabeled data.
-        out_dir: where ``checkpoint.pt``, ``log.jsonl``, ``model.pt`` (EMA state_dict)
-            and ``model.json`` go (None: nothing is written, no resume).
-        resume: continue from ``out_dir/checkpoint.pt`` if it exists.
+        out_dir: where ``checkpoint.pt``, ``log.jsonl`` and the EMA model
+            (``fastdiff.save_model``: ``model.safetensors`` + ``model.json``, read back by
+            ``fastdiff.load_model(out_dir)``) go (None: nothing is written, no resume).
+        resume: continue from ``out_dir/checkpoint.pt`` if it exists (it is verified
+            against its sha256; a damaged or foreign file raises ValueError).
         ckpt_every: checkpoint period in steps (and always at the end).
         log_every: log period in steps (loss averaged over ranks).
         seed: seeds the data order and every per-step draw, including the model's own
@@ -381,14 +344,22 @@ def train(model: nn.Module, data, schedule: NoiseSchedule, *, steps: int,
     start, rng_state = 0, None
     ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
     log_path = os.path.join(out_dir, LOG) if out_dir else None
+    if out_dir and rank == 0:
+        # Temp files of writes a kill interrupted; this run owns the folder.
+        for name in (CHECKPOINT, LOG, FINAL_WEIGHTS, FINAL_CONFIG):
+            remove_stale_temps(os.path.join(out_dir, name))
     if ckpt_path and resume and os.path.exists(ckpt_path):
-        ck = load_checkpoint(ckpt_path)
+        ck = load_checkpoint(ckpt_path, hint=RESUME_HINT)
         if ck["meta"] != meta:
             diff = {k: (ck["meta"].get(k), v) for k, v in meta.items() if ck["meta"].get(k) != v}
             raise ValueError(f"cannot resume {ckpt_path}: settings differ (checkpoint, now): {diff}")
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["optimizer"])
+        try:
+            model.load_state_dict(ck["model"])
+            ema.load_state_dict(ck["ema"])
+            opt.load_state_dict(ck["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ValueError(f"cannot resume {ckpt_path}: it holds another model "
+                             f"({str(e).splitlines()[0]}); {RESUME_HINT}") from None
         gen.set_state(ck["rng"]["generator"])
         rng_state = ck["rng"]  # the global RNG's, applied inside the run's _run_rng
         start = int(ck["step"])
@@ -408,8 +379,8 @@ def train(model: nn.Module, data, schedule: NoiseSchedule, *, steps: int,
 
     def save_checkpoint(step):
         rng = {"generator": gen.get_state(), **_rng_state(device)}
-        atomic_save({"step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-                     "optimizer": opt.state_dict(), "rng": rng, "meta": meta}, ckpt_path)
+        _write_checkpoint({"step": step, "model": model.state_dict(), "ema": ema.state_dict(),
+                           "optimizer": opt.state_dict(), "rng": rng, "meta": meta}, ckpt_path)
 
     from tqdm.auto import tqdm
     bar = tqdm(total=steps, initial=start, disable=not progress or rank != 0,
@@ -477,16 +448,11 @@ def train(model: nn.Module, data, schedule: NoiseSchedule, *, steps: int,
 
     ema.time_sharing = time_sharing
     if out_dir and rank == 0:
-        atomic_save(ema.state_dict(), os.path.join(out_dir, FINAL_WEIGHTS))
-        summary = {"model": getattr(model, "config", None),
-                   "time_sharing": meta["time_sharing"] and {"t_tilde": time_sharing.t_tilde,
-                                                             "n": time_sharing.n},
-                   "schedule": {"kind": schedule.kind, **schedule.params},
-                   "train": {**meta, "steps": steps, "world_size": world,
-                             **_loss_summary(log_path, last_loss)},
-                   **(extra_config or {})}
-        atomic_write_text(json.dumps(summary, indent=2) + "\n",
-                           os.path.join(out_dir, FINAL_CONFIG))
+        save_model(ema, out_dir, schedule=schedule, time_sharing=time_sharing,
+                   prediction_type=prediction,
+                   extra={"train": {**meta, "steps": steps, "world_size": world,
+                                    **_loss_summary(log_path, last_loss)},
+                          **(extra_config or {})})
     return ema
 
 

@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastdiff.train as ftrain
+from fastdiff.model_io import load_model, load_weights
 from fastdiff.nets import UNet
 from fastdiff.schedules import NoiseSchedule, TimeSharing
 from fastdiff.train import (atomic_save, diffusion_loss, ema_decay_at, ema_update,
@@ -141,8 +142,8 @@ def test_exact_resume_is_bit_identical(tmp_path):
     lb = [json.loads(s) for s in open(tmp_path / "b" / "log.jsonl")]
     assert [r["step"] for r in lb] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
-    # The final EMA weights are a plain state_dict loadable with weights_only.
-    sd = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
+    # The final EMA weights, in fastdiff's model format.
+    sd = load_model(tmp_path / "b")[0].state_dict()
     assert all(torch.equal(sd[k], v) for k, v in ema_b.state_dict().items())
     assert ema_b.time_sharing == TimeSharing(100, 5)
 
@@ -275,7 +276,8 @@ def test_cli_train_writes_weights_log_and_summary(tmp_path, flag, capsys):
     assert summary["time_sharing"] == ({"t_tilde": 50, "n": 5} if flag == "--etsdm" else None)
     assert summary["train"]["steps"] == 2 and summary["train"]["batch_size"] == 16
     assert [json.loads(s)["step"] for s in open(out / "log.jsonl")] == [1, 2]
-    sd = torch.load(out / "model.pt", weights_only=True)
-    model = UNet(**summary["model"])
-    model.load_state_dict(sd)
+    model = UNet(**summary["model"])  # the config alone rebuilds it, sharing included
+    assert model.time_sharing == load_model(out)[0].time_sharing
+    assert model.time_sharing == (TimeSharing(50, 5) if flag == "--etsdm" else None)
+    model.load_state_dict(load_weights(out / "model.safetensors"))
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["final_loss"] > 0
