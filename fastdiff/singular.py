@@ -348,33 +348,38 @@ class DiffusersInitialPredictor(nn.Module):
 def load_initial_predictor(path: str, *, device="cpu", subfolder: str | None = None):
     """Load a saved initial predictor (eval mode).
 
-    ``path`` is the name of a shipped predictor (``"brightness-initial"``), or
-    fastdiff's format (the ``model.pt`` written by
-    :func:`fit_initial_predictor`, or its run folder, or a shipped ``.pt``, with the
-    ``.json`` summary beside it) or a diffusers folder (``config.json`` +
-    ``diffusion_pytorch_model.safetensors`` of a ``UNet2DConditionModel`` whose ResNet
-    blocks have no ``time_emb_proj``), loaded through diffusers' public
-    ``from_config`` and ``load_state_dict`` from safetensors.
+    ``path`` is the name of a shipped predictor (``"brightness-initial"``), a folder in
+    fastdiff's model format (``model.safetensors`` + ``model.json``, as
+    :func:`fit_initial_predictor` writes into its ``out_dir``), or a diffusers folder
+    (``config.json`` + ``diffusion_pytorch_model.safetensors`` of a
+    ``UNet2DConditionModel`` whose ResNet blocks have no ``time_emb_proj``), loaded
+    through diffusers' public ``from_config`` and ``load_state_dict`` from safetensors.
     """
+    from .model_io import CONFIG, FORMAT, WEIGHTS, load_weights
     folder = os.path.join(path, subfolder) if subfolder else path
-    shipped = os.path.join(os.path.dirname(__file__), "assets", f"{path}.pt")
-    if not os.path.exists(folder) and os.sep not in path and os.path.exists(shipped):
-        folder = shipped  # a shipped predictor by name, e.g. "brightness-initial"
-    if os.path.isdir(folder) and os.path.exists(os.path.join(folder, "config.json")):
+    shipped = os.path.join(os.path.dirname(__file__), "assets", path)
+    if not os.path.exists(folder) and os.sep not in path and os.path.isdir(shipped):
+        folder = shipped  # a shipped predictor by name
+    cfg_path = os.path.join(folder, CONFIG)
+    if os.path.isdir(folder) and not os.path.exists(cfg_path) \
+            and os.path.exists(os.path.join(folder, "config.json")):
         return _load_diffusers(folder, device)
-    pt = os.path.join(folder, "model.pt") if os.path.isdir(folder) else folder
-    meta_path = os.path.splitext(pt)[0] + ".json"
-    if not (os.path.exists(pt) and os.path.exists(meta_path)):
-        raise FileNotFoundError(f"load_initial_predictor: expected a diffusers folder with config.json, "
-                                f"or a .pt with a .json beside it; found neither at {path!r}")
-    with open(meta_path) as f:
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"load_initial_predictor: {path!r} is not a shipped predictor nor a "
+                                f"folder with {CONFIG} (fastdiff) or config.json (diffusers)")
+    with open(cfg_path) as f:
         meta = json.load(f)
-    cfg = meta.get("model") or {}
-    if not meta.get("initial_predictor") or "cond_channels" not in cfg:
-        raise ValueError(f"load_initial_predictor: {meta_path} does not describe an InitialPredictor")
-    p = InitialPredictor(**cfg)
-    p.load_state_dict(torch.load(pt, map_location="cpu", weights_only=True))
+    if meta.get("format") != FORMAT or meta.get("class") != _CLASS:
+        raise ValueError(f"load_initial_predictor: {cfg_path} holds a {meta.get('class')!r}, "
+                         f"not a {_CLASS}")
+    info = meta.get("weights") or {}
+    p = InitialPredictor(**meta["model"])
+    p.load_state_dict(load_weights(os.path.join(folder, info.get("file", WEIGHTS)),
+                                   sha256=info.get("sha256")))
     return p.to(device).eval()
+
+
+_CLASS = f"{__name__}.InitialPredictor"  # the class name fastdiff.save_model records
 
 
 def _load_diffusers(folder: str, device):
