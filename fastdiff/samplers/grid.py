@@ -138,7 +138,7 @@ def build_grid(schedule: NoiseSchedule, steps: int | None, *, flavor: str,
                karras: bool = False, final: str = "zero", karras_t: str = "round",
                karras_range: str = "table", sigma_min: float | None = None,
                sigma_max: float | None = None, lambda_min_clipped: float = -float("inf"),
-               rule: bool = False) -> Grid:
+               rule: bool = False, flow: str | None = None, **family_options) -> Grid:
     """The grid of one sampling run.
 
     Args:
@@ -164,7 +164,16 @@ def build_grid(schedule: NoiseSchedule, steps: int | None, *, flavor: str,
         lambda_min_clipped: DPM-Solver's clipping of the smallest log-SNR ("linspace" and
             "leading" only).
         rule: record diffusers' DDIM/PNDM "prev = t - T // steps" rule in the grid.
+        flow: the family's grid on a flow-matching schedule ("dpm" / "unipc": diffusers'
+            ``use_flow_sigmas`` of those schedulers; None: not defined there).
+        **family_options: ``mu``, ``original_inference_steps`` (see ``grid_families``).
     """
+    from .grid_families import family_grid  # flow / EDM / LCM / inversion grids
+    own = family_grid(schedule, steps, flavor=flavor, flow=flow, timesteps=timesteps, spacing=spacing,
+                      steps_offset=steps_offset, karras=karras, final=final, sigma_min=sigma_min,
+                      sigma_max=sigma_max, **family_options)
+    if own is not None:
+        return own
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule must be a fastdiff.schedules.NoiseSchedule, got {type(schedule).__name__}")
     if final not in FINAL_SIGMAS:

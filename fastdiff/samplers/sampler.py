@@ -26,6 +26,7 @@ from .. import _ops
 from ..wrappers import model_output
 from .core import PREDICTIONS, Clamp, Plan
 from .grid import build_grid
+from .grid_families import GRID_OPTIONS
 from .registry import SAMPLERS, family
 
 __all__ = ["Sampler", "make_generators", "randn"]
@@ -144,6 +145,7 @@ class Sampler:
         if time_sharing is not None and not isinstance(time_sharing, TimeSharing):
             raise TypeError(f"time_sharing must be a fastdiff.TimeSharing, got {type(time_sharing).__name__}")
         opts = {**fam.fixed, **options}
+        grid_opts = {k: opts.pop(k) for k in GRID_OPTIONS if k in opts}  # e.g. flow matching's mu
         params = inspect.signature(fam.plan).parameters
         unknown = sorted(set(opts) - set(params) - {"pred", "clamp"})
         if unknown:
@@ -156,7 +158,8 @@ class Sampler:
             self.schedule, steps, flavor=fam.flavor, timesteps=timesteps, spacing=spacing,
             steps_offset=steps_offset, karras=karras, final=final_sigmas_type or fam.final,
             karras_t=fam.karras_t, karras_range=fam.karras_range, sigma_min=sigma_min,
-            sigma_max=sigma_max, lambda_min_clipped=lambda_min_clipped, rule=diffusers_rule)
+            sigma_max=sigma_max, lambda_min_clipped=lambda_min_clipped, rule=diffusers_rule,
+            flow=fam.flow, **grid_opts)
         with np.errstate(all="ignore"):  # non-finite coefficients are refused in _finalize
             self.plan: Plan = fam.plan(self.grid, pred=prediction_type, clamp=self.clamp, **opts)
         self.guidance_scale = guidance_scale
