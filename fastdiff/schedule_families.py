@@ -234,13 +234,14 @@ class FlowSchedule:
 class EDMSchedule:
     """EDM's variance-exploding schedule (Karras et al. 2022): ``x = x0 + sigma eps``,
     sigma in [sigma_min, sigma_max], spaced "karras" (rho) or "exponential". Native
-    (model) time t = 0.25 log sigma (EDM's c_noise)."""
+    (model) time t = time_scale log sigma (EDM's c_noise: 0.25; diffusers' consistency
+    models: 250). T: the consistency sampler's number of distillation timesteps."""
 
     kind = "edm"
     continuous = False
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-                 sigma_schedule: str = "karras", T: int = 1000):
+                 sigma_schedule: str = "karras", T: int = 1000, time_scale: float = 0.25):
         lo, hi = _check_pos("sigma_min", sigma_min), _check_pos("sigma_max", sigma_max)
         if hi <= lo:
             raise ValueError(f"sigma_max must exceed sigma_min, got {hi} <= {lo}")
@@ -248,7 +249,7 @@ class EDMSchedule:
             raise ValueError(f"sigma_schedule must be 'karras' or 'exponential', got {sigma_schedule!r}")
         self._T = int(T)
         self._params = dict(sigma_min=lo, sigma_max=hi, rho=_check_pos("rho", rho),
-                            sigma_schedule=sigma_schedule)
+                            sigma_schedule=sigma_schedule, time_scale=_check_pos("time_scale", time_scale))
 
     @property
     def T(self) -> int:
@@ -276,9 +277,9 @@ class EDMSchedule:
     __hash__ = None
 
     def sigma_edm(self, t) -> torch.Tensor:
-        """sigma = exp(4 t) at model time t; float64."""
+        """sigma = exp(t / time_scale) at model time t; float64."""
         x, dev = _values(t)
-        return _out(torch.exp(4.0 * x), dev)
+        return _out(torch.exp(x / self._params["time_scale"]), dev)
 
     def alpha(self, t) -> torch.Tensor:
         """1 (variance exploding); float64, t's shape."""
@@ -288,14 +289,14 @@ class EDMSchedule:
     sigma = sigma_edm
 
     def lambda_(self, t) -> torch.Tensor:
-        """log(alpha / sigma) = -4 t; float64."""
+        """log(alpha / sigma) = -t / time_scale; float64."""
         x, dev = _values(t)
-        return _out(-4.0 * x, dev)
+        return _out(-x / self._params["time_scale"], dev)
 
     def grid_sigmas(self, steps: int, float32_ramp: bool = False):
         """(model times [steps], sigmas [steps]) of one run as diffusers' EDM schedulers
         build them (``float32_ramp``: EDMDPMSolverMultistep's float32 Karras ramp). Model
-        times are float32 ``0.25 log sigma`` of the float32 sigmas, as diffusers feeds them."""
+        times are float32 ``time_scale log sigma`` of the float32 sigmas, as diffusers feeds them."""
         p = self._params
         lo, hi = p["sigma_min"], p["sigma_max"]
         if p["sigma_schedule"] == "karras":
@@ -306,4 +307,4 @@ class EDMSchedule:
         else:
             s = torch.linspace(math.log(lo), math.log(hi), steps).exp().flip(0).double().numpy()
         s32 = torch.from_numpy(s).float()
-        return (0.25 * torch.log(s32)).double().numpy(), s32.double().numpy()
+        return (p["time_scale"] * torch.log(s32)).double().numpy(), s32.double().numpy()

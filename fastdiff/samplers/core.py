@@ -32,9 +32,12 @@ class EDMPrecond:
     estimate is ``x0 = c_skip x_ve + c_out F`` with x_ve = x / alpha the variance-exploding
     sample at level sk = sigma / alpha, ``c_skip = sd^2 / (sk^2 + sd^2)`` and
     ``c_out = +-sk sd / sqrt(sk^2 + sd^2)`` (sign -1 for diffusers' "v_prediction"),
-    sd = ``sigma_data``. ``kind``: "epsilon" or "v_prediction" (diffusers' names)."""
+    sd = ``sigma_data``. ``kind``: "epsilon" or "v_prediction" (diffusers' names).
+    ``sigma_min`` > 0: consistency models' boundary condition, sk - sigma_min in place of
+    sk in c_skip's denominator and c_out's numerator (x0 = x at sk = sigma_min)."""
     kind: str = "epsilon"
     sigma_data: float = 0.5
+    sigma_min: float = 0.0
 
     def __post_init__(self):
         if self.kind not in ("epsilon", "v_prediction"):
@@ -133,8 +136,9 @@ def data_eps(pred, a, s):
     with np.errstate(divide="ignore", invalid="ignore"):
         if isinstance(pred, EDMPrecond):
             sk, sd = s / a, pred.sigma_data
-            c_skip = sd * sd / (sk * sk + sd * sd)
-            c_out = (1.0 if pred.kind == "epsilon" else -1.0) * sk * sd / np.sqrt(sk * sk + sd * sd)
+            off = sk - pred.sigma_min
+            c_skip = sd * sd / (off * off + sd * sd)
+            c_out = (1.0 if pred.kind == "epsilon" else -1.0) * off * sd / np.sqrt(sk * sk + sd * sd)
             px, pm = c_skip / a, c_out + 0.0 * a
             return (px, pm), ((1.0 - a * px) / s, -a * pm / s)
         if pred == "flow_prediction":

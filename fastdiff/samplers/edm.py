@@ -1,5 +1,6 @@
 """EDM samplers (Karras et al. 2022; diffusers' EDMEulerScheduler and
-EDMDPMSolverMultistepScheduler) on a variance-exploding grid (alpha = 1, sigma).
+EDMDPMSolverMultistepScheduler) and consistency models' multistep sampler (Song et al.
+2023, CMStochasticIterativeScheduler) on a variance-exploding grid (alpha = 1, sigma).
 
 The network is preconditioned: it sees ``c_in x`` with c_in = 1 / sqrt(sigma^2 + sd^2)
 and the time 0.25 log sigma, and its output F gives the data estimate
@@ -13,9 +14,10 @@ import numpy as np
 
 from .core import Call, Coeffs, EDMPrecond, Op, Plan, convert, data_eps
 from .dpm import dpm_multistep
+from .euler import churn
 from .grid import Grid
 
-__all__ = ["edm_euler", "edm_dpm", "churn"]
+__all__ = ["edm_euler", "edm_dpm", "consistency"]
 
 
 def _c_in(sigma, sigma_data):
@@ -24,16 +26,6 @@ def _c_in(sigma, sigma_data):
 
 def _init_scale(grid):
     return np.sqrt(grid.sigma[:, 0] ** 2 + 1.0)  # diffusers' init_noise_sigma, sqrt(sigma_max^2 + 1)
-
-
-def churn(sigma, n: int, s_churn: float, s_tmin: float, s_tmax: float):
-    """EDM's stochastic churn (diffusers' Euler/Heun ``step``): gamma =
-    min(s_churn / n, sqrt(2) - 1) where s_tmin <= sigma <= s_tmax, else 0; returns
-    (gamma [R], sigma_hat = sigma (1 + gamma) [R])."""
-    if not (s_churn >= 0 and s_tmin <= s_tmax):
-        raise ValueError(f"need s_churn >= 0 and s_tmin <= s_tmax, got {s_churn}, {s_tmin}, {s_tmax}")
-    gamma = np.where((s_tmin <= sigma) & (sigma <= s_tmax), min(s_churn / n, math.sqrt(2) - 1), 0.0)
-    return gamma, sigma * (gamma + 1)
 
 
 def edm_euler(grid: Grid, *, pred, clamp, sigma_data: float = 0.5, s_churn: float = 0.0,
@@ -45,7 +37,7 @@ def edm_euler(grid: Grid, *, pred, clamp, sigma_data: float = 0.5, s_churn: floa
     call: x' = (1 + dt w) x + dt w_m F + c (1 + dt w) z with d = w x + w_m F."""
     P, sig, calls = EDMPrecond(pred, sigma_data), grid.sigma, []
     for i in range(grid.n):
-        gamma, sh = churn(sig[:, i], grid.n, s_churn, s_tmin, s_tmax)
+        gamma, sh = churn(sig[:, i], grid.n, s_churn, s_tmin, s_tmax, clamp)
         up = s_noise * np.sqrt(sh ** 2 - sig[:, i] ** 2)
         c = Coeffs(grid.rows, 1)
         one = np.ones_like(sh)
@@ -72,3 +64,25 @@ def edm_dpm(grid: Grid, *, pred, clamp, sigma_data: float = 0.5, order: int = 2,
         call.c_in = _c_in(grid.sigma[:, i], sigma_data)
     plan.init_scale = _init_scale(grid)
     return plan
+
+
+def consistency(grid: Grid, *, pred, clamp, sigma_data: float = 0.5, s_noise: float = 1.0) -> Plan:
+    """Multistep consistency sampling: each call maps the state to the data estimate
+    denoised = c_skip x + c_out F (boundary scalings at sigma_min, the grid's final
+    level), clamped when ``clamp``, then re-noises it to the next level:
+    x' = denoised + s_noise sqrt(sigma'^2 - sigma_min^2) z (noise drawn at every step
+    of a multi-step run, as diffusers draws it; the last step adds none)."""
+    if pred != "epsilon":
+        raise ValueError("the consistency sampler reads the network output through its boundary "
+                         f"scalings; prediction_type must be 'epsilon' (the default), got {pred!r}")
+    sig, calls = grid.sigma, []
+    smin = sig[:, -1]
+    P = EDMPrecond("epsilon", sigma_data, float(smin[0]))
+    for i in range(grid.n):
+        c = Coeffs(grid.rows, 1)
+        one = np.ones_like(smin)
+        clamped = convert(c, P, one, sig[:, i], x0=1.0, clamp=clamp)
+        nz = s_noise * np.sqrt(np.maximum(sig[:, i + 1] ** 2 - smin ** 2, 0.0))
+        c.out(0, d=1.0, noise=nz)
+        calls.append(Call(grid.t[:, i], Op(c, noise=grid.n > 1, clamp=clamped), c_in=_c_in(sig[:, i], sigma_data)))
+    return Plan(calls, sig[:, 0].copy())

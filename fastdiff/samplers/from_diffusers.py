@@ -240,6 +240,16 @@ def _edm(name):
     return read
 
 
+def _cm(cls, cfg, steps):
+    from ..schedule_families import EDMSchedule
+    kw = dict(schedule=EDMSchedule(cfg.get("sigma_min", 0.002), cfg.get("sigma_max", 80.0), cfg.get("rho", 7.0),
+                                   "karras", T=cfg.get("num_train_timesteps", 40), time_scale=250.0),
+              sigma_data=cfg.get("sigma_data", 0.5), s_noise=cfg.get("s_noise", 1.0), prediction_type="epsilon")
+    if cfg.get("clip_denoised", True):
+        kw.update(clip_sample=True, clip_sample_range=1.0)
+    return "cm", kw, {"sigma_min", "sigma_max", "rho", "sigma_data", "s_noise", "clip_denoised"}
+
+
 def _lcm(name):
     def read(cls, cfg, steps):
         kw = dict(original_inference_steps=cfg.get("original_inference_steps", 50))
@@ -280,6 +290,7 @@ SUPPORTED.update({
     "FlowMatchHeunDiscreteScheduler": _flow_match("flow-heun"),
     "EDMEulerScheduler": _edm("edm-euler"),
     "EDMDPMSolverMultistepScheduler": _edm("edm-dpm++2m"),
+    "CMStochasticIterativeScheduler": _cm,
     "LCMScheduler": _lcm("lcm"),
     "TCDScheduler": _lcm("tcd"),
     "DDIMInverseScheduler": _ddim_inverse,

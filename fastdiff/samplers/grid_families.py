@@ -16,7 +16,7 @@ from .grid import Grid, _as_timesteps, _discrete_lookup, _explicit_grid, _from_s
 __all__ = ["family_grid", "GRID_OPTIONS", "lcm_timesteps"]
 
 GRID_OPTIONS = ("mu", "original_inference_steps")  # run options that shape the grid
-_OWN_FLAVORS = ("flow", "edm", "lcm", "ddim-inverse", "dpm-inverse")
+_OWN_FLAVORS = ("flow", "edm", "cm", "lcm", "ddim-inverse", "dpm-inverse")
 
 
 def family_grid(schedule, steps, *, flavor, flow, timesteps, spacing, steps_offset, karras, final,
@@ -37,13 +37,15 @@ def family_grid(schedule, steps, *, flavor, flow, timesteps, spacing, steps_offs
         return _flow_grid(schedule, steps, variant, timesteps, karras, final, mu)
     if flavor == "flow":
         raise ValueError(f"flow-matching samplers need a flow schedule (NoiseSchedule.flow()), got {schedule!r}")
-    if kind == "edm" or flavor == "edm":
-        if kind != "edm" or flavor != "edm":
-            raise ValueError("EDM samplers (edm-euler, edm-dpm++2m) and NoiseSchedule.edm() go together; "
+    if kind == "edm" or flavor in ("edm", "cm"):
+        if kind != "edm" or flavor not in ("edm", "cm"):
+            raise ValueError("EDM samplers (edm-euler, edm-dpm++2m, cm) and NoiseSchedule.edm() go together; "
                              f"got {schedule!r}")
         if karras or sigma_min is not None or sigma_max is not None:
             raise ValueError("set the EDM grid on the schedule: NoiseSchedule.edm(sigma_min, sigma_max, rho, "
                              "sigma_schedule)")
+        if flavor == "cm":
+            return _cm_grid(schedule, steps, timesteps)
         return _edm_grid(schedule, steps, timesteps, final)
     if flavor not in _OWN_FLAVORS:
         return None
@@ -115,24 +117,49 @@ class _Range:
 
 # -- EDM ----------------------------------------------------------------------------------
 
+def _edm_lookup(scale):
+    def lookup(t):
+        t = np.asarray(t, dtype=np.float64)
+        return np.ones_like(t), np.exp(t / scale)
+    return lookup
+
+
 def _edm_grid(schedule, steps, timesteps, final):
     if timesteps is not None:
         ts = np.asarray(timesteps, dtype=np.float64)
         ts = ts[None] if ts.ndim == 1 else ts
         if ts.ndim != 2 or not np.isfinite(ts).all() or (ts.shape[1] > 1 and not (np.diff(ts, axis=1) < 0).all()):
             raise ValueError("EDM timesteps (0.25 log sigma) must be finite and strictly decreasing, [N] or [B, N]")
-        s = np.exp(4.0 * ts)
+        s = np.exp(ts / schedule.params["time_scale"])
     else:
         t, s = schedule.grid_sigmas(_steps(steps))
         ts, s = t[None], s[None]
     last = np.zeros((s.shape[0], 1)) if final == "zero" else s[:, -1:]
     sig = np.concatenate([s, last], axis=1)
     return Grid(t=ts, alpha=np.ones_like(sig), sigma=sig, t_integer=False,
-                lookup=lambda t: (np.ones_like(np.asarray(t, dtype=np.float64)), np.exp(4.0 * np.asarray(t))),
-                t_end=None if final == "zero" else ts[:, -1].copy())
+                lookup=_edm_lookup(schedule.params["time_scale"]), t_end=None if final == "zero" else ts[:, -1].copy())
 
 
 # -- consistency models ---------------------------------------------------------------------
+
+def _cm_grid(schedule, steps, timesteps):
+    """CMStochasticIterativeScheduler: ``steps`` of the T (distillation) timesteps, mapped
+    to Karras sigmas by their position; model time time_scale log sigma (250 in diffusers);
+    final level sigma_min."""
+    p, T = schedule.params, schedule.T
+    if timesteps is not None:
+        raise ValueError("the consistency sampler builds its own timesteps; pass steps")
+    steps = _steps(steps)
+    if steps > T:
+        raise ValueError(f"steps must be <= the schedule's {T} timesteps, got {steps}")
+    ramp = np.arange(0, steps) * (T // steps) / (T - 1)
+    lo, hi = p["sigma_min"] ** (1 / p["rho"]), p["sigma_max"] ** (1 / p["rho"])
+    sig = (hi + ramp * (lo - hi)) ** p["rho"]
+    t = p["time_scale"] * np.log(sig + 1e-44)
+    sig = np.append(sig, p["sigma_min"]).astype(np.float32).astype(np.float64)
+    return Grid(t=t[None], alpha=np.ones((1, steps + 1)), sigma=sig[None], t_integer=False,
+                lookup=_edm_lookup(p["time_scale"]), t_end=t[-1:].copy())
+
 
 def lcm_timesteps(T: int, steps: int, original_steps: int = 50) -> np.ndarray:
     """LCM / TCD timesteps (diffusers' set_timesteps): ``steps`` of the distillation's

@@ -10,12 +10,12 @@ from .euler import euler, euler_ancestral, heun
 from .lms import lms
 from .pndm import pndm
 from .unipc import unipc
-from .edm import edm_dpm, edm_euler
+from .edm import consistency, edm_dpm, edm_euler
 from .flow import flow_euler, flow_heun
 from .inverse import ddim_inverse
 from .lcm import lcm, tcd
 
-__all__ = ["Family", "FAMILIES", "SAMPLERS", "INVERSE", "family"]
+__all__ = ["Family", "FAMILIES", "SAMPLERS", "INVERSE", "OWN_SCHEDULE", "family", "default_schedule"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,7 @@ FAMILIES.update({
     "edm-euler": Family(edm_euler, "edm"),
     "edm-dpm++2m": Family(edm_dpm, "edm", {"algorithm": "dpmsolver++", "order": 2}),
     "edm-dpm++sde-2m": Family(edm_dpm, "edm", {"algorithm": "sde-dpmsolver++", "order": 2}),
+    "cm": Family(consistency, "cm"),
     "lcm": Family(lcm, "lcm"),
     "tcd": Family(tcd, "lcm"),
     "ddim-inverse": Family(ddim_inverse, "ddim-inverse"),
@@ -78,6 +79,23 @@ for _name, _fam in list(FAMILIES.items()):
     if _fam.plan in (dpm_multistep, dpm_singlestep, unipc) and _fam.flavor == "dpmsolver":
         FAMILIES[_name] = replace(_fam, flow="unipc" if _fam.plan is unipc else "dpm")
 INVERSE = ("ddim-inverse", "dpm++2m-inverse", "dpm-solver-inverse")  # data -> noise (fastdiff.invert)
+OWN_SCHEDULE = {"flow": "flow", "edm": "edm", "cm": "edm"}  # flavors that need a non-VP schedule
+
+
+def default_schedule(name: str):
+    """The schedule ``Sampler(name)`` uses when none is given: flow matching (T = 1000,
+    shift 1) for the flow samplers, EDM's defaults for the EDM / consistency ones, else
+    DDPM linear (T = 1000)."""
+    from ..schedules import NoiseSchedule
+    kind = OWN_SCHEDULE.get(family(name).flavor)
+    if kind == "flow":
+        return NoiseSchedule.flow()
+    if kind == "edm":
+        if family(name).flavor == "cm":
+            from ..schedule_families import EDMSchedule
+            return EDMSchedule(T=40, time_scale=250.0)  # diffusers' CMStochasticIterativeScheduler default
+        return NoiseSchedule.edm()
+    return NoiseSchedule.linear()
 
 SAMPLERS = tuple(FAMILIES)
 

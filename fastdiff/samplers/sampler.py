@@ -27,7 +27,7 @@ from ..wrappers import model_output
 from .core import PREDICTIONS, Clamp, Plan
 from .grid import build_grid
 from .grid_families import GRID_OPTIONS
-from .registry import SAMPLERS, family
+from .registry import SAMPLERS, default_schedule, family
 
 __all__ = ["Sampler", "make_generators", "randn"]
 
@@ -84,7 +84,8 @@ class Sampler:
 
     Args:
         sampler: one of :data:`SAMPLERS` (``"ddim"``, ``"dpm++2m"``, ``"unipc"``, ...).
-        schedule: a :class:`fastdiff.schedules.NoiseSchedule` (default: DDPM linear, T=1000).
+        schedule: a :class:`fastdiff.schedules.NoiseSchedule` (default: DDPM linear, T=1000;
+            ``NoiseSchedule.flow()`` / ``.edm()`` for the flow-matching / EDM samplers).
         steps: number of steps (evaluation points); Heun and PNDM call the model more
             often, ``len(sampler.timesteps)`` times.
         timesteps: explicit model times instead of a spacing, [N] or [B, N] (one grid per
@@ -130,7 +131,7 @@ class Sampler:
                  diffusers_rule: bool = False, **options):
         fam = family(sampler)
         self.name = sampler
-        self.schedule = NoiseSchedule.linear() if schedule is None else schedule
+        self.schedule = default_schedule(sampler) if schedule is None else schedule
         if prediction_type not in PREDICTIONS:
             raise ValueError(f"prediction_type must be one of {PREDICTIONS}, got {prediction_type!r}")
         if timesteps is not None:
