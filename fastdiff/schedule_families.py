@@ -212,8 +212,9 @@ class FlowSchedule:
                 s = spaced_sigmas(spacing, s[-1].item(), s[0].item(), N)
             if p["invert_sigmas"]:
                 s = 1.0 - s
-            t = (s.astype(np.float32) * np.float32(T)).astype(np.float64)  # float32 model times
-            return t, np.append(s, 1.0 if p["invert_sigmas"] else 0.0)
+            s = s.astype(np.float32)  # diffusers' float32 sigmas and model times
+            t = (s * np.float32(T)).astype(np.float64)
+            return t, np.append(s.astype(np.float64), 1.0 if p["invert_sigmas"] else 0.0)
         if karras or p["sigma_spacing"] is not None or p["invert_sigmas"]:
             raise ValueError(f"flow sigmas of the {variant!r} grid support no sigma respacing / inversion")
         if variant == "dpm":
@@ -228,7 +229,9 @@ class FlowSchedule:
                 s[0] -= 1e-6  # diffusers: keeps log(alpha) finite at the first step
         else:
             raise ValueError(f"unknown flow grid variant {variant!r}")
-        return np.trunc(s * T), np.append(s, 0.0)  # int64 model times, as diffusers casts
+        # int64 model times of the float64 sigmas; the update uses them rounded to float32,
+        # as diffusers stores them (alpha = 1 - s near s = 1 is that sensitive)
+        return np.trunc(s * T), np.append(s.astype(np.float32).astype(np.float64), 0.0)
 
 
 class EDMSchedule:
