@@ -10,6 +10,7 @@ import torch
 from scipy.integrate import solve_ivp
 
 import diffusers
+import fastdiff
 from fastdiff import NoiseSchedule, Sampler, invert, sample
 from fastdiff.gaussian import GaussianData, GaussianMixture
 from fastdiff.samplers.registry import FAMILIES, OWN_SCHEDULE, default_schedule
@@ -428,3 +429,25 @@ def test_flow_and_edm_schedules_round_trip_and_describe_their_path(gen):
     assert math.isclose(sch.mu_for(256), 0.5) and math.isclose(sch.mu_for(4096), 1.15)
     edm = NoiseSchedule.edm()  # model time 0.25 log sigma
     assert math.isclose(edm.sigma_edm(0.3).item(), math.exp(1.2)) and math.isclose(edm.lambda_(0.3).item(), -1.2)
+
+
+@pytest.mark.parametrize("name", ["lcm", "tcd", "ddim-inverse", "dpm++2m-inverse"])
+def test_time_sharing_on_the_discrete_vp_families(name, gen):
+    """E-TSDM: the network's time input is f(t) on these VP-time samplers, the update keeps t."""
+    sch = NoiseSchedule.scaled_linear()
+    ts = fastdiff.TimeSharing(100, 5)
+    model = Denoiser(sch.alphas_cumprod.numpy())
+    x_T = torch.randn(2, 3, 4, 4, generator=gen)
+    shared = Sampler(name, sch, 12, time_sharing=ts)
+    plain = Sampler(name, sch, 12)
+    seen = []
+    x, y = shared.init_noise(x_T), plain.init_noise(x_T)
+    for k, t in enumerate(shared.timesteps):
+        tt = shared.model_time(2)
+        seen.append(tt[0].item())
+        assert torch.equal(tt, ts(t.expand(2)))
+        out = model(x, t)  # the same model output: only the network's time input differs
+        g1, g2 = torch.Generator().manual_seed(k), torch.Generator().manual_seed(k)
+        x, y = shared.step(out, t, x, generator=g1), plain.step(out, t, y, generator=g2)
+    assert torch.equal(x, y)
+    assert any(v != t for v, t in zip(seen, shared.timesteps.tolist()))  # some time was shared
