@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 
 import torch
@@ -159,12 +158,8 @@ def check_targets(rows) -> list[str]:
 
 
 def write_json(path: str, payload) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    from fastdiff._files import atomic_write_text
+    atomic_write_text(json.dumps(payload, indent=2), path)
 
 
 def main(argv=None) -> int:

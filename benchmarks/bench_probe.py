@@ -32,7 +32,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fastdiff  # noqa: E402
-from fastdiff.probes import _atomic_write, _math_attention  # noqa: E402
+from fastdiff._files import atomic_write_text  # noqa: E402
+from fastdiff.probes import _math_attention  # noqa: E402
 from fastdiff.schedules import NoiseSchedule  # noqa: E402
 from fastdiff.wrappers import model_output  # noqa: E402
 
@@ -256,7 +257,7 @@ def main(argv=None):
         results["loadavg_end"] = os.getloadavg()
         _print_table(results, args)
         if args.json:  # after every model: a long run keeps what it measured
-            _atomic_write(args.json, json.dumps(results, indent=2))
+            atomic_write_text(json.dumps(results, indent=2), args.json)
             print(f"wrote {args.json}", flush=True)
 
 

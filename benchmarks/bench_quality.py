@@ -133,10 +133,8 @@ def main(argv=None) -> int:
         print(f"| {name} | {method} | " + " | ".join(f"{v:.4g}" for v in parts) + " |")
     if args.json:
         out = {"rows": rows, "lipschitz": summary, "n": n}
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(tmp, args.json)
+        from fastdiff._files import atomic_write_text
+        atomic_write_text(json.dumps(out, indent=1), args.json)
     return 0
 
 

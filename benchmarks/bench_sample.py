@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 
@@ -35,6 +33,7 @@ import torch
 
 import diffusers
 import fastdiff
+from fastdiff._files import atomic_write_text
 from fastdiff.samplers import Sampler
 
 SCHEDULERS = {
@@ -192,12 +191,7 @@ def main(argv=None) -> int:
     print("Medians of microseconds per step outside the model call; speed-up: diffusers' time "
           "over fastdiff's.")
     if args.json:
-        folder = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".json", dir=folder)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"config": vars(args), "results": rows}, f, indent=2)
-        os.replace(tmp, args.json)
+        atomic_write_text(json.dumps({"config": vars(args), "results": rows}, indent=2), args.json)
         print(f"wrote {args.json}")
     return 0
 

@@ -40,7 +40,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
@@ -296,11 +295,8 @@ def print_table(rows):
 
 
 def write_json(path, payload):
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    from fastdiff._files import atomic_write_text
+    atomic_write_text(json.dumps(payload, indent=2), path)
 
 
 def main(argv=None):
