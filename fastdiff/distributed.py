@@ -24,12 +24,13 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
 import torch
+
+from ._files import TMP_SUFFIX, atomic_open
 
 __all__ = ["init", "rank", "world_size", "barrier", "parse_seeds", "batches", "rank_batches",
            "shard_name", "ShardDir", "sample_shards", "pack", "all_reduce_sum", "all_gather_cat",
@@ -192,22 +193,9 @@ def _sha256(path: str) -> str:
 
 
 def _atomic(path: str, write: Callable) -> None:
-    """``write(file)`` into a temporary file beside ``path``, fsync, then rename: a reader
-    sees the old file or the whole new one. Normal permissions (the umask's)."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix="-" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """``write(file)`` atomically (see :mod:`fastdiff._files`)."""
+    with atomic_open(path, "wb") as f:
+        write(f)
 
 
 @dataclass
@@ -231,9 +219,10 @@ class ShardDir:
             os.makedirs(os.path.join(self.path, RECORDS), exist_ok=True)
             if not os.access(self.path, os.W_OK):
                 raise PermissionError(f"cannot write to {self.path!r}")
-            for name in os.listdir(self.path):  # temporaries of killed writers
-                if name.startswith(".tmp-"):
-                    os.remove(os.path.join(self.path, name))
+            for folder in (self.path, os.path.join(self.path, RECORDS)):
+                for name in os.listdir(folder):  # temporaries of killed writers
+                    if name.endswith(TMP_SUFFIX) and name.startswith(("samples-", "manifest")):
+                        os.remove(os.path.join(folder, name))
         barrier()
 
     def _record_path(self, name: str) -> str:

@@ -71,9 +71,9 @@ def test_shard_dir_refuses_other_options_and_damaged_shards(tmp_path):
     raw[-10] ^= 0xFF  # a flipped bit: the checksum no longer matches, the shard is redone
     p.write_bytes(bytes(raw))
     assert not store.done([0, 1])
-    (tmp_path / ".tmp-x-samples-000002-000003.npz").write_bytes(b"partial")
+    (tmp_path / "samples-000002-000003.npz.1a2b3c4d.tmp").write_bytes(b"partial")
     store.setup()  # a killed writer's temporary is removed, never read
-    assert not (tmp_path / ".tmp-x-samples-000002-000003.npz").exists()
+    assert not (tmp_path / "samples-000002-000003.npz.1a2b3c4d.tmp").exists()
     f = tmp_path / "file"
     f.write_text("x")
     with pytest.raises(ValueError, match="not a directory"):
@@ -165,7 +165,7 @@ def test_kill_9_and_resume(tmp_path):
     assert final.returncode == 0, final.stdout + final.stderr
     for name, ino in kept.items():
         assert (out / name).stat().st_ino == ino, f"{name} was recomputed after the restart"
-    assert not list(out.glob(".tmp-*"))
+    assert not list(out.glob("*.tmp"))
     a, b = np.load(ref_dir / "samples.npz"), np.load(out / "samples.npz")
     assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
     summary = json.loads(final.stdout.strip().splitlines()[-1])
