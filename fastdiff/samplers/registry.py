@@ -5,8 +5,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .ddim import ddim, ddpm
+from .deis import deis
 from .dpm import dpm_multistep, dpm_singlestep
 from .euler import euler, euler_ancestral, heun
+from .ipndm import ipndm
+from .kdpm2 import kdpm2, kdpm2_ancestral
 from .lms import lms
 from .pndm import pndm
 from .unipc import unipc
@@ -52,6 +55,12 @@ FAMILIES = {
     "euler-ancestral": Family(euler_ancestral, **_EULER),
     "heun": Family(heun, **_EULER),
     "lms": Family(lms, **_EULER),
+    # -- solvers (issue 12 part 2) --
+    "deis": Family(deis, "dpmsolver", {"order": 2}, final="sigma_min"),
+    "deis-3": Family(deis, "dpmsolver", {"order": 3}, final="sigma_min"),
+    "ipndm": Family(ipndm, "angle"),
+    "kdpm2": Family(kdpm2, "euler", karras_range="spaced"),
+    "kdpm2-ancestral": Family(kdpm2_ancestral, "euler", karras_range="spaced"),
 }
 
 SAMPLERS = tuple(FAMILIES)

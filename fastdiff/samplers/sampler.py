@@ -94,6 +94,9 @@ class Sampler:
             (continuous schedules).
         steps_offset: added to "leading" timesteps.
         karras: Karras et al. noise levels (diffusers' ``use_karras_sigmas``).
+        exponential_sigmas, beta_sigmas, lu_lambdas: other noise-level grids instead of
+            the spacing (diffusers' ``use_exponential_sigmas``, ``use_beta_sigmas``,
+            ``use_lu_lambdas``; at most one of these and ``karras``).
         final_sigmas_type: "zero" or "sigma_min" (the default depends on the sampler, as
             in diffusers).
         prediction_type: what the model predicts: "epsilon", "v_prediction" or "sample".
@@ -126,7 +129,8 @@ class Sampler:
                  guidance_scale: float | None = None, time_sharing: TimeSharing | None = None,
                  generator=None, seeds=None, sigma_min: float | None = None,
                  sigma_max: float | None = None, lambda_min_clipped: float = -math.inf,
-                 diffusers_rule: bool = False, **options):
+                 diffusers_rule: bool = False, exponential_sigmas: bool = False,
+                 beta_sigmas: bool = False, lu_lambdas: bool = False, **options):
         fam = family(sampler)
         self.name = sampler
         self.schedule = NoiseSchedule.linear() if schedule is None else schedule
@@ -156,7 +160,8 @@ class Sampler:
             self.schedule, steps, flavor=fam.flavor, timesteps=timesteps, spacing=spacing,
             steps_offset=steps_offset, karras=karras, final=final_sigmas_type or fam.final,
             karras_t=fam.karras_t, karras_range=fam.karras_range, sigma_min=sigma_min,
-            sigma_max=sigma_max, lambda_min_clipped=lambda_min_clipped, rule=diffusers_rule)
+            sigma_max=sigma_max, lambda_min_clipped=lambda_min_clipped, rule=diffusers_rule,
+            sigma_kind=_sigma_kind(exponential_sigmas, beta_sigmas, lu_lambdas))
         with np.errstate(all="ignore"):  # non-finite coefficients are refused in _finalize
             self.plan: Plan = fam.plan(self.grid, pred=prediction_type, clamp=self.clamp, **opts)
         self.guidance_scale = guidance_scale
@@ -484,6 +489,13 @@ class Sampler:
         c[:, 3] = s
         c[:, 4] = s
         return c
+
+
+def _sigma_kind(exponential, beta, lu):
+    chosen = [k for k, on in (("exponential", exponential), ("beta", beta), ("lu", lu)) if on]
+    if len(chosen) > 1:
+        raise ValueError(f"choose at most one of exponential_sigmas, beta_sigmas, lu_lambdas; got {chosen}")
+    return chosen[0] if chosen else None
 
 
 _STEP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
