@@ -212,16 +212,18 @@ def _ipndm(cls, cfg, steps):
     return "ipndm", dict(prediction_type="v_prediction"), set()
 
 
-def _kdpm2(name):
+def _kdpm2(name, keys=()):
     def read(cls, cfg, steps):
         pred = _prediction(cls, cfg)
         if pred == "sample":
             raise _bad(cls, "prediction_type", pred, "diffusers does not implement it for this class")
         kw = dict(spacing=cfg.get("timestep_spacing", "linspace"), steps_offset=cfg.get("steps_offset", 0),
                   init_noise_sigma="diffusers", karras=bool(cfg.get("use_karras_sigmas", False)))
-        extra, keys = _sigma_kinds(cls, cfg)
+        if "noise_sampler_seed" in keys:
+            kw["noise_sampler_seed"] = cfg.get("noise_sampler_seed")
+        extra, used = _sigma_kinds(cls, cfg)
         kw.update(extra)
-        return name, kw, keys | {"timestep_spacing", "steps_offset", "use_karras_sigmas"}
+        return name, kw, used | set(keys) | {"timestep_spacing", "steps_offset", "use_karras_sigmas"}
     return read
 
 
@@ -242,6 +244,7 @@ SUPPORTED = {
     "IPNDMScheduler": _ipndm,
     "KDPM2DiscreteScheduler": _kdpm2("kdpm2"),
     "KDPM2AncestralDiscreteScheduler": _kdpm2("kdpm2-ancestral"),
+    "DPMSolverSDEScheduler": _kdpm2("dpm++sde", {"noise_sampler_seed"}),
 }
 
 

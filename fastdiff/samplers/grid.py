@@ -162,7 +162,8 @@ def build_grid(schedule: NoiseSchedule, steps: int | None, *, flavor: str,
         steps: number of evaluation points N (None when ``timesteps`` is given).
         flavor: diffusers family whose timestep formulas to use: "ddim" (DDIM, DDPM,
             PNDM), "dpmsolver" (DPM-Solver, UniPC, DEIS), "euler" (Euler, Heun, LMS,
-            KDPM2: fractional "linspace" timesteps and linear-in-sigma interpolation) or
+            KDPM2: fractional "linspace" timesteps and linear-in-sigma interpolation;
+            "euler64" the same with float64 "linspace" timesteps: DPMSolverSDE) or
             "angle" (IPNDM's own grid, see ``fastdiff.samplers.ipndm``; the schedule is
             not used).
         timesteps: explicit model times, [N] or [B, N] (one grid per sample), descending.
@@ -197,6 +198,8 @@ def build_grid(schedule: NoiseSchedule, steps: int | None, *, flavor: str,
     if final not in FINAL_SIGMAS:
         raise ValueError(f"final_sigmas_type must be one of {FINAL_SIGMAS}, got {final!r}")
     kind = _sigma_kind(karras, sigma_kind)
+    # "euler64": the Euler flavour with float64 "linspace" timesteps (DPMSolverSDEScheduler)
+    f64, flavor = flavor == "euler64", "euler" if flavor == "euler64" else flavor
     if flavor == "angle":
         if kind is not None or spacing is not None:
             raise ValueError(f"this sampler has its own time grid; {kind or 'spacing'} is not supported")
@@ -219,6 +222,8 @@ def build_grid(schedule: NoiseSchedule, steps: int | None, *, flavor: str,
         raise ValueError(f"spacing must be one of {DISCRETE_SPACINGS + CONTINUOUS_SPACINGS} for a discrete "
                          f"schedule ({CONTINUOUS_SPACINGS} without Karras / other sigma grids), got {spacing!r}")
     ts = _spaced(schedule, steps, spacing, steps_offset, flavor, lambda_min_clipped)
+    if f64 and spacing == "linspace":
+        ts = np.linspace(0, T - 1, steps)[::-1].copy()
     table = schedule.sigma_table().numpy()  # sigma / alpha per timestep, as diffusers builds it
     if kind is not None:
         if karras_range == "spaced":

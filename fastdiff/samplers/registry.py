@@ -7,6 +7,7 @@ from typing import Callable
 from .ddim import ddim, ddpm
 from .deis import deis
 from .dpm import dpm_multistep, dpm_singlestep
+from .dpmsde import dpmpp_sde
 from .euler import euler, euler_ancestral, heun
 from .ipndm import ipndm
 from .kdpm2 import kdpm2, kdpm2_ancestral
@@ -61,6 +62,7 @@ FAMILIES = {
     "ipndm": Family(ipndm, "angle"),
     "kdpm2": Family(kdpm2, "euler", karras_range="spaced"),
     "kdpm2-ancestral": Family(kdpm2_ancestral, "euler", karras_range="spaced"),
+    "dpm++sde": Family(dpmpp_sde, **{**_EULER, "flavor": "euler64"}),
 }
 
 SAMPLERS = tuple(FAMILIES)

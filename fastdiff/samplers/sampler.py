@@ -167,6 +167,7 @@ class Sampler:
         self.guidance_scale = guidance_scale
         self.time_sharing = time_sharing
         self.generator = make_generators(seeds) if seeds is not None else generator
+        self.seeds = None if seeds is None else [int(g.initial_seed()) for g in self.generator]
         self.steps = self.grid.n
         self._finalize()
         self.reset()
@@ -265,6 +266,7 @@ class Sampler:
         self._store = {}
         self._owned = set()  # names in _store whose tensors the sampler may overwrite
         self._x_in = (None, None)
+        self._brownian = None  # Brownian paths of the run, made at its first noise draw
 
     def init_noise(self, x_T: torch.Tensor) -> torch.Tensor:
         """The initial state from unit-variance noise x_T [B, ...] (x_T itself for VP
@@ -337,7 +339,10 @@ class Sampler:
         coeffs = self._table(device, x.dtype)["coeffs"][k]
         if op.clamp and self.clamp.kind == "dynamic":
             coeffs = self._threshold(coeffs, x, model_out, model_out_cond)
-        z = self._noise(x, noise, generator) if op.noise else None
+        z = None
+        if op.noise:
+            z = self._noise(x, noise, generator) if op.brownian is None or noise is not None \
+                else self._brownian_noise(x, op, generator)
         store = self._store
         donate = donate and x.is_contiguous() and not x.requires_grad
         if op.keep_x is not None:
@@ -472,6 +477,29 @@ class Sampler:
             return noise.to(device=x.device, dtype=x.dtype)
         g = generator if generator is not None else self.generator
         return randn(x.shape, g, x.device, x.dtype)
+
+    def _brownian_noise(self, x, op, generator):
+        """The standardised Brownian increment of this op (``fastdiff.samplers.brownian``);
+        the paths are seeded by ``seeds`` (one per sample), else by the plan's seed, else by
+        a seed drawn from the generator (one per generator in a list)."""
+        from .brownian import BrownianNoise
+        if self._brownian is None:
+            lo, hi, seed = self.plan.brownian
+            g = generator if generator is not None else self.generator
+            if self.seeds is not None:
+                seeds = self.seeds
+            elif seed is not None:
+                seeds = int(seed)
+            elif isinstance(g, (list, tuple)):
+                seeds = [int(torch.randint(0, 2 ** 63 - 1, (), generator=gi)) for gi in g]
+            else:
+                seeds = int(torch.randint(0, 2 ** 63 - 1, (), generator=g))
+            if self.grid.rows > 1 and not isinstance(seeds, list):
+                raise ValueError("Brownian-tree noise with per-sample timesteps needs one seed per sample "
+                                 "(seeds= or a list of generators)")
+            self._brownian = BrownianNoise(x, lo, hi, seeds)
+        sa, sb = op.brownian
+        return self._brownian(sa, sb).to(device=x.device, dtype=x.dtype)
 
     def _threshold(self, coeffs, x, m, mc):
         """Imagen dynamic thresholding: s = clamp(quantile(|x0|, ratio), 1, max) per sample,
