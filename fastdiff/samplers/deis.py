@@ -19,22 +19,23 @@ from .core import Call, Coeffs, Op, Plan, Terms
 from .dpm import _model_term
 from .grid import Grid
 
-__all__ = ["deis", "deis_coefficients"]
+__all__ = ["deis", "lagrange_exp_integrals"]
 
 
-def deis_coefficients(log_nodes: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """int over u in [lo, hi] of L_j(u) e^u for the Lagrange basis of ``log_nodes`` [o]
-    (u = log rho; lo, hi the log rho of the step's ends)."""
-    out = np.empty(len(log_nodes))
-    for j, nj in enumerate(log_nodes):
+def lagrange_exp_integrals(nodes: np.ndarray, lo: float, hi: float, c: float = 1.0) -> np.ndarray:
+    """int over u in [lo, hi] of L_j(u) e^(c u) for the Lagrange basis polynomials L_j of
+    ``nodes`` [o], exactly: the antiderivative of p(u) e^(c u) is
+    e^(c u) sum_k (-1)^k p^(k)(u) / c^(k+1). [o] float64."""
+    out = np.empty(len(nodes))
+    for j, nj in enumerate(nodes):
         p = Polynomial([1.0])
-        for k, nk in enumerate(log_nodes):
+        for k, nk in enumerate(nodes):
             if k != j:
                 p = p * Polynomial([-nk, 1.0]) / (nj - nk)
         anti, q = Polynomial([0.0]), p
-        for k in range(len(log_nodes)):  # p has degree o - 1: o terms
-            anti, q = anti + (-1) ** k * q, q.deriv()
-        out[j] = np.exp(hi) * anti(hi) - np.exp(lo) * anti(lo)
+        for k in range(len(nodes)):  # p has degree o - 1: o terms
+            anti, q = anti + ((-1) ** k / c ** (k + 1)) * q, q.deriv()
+        out[j] = np.exp(c * hi) * anti(hi) - np.exp(c * lo) * anti(lo)
     return out
 
 
@@ -57,7 +58,7 @@ def deis(grid: Grid, *, pred, clamp, order: int = 2, lower_order_final: bool = T
         o = 1 if (order == 1 or i < 1 or lower_final) else 2 if (order == 2 or i < 2 or lower_second) else 3
         c, t = Coeffs(grid.rows, 2, o - 1), Terms(o - 1)
         clamped = _model_term(c, grid, i, pred, clamp, data=False)
-        w = np.stack([deis_coefficients(u[r, i - np.arange(o)], u[r, i], u[r, i + 1])
+        w = np.stack([lagrange_exp_integrals(u[r, i - np.arange(o)], u[r, i], u[r, i + 1])
                       for r in range(grid.rows)], axis=1)  # [o, R]
         at = a[:, i + 1]
         comb = sum(at * w[j] * (t.d if j == 0 else t.h(j - 1)) for j in range(o))

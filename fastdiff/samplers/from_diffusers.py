@@ -205,6 +205,29 @@ def _deis(cls, cfg, steps):
                                "lower_order_final", "algorithm_type", "solver_type", *_THRESHOLD_KEYS}
 
 
+def _sasolver(cls, cfg, steps):
+    if cfg.get("prediction_type") == "flow_prediction":
+        raise _bad(cls, "prediction_type", "flow_prediction")
+    vt = cfg.get("variance_type")
+    if vt not in (None, "learned", "learned_range"):
+        raise _bad(cls, "variance_type", vt)
+    algorithm = cfg.get("algorithm_type", "data_prediction")
+    if algorithm not in ("data_prediction", "noise_prediction"):
+        raise _bad(cls, "algorithm_type", algorithm)
+    kw = dict(spacing=cfg.get("timestep_spacing", "linspace"), steps_offset=cfg.get("steps_offset", 0),
+              karras=bool(cfg.get("use_karras_sigmas", False)),
+              lambda_min_clipped=cfg.get("lambda_min_clipped", -math.inf),
+              predictor_order=cfg.get("predictor_order", 2), corrector_order=cfg.get("corrector_order", 2),
+              tau=cfg.get("tau_func"), predict_x0=algorithm == "data_prediction",
+              lower_order_final=cfg.get("lower_order_final", True), **_thresholds(cls, cfg))
+    extra, keys = _sigma_kinds(cls, cfg)
+    kw.update(extra)
+    kw["final_sigmas_type"] = "last" if (extra or kw["karras"]) else "sigma_min"
+    return "sa-solver", kw, keys | {"timestep_spacing", "steps_offset", "use_karras_sigmas", "lambda_min_clipped",
+                                    "predictor_order", "corrector_order", "tau_func", "algorithm_type",
+                                    "lower_order_final", "variance_type", *_THRESHOLD_KEYS}
+
+
 def _ipndm(cls, cfg, steps):
     if cfg.get("trained_betas") is not None:
         raise _bad(cls, "trained_betas", "...", "IPNDM's trained_betas replace its per-step noise levels")
@@ -241,6 +264,7 @@ SUPPORTED = {
     "LMSDiscreteScheduler": _with_sigma_kinds(_euler_family("lms", {"use_karras_sigmas"})),
     # -- solvers --
     "DEISMultistepScheduler": _deis,
+    "SASolverScheduler": _sasolver,
     "IPNDMScheduler": _ipndm,
     "KDPM2DiscreteScheduler": _kdpm2("kdpm2"),
     "KDPM2AncestralDiscreteScheduler": _kdpm2("kdpm2-ancestral"),

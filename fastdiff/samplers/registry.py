@@ -13,6 +13,7 @@ from .ipndm import ipndm
 from .kdpm2 import kdpm2, kdpm2_ancestral
 from .lms import lms
 from .pndm import pndm
+from .sasolver import sa_solver
 from .unipc import unipc
 
 __all__ = ["Family", "FAMILIES", "SAMPLERS", "family"]
@@ -62,6 +63,7 @@ FAMILIES = {
     "ipndm": Family(ipndm, "angle"),
     "kdpm2": Family(kdpm2, "euler", karras_range="spaced"),
     "kdpm2-ancestral": Family(kdpm2_ancestral, "euler", karras_range="spaced"),
+    "sa-solver": Family(sa_solver, "dpmsolver", final="sigma_min"),
     "dpm++sde": Family(dpmpp_sde, **{**_EULER, "flavor": "euler64"}),
 }
 
