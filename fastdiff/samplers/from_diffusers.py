@@ -228,6 +228,25 @@ def _sasolver(cls, cfg, steps):
                                     "lower_order_final", "variance_type", *_THRESHOLD_KEYS}
 
 
+def _cosine(cls, cfg, steps):
+    if cfg.get("rho", 7.0) != 7.0:
+        raise _bad(cls, "rho", cfg.get("rho"), "only rho = 7")
+    schedule = cfg.get("sigma_schedule", "exponential")
+    if schedule not in ("exponential", "karras"):
+        raise _bad(cls, "sigma_schedule", schedule)
+    st = cfg.get("solver_type", "midpoint")
+    kw = dict(sigma_min=cfg.get("sigma_min", 0.3), sigma_max=cfg.get("sigma_max", 500.0),
+              karras=schedule == "karras", exponential_sigmas=schedule == "exponential",
+              sigma_data=cfg.get("sigma_data", 1.0), order=cfg.get("solver_order", 2),
+              solver_type="midpoint" if st in ("logrho", "bh1", "bh2") else st,
+              lower_order_final=cfg.get("lower_order_final", True),
+              euler_at_final=cfg.get("euler_at_final", False),
+              final_sigmas_type=cfg.get("final_sigmas_type", "zero"),
+              prediction_type=_prediction(cls, cfg))
+    return "cosine-dpm", kw, {"sigma_min", "sigma_max", "sigma_data", "sigma_schedule", "rho", "solver_order",
+                              "solver_type", "lower_order_final", "euler_at_final", "final_sigmas_type"}
+
+
 def _ipndm(cls, cfg, steps):
     if cfg.get("trained_betas") is not None:
         raise _bad(cls, "trained_betas", "...", "IPNDM's trained_betas replace its per-step noise levels")
@@ -265,6 +284,7 @@ SUPPORTED = {
     # -- solvers --
     "DEISMultistepScheduler": _deis,
     "SASolverScheduler": _sasolver,
+    "CosineDPMSolverMultistepScheduler": _cosine,
     "IPNDMScheduler": _ipndm,
     "KDPM2DiscreteScheduler": _kdpm2("kdpm2"),
     "KDPM2AncestralDiscreteScheduler": _kdpm2("kdpm2-ancestral"),
@@ -297,7 +317,7 @@ def sampler_args(scheduler, steps):
         raise _bad(cls, key, value, "unknown option with a non-default value")
     kw = {k: v for k, v in kw.items() if v is not None or k not in ("sigma_min", "sigma_max")}
     kw.setdefault("prediction_type", _prediction(cls, cfg))
-    if cls != "IPNDMScheduler":  # IPNDM has its own noise levels (see fastdiff.samplers.ipndm)
+    if cls not in ("IPNDMScheduler", "CosineDPMSolverMultistepScheduler"):  # own noise levels
         kw["schedule"] = NoiseSchedule.from_diffusers(scheduler)
     kw["steps"] = steps
     return name, kw

@@ -12,6 +12,7 @@ matching diffusers scheduler visit the same noise levels.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -49,6 +50,7 @@ class Grid:
         model between grid points (KDPM2).
     row_integer: [R] bool, the row's model times are all integers (a row is treated as
         it would be alone, whatever the other rows of a per-sample grid are).
+    sigma_range: (sigma_min, sigma_max) the levels were spaced in ("cosine" flavour).
     """
     t: np.ndarray
     alpha: np.ndarray
@@ -60,6 +62,7 @@ class Grid:
     t_end: np.ndarray | None = None
     sk_to_t: Callable | None = field(default=None, repr=False)
     row_integer: np.ndarray | None = None
+    sigma_range: tuple | None = None
 
     def __post_init__(self):
         if self.row_integer is None:
@@ -165,7 +168,9 @@ def build_grid(schedule: NoiseSchedule, steps: int | None, *, flavor: str,
             KDPM2: fractional "linspace" timesteps and linear-in-sigma interpolation;
             "euler64" the same with float64 "linspace" timesteps: DPMSolverSDE) or
             "angle" (IPNDM's own grid, see ``fastdiff.samplers.ipndm``; the schedule is
-            not used).
+            not used) or "cosine" (noise levels in [sigma_min, sigma_max], exponential or
+            Karras, at the angle model time atan(sk) 2 / pi: diffusers'
+            CosineDPMSolverMultistepScheduler; the schedule is not used).
         timesteps: explicit model times, [N] or [B, N] (one grid per sample), descending.
         spacing: "leading" / "linspace" / "trailing" (discrete) or "time_uniform" /
             "time_quadratic" / "logSNR" (DPM-Solver's own grids, in its continuous time:
@@ -204,6 +209,14 @@ def build_grid(schedule: NoiseSchedule, steps: int | None, *, flavor: str,
         if kind is not None or spacing is not None:
             raise ValueError(f"this sampler has its own time grid; {kind or 'spacing'} is not supported")
         return angle_grid(steps, timesteps)
+    if flavor == "cosine":
+        if spacing is not None or timesteps is not None:
+            raise ValueError("the cosine DPM-Solver's grid is set by sigma_min, sigma_max and karras / "
+                             "exponential_sigmas, not by a spacing or explicit timesteps")
+        grid = angle_grid(steps, levels=_cosine_levels(kind, steps, sigma_min, sigma_max), final=final)
+        grid.sigma_range = (0.3 if sigma_min is None else float(sigma_min),
+                            500.0 if sigma_max is None else float(sigma_max))
+        return grid
     if timesteps is not None:
         if kind is not None:
             raise ValueError(f"explicit timesteps and {kind} sigmas exclude each other")
@@ -303,10 +316,40 @@ def _discrete_sk_to_t(schedule):
     return sk_to_t
 
 
-def angle_grid(steps, timesteps=None) -> Grid:
-    """IPNDM's grid: alpha = cos(pi t / 2), sigma = sin(pi t / 2) at model times t in
-    [0, 1]; by default sigma_k = sin^2(pi u_k / 2), u_k = 1 - k / steps (diffusers'
-    IPNDMScheduler), else the given descending times [N] or [B, N]; final level sigma = 0."""
+def _cosine_levels(kind, steps, sigma_min, sigma_max):
+    """The levels of diffusers' CosineDPMSolverMultistepScheduler, computed as it does in
+    float32: they are also the Brownian paths' query points, where a one-ulp difference
+    would change the noise by ~sqrt(ulp)."""
+    lo = 0.3 if sigma_min is None else float(sigma_min)
+    hi = 500.0 if sigma_max is None else float(sigma_max)
+    if not 0 < lo < hi:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {lo}, {hi}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if kind in (None, "exponential"):
+        sk = torch.linspace(math.log(lo), math.log(hi), int(steps)).exp().flip(0)
+    elif kind == "karras":
+        ramp = torch.linspace(0, 1, int(steps))
+        sk = (hi ** (1 / 7) + ramp * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7
+    else:
+        raise ValueError(f"the cosine DPM-Solver takes exponential or karras sigmas, not {kind}")
+    return sk.float().double().numpy()
+
+
+def angle_grid(steps, timesteps=None, levels=None, final="zero") -> Grid:
+    """A grid in v-diffusion's angle time: alpha = cos(pi t / 2), sigma = sin(pi t / 2) at
+    model times t in [0, 1] (so sk = tan(pi t / 2)). By default IPNDM's levels
+    sigma_k = sin^2(pi u_k / 2), u_k = 1 - k / steps (diffusers' IPNDMScheduler); else the
+    given descending times [N] or [B, N], or noise levels ``levels`` (sk, [N]). The final
+    level is sigma = 0, or with ``final="sigma_min"`` the last of ``levels``."""
+    if levels is not None:
+        sk = np.asarray(levels, dtype=np.float64)
+        ts = (np.arctan(sk) * 2 / np.pi)[None]
+        alpha, sigma = _from_sk(sk)
+        fa, fs = (1.0, 0.0) if final == "zero" else (alpha[-1], sigma[-1])
+        return Grid(t=ts, alpha=np.append(alpha, fa)[None], sigma=np.append(sigma, fs)[None],
+                    t_integer=False, lookup=_angle_lookup, sk_to_t=_angle_sk_to_t,
+                    t_end=np.array([np.nan if final == "zero" else ts[0, -1]]))
     if timesteps is None:
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
@@ -319,11 +362,17 @@ def angle_grid(steps, timesteps=None) -> Grid:
     alpha = np.concatenate([np.cos(ts * np.pi / 2), np.ones((R, 1))], axis=1)
     sigma = np.concatenate([np.sin(ts * np.pi / 2), np.zeros((R, 1))], axis=1)
     alpha[:, :-1] = np.where(ts == 1.0, 0.0, alpha[:, :-1])  # cos(pi / 2) exactly
+    return Grid(t=ts, alpha=alpha, sigma=sigma, t_integer=False, lookup=_angle_lookup,
+                sk_to_t=_angle_sk_to_t)
 
-    def lookup(t):
-        t = np.asarray(t, dtype=np.float64)
-        return np.cos(t * np.pi / 2), np.sin(t * np.pi / 2)
-    return Grid(t=ts, alpha=alpha, sigma=sigma, t_integer=False, lookup=lookup)
+
+def _angle_lookup(t):
+    t = np.asarray(t, dtype=np.float64)
+    return np.cos(t * np.pi / 2), np.sin(t * np.pi / 2)
+
+
+def _angle_sk_to_t(sk):
+    return np.arctan(np.asarray(sk, dtype=np.float64)) * 2 / np.pi
 
 
 def _spaced(schedule, steps, spacing, steps_offset, flavor, lambda_min_clipped):

@@ -6,6 +6,7 @@ from typing import Callable
 
 from .ddim import ddim, ddpm
 from .deis import deis
+from .cosine import cosine_dpm
 from .dpm import dpm_multistep, dpm_singlestep
 from .dpmsde import dpmpp_sde
 from .euler import euler, euler_ancestral, heun
@@ -64,6 +65,7 @@ FAMILIES = {
     "kdpm2": Family(kdpm2, "euler", karras_range="spaced"),
     "kdpm2-ancestral": Family(kdpm2_ancestral, "euler", karras_range="spaced"),
     "sa-solver": Family(sa_solver, "dpmsolver", final="sigma_min"),
+    "cosine-dpm": Family(cosine_dpm, "cosine"),
     "dpm++sde": Family(dpmpp_sde, **{**_EULER, "flavor": "euler64"}),
 }
 

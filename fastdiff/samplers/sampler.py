@@ -488,6 +488,12 @@ class Sampler:
             g = generator if generator is not None else self.generator
             if self.seeds is not None:
                 seeds = self.seeds
+            elif seed == "generator":  # the generators' own seeds, as diffusers' cosine DPM-Solver
+                if g is None:
+                    seeds = int(torch.randint(0, 2 ** 63 - 1, ()))
+                else:
+                    seeds = [int(gi.initial_seed()) for gi in g] if isinstance(g, (list, tuple)) \
+                        else int(g.initial_seed())
             elif seed is not None:
                 seeds = int(seed)
             elif isinstance(g, (list, tuple)):
