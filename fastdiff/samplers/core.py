@@ -104,11 +104,14 @@ class Plan:
     """The whole run: ``calls`` in order; the state starts as ``x_T * init_scale``
     (None: x_T itself, VP samplers); ``sigma_space``: the state is x / alpha (k-diffusion
     convention, Euler family); ``brownian``: (lo [R], hi [R], seed or None), the range and
-    seed of the Brownian paths that ops with ``brownian`` spans draw from."""
+    seed of the Brownian paths that ops with ``brownian`` spans draw from; ``grid``: the
+    grid the plan was built on when the family re-spaced the one it was given (singlestep
+    DPM-Solver's grouped logSNR grid)."""
     calls: list
     init_scale: np.ndarray | None = None
     sigma_space: bool = False
     brownian: tuple | None = None
+    grid: object = None
 
 
 def data_eps(pred: str, a, s):

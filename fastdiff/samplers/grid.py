@@ -24,7 +24,7 @@ from ..schedules import NoiseSchedule, diffusers_timesteps
 __all__ = ["Grid", "build_grid", "DISCRETE_SPACINGS", "CONTINUOUS_SPACINGS"]
 
 DISCRETE_SPACINGS = ("leading", "linspace", "trailing")
-CONTINUOUS_SPACINGS = ("time_uniform", "time_quadratic", "logSNR")
+CONTINUOUS_SPACINGS = ("time_uniform", "time_quadratic", "logSNR", "logSNR_flat")
 FINAL_SIGMAS = ("zero", "sigma_min", "last")
 # -- solvers: noise-level grids other than Karras (diffusers' use_exponential_sigmas,
 # use_beta_sigmas, use_lu_lambdas) ---------------------------------------------------------
@@ -51,6 +51,9 @@ class Grid:
     row_integer: [R] bool, the row's model times are all integers (a row is treated as
         it would be alone, whatever the other rows of a per-sample grid are).
     sigma_range: (sigma_min, sigma_max) the levels were spaced in ("cosine" flavour).
+    from_lambda, lam_span: DPM-Solver's continuous-time grids only: (model times, alpha,
+        sigma) of half log-SNRs [M], and the lambda range of the run (its final level
+        before a zero final sigma), to re-space the grid (``dpm.grouped_logsnr_grid``).
     """
     t: np.ndarray
     alpha: np.ndarray
@@ -63,6 +66,8 @@ class Grid:
     sk_to_t: Callable | None = field(default=None, repr=False)
     row_integer: np.ndarray | None = None
     sigma_range: tuple | None = None
+    from_lambda: Callable | None = field(default=None, repr=False)
+    lam_span: tuple | None = None
 
     def __post_init__(self):
         if self.row_integer is None:
@@ -427,13 +432,15 @@ def _continuous_grid(schedule, steps, spacing, kind, final):
         if spacing not in CONTINUOUS_SPACINGS:
             raise ValueError(f"spacing must be one of {CONTINUOUS_SPACINGS} for a continuous schedule, "
                              f"got {spacing!r}")
-        fn = {"logSNR": "logSNR_uniform"}.get(spacing, spacing)
+        fn = {"logSNR": "logSNR_uniform", "logSNR_flat": "logSNR_uniform"}.get(spacing, spacing)
         ts = getattr(schedule, fn)(steps).numpy()
         tt = torch.from_numpy(ts)
         alpha, sigma = schedule.marginal_alpha(tt).numpy(), schedule.marginal_std(tt).numpy()
     if not schedule.continuous:
         ts = schedule.cont_to_t(torch.from_numpy(ts)).numpy()
         ts[-1] = max(ts[-1], 0.0)  # (1 / T) * T - 1 may round below 0
+    with np.errstate(divide="ignore"):
+        lam_span = (float(np.log(alpha[0] / sigma[0])), float(np.log(alpha[-1] / sigma[-1])))
     if final == "zero":
         alpha, sigma = alpha.copy(), sigma.copy()
         alpha[-1], sigma[-1] = 1.0, 0.0
@@ -446,7 +453,17 @@ def _continuous_grid(schedule, steps, spacing, kind, final):
         lookup, sk_to_t = _discrete_lookup(schedule, alpha[-1], sigma[-1]), _discrete_sk_to_t(schedule)
     return Grid(t=ts[None, :-1].copy(), alpha=alpha[None], sigma=sigma[None], t_integer=False,
                 lookup=lookup, spacing=kind or spacing, sk_to_t=sk_to_t,
-                t_end=np.array([np.nan if final == "zero" else ts[-1]]))
+                t_end=np.array([np.nan if final == "zero" else ts[-1]]),
+                from_lambda=_from_lambda(schedule), lam_span=lam_span)
+
+
+def _from_lambda(schedule):
+    def from_lambda(lam):
+        t_cont = schedule.inverse_lambda(torch.from_numpy(np.asarray(lam, dtype=np.float64)))
+        alpha, sigma = schedule.marginal_alpha(t_cont).numpy(), schedule.marginal_std(t_cont).numpy()
+        t = t_cont.numpy() if schedule.continuous else schedule.cont_to_t(t_cont).numpy()
+        return np.maximum(t, 0.0), alpha, sigma
+    return from_lambda
 
 
 def _continuous_sk_to_t(schedule):

@@ -164,6 +164,7 @@ class Sampler:
             sigma_kind=_sigma_kind(exponential_sigmas, beta_sigmas, lu_lambdas))
         with np.errstate(all="ignore"):  # non-finite coefficients are refused in _finalize
             self.plan: Plan = fam.plan(self.grid, pred=prediction_type, clamp=self.clamp, **opts)
+        self.grid = self.plan.grid or self.grid
         self.guidance_scale = guidance_scale
         self.time_sharing = time_sharing
         self.generator = make_generators(seeds) if seeds is not None else generator
