@@ -1,0 +1,128 @@
+"""The DEIS, SA-Solver, KDPM2 (+ ancestral), DPM-Solver++ SDE, IPNDM and cosine DPM-Solver
+samplers, the exponential / beta / lu noise-level grids and DPM-Solver's own time grids:
+parity with diffusers' classes (same model, noise and timesteps), per-sample timesteps and
+seeds, and convergence orders on a Gaussian mixture against a tight ODE reference."""
+import inspect
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy.integrate import solve_ivp
+
+import diffusers
+from fastdiff import TimeSharing
+from fastdiff.gaussian import GaussianMixture
+from fastdiff.samplers import SAMPLERS, Sampler, sample
+from fastdiff.samplers.from_diffusers import SUPPORTED
+from fastdiff.schedules import NoiseSchedule
+from test_samplers import Denoiser, diffusers_loop, fastdiff_loop
+
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore::FutureWarning"),
+              pytest.mark.filterwarnings("ignore::UserWarning")]
+
+RTOL = 2e-4  # of the sample's scale (max(1, max |x|)), the issue's bar
+
+
+class AngleDenoiser(torch.nn.Module):
+    """Denoiser's exact-plus-nonlinear prediction on the angle schedule alpha = cos(pi t / 2)
+    (the model time of IPNDM and of the cosine DPM-Solver)."""
+
+    def __init__(self, prediction_type="v_prediction"):
+        super().__init__()
+        self.prediction_type = prediction_type
+
+    def forward(self, x, t):
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1)
+        a = torch.cos(t * math.pi / 2).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        s = torch.sin(t * math.pi / 2).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        v = 0.25 * a * a + s * s
+        eps, x0 = s * x / v, 0.25 * a * x / v
+        pred = {"epsilon": eps, "v_prediction": a * eps - s * x0}[self.prediction_type]
+        return pred + 0.05 * torch.sin(3 * x)
+
+
+def _model(sched, pred):
+    if hasattr(sched, "alphas_cumprod"):
+        return Denoiser(sched.alphas_cumprod, pred)
+    return AngleDenoiser(pred)
+
+
+def _parity(cls, config, steps, gen):
+    sched = getattr(diffusers, cls)(**config)
+    pred = config.get("prediction_type", {"IPNDMScheduler": "v_prediction",
+                                          "CosineDPMSolverMultistepScheduler": "v_prediction"}.get(cls, "epsilon"))
+    model = _model(sched, pred)
+    x_T = torch.randn(2, 3, 4, 4, generator=gen)
+    g1 = g2 = None
+    if "generator" in inspect.signature(sched.step).parameters:
+        seed = int(torch.randint(0, 2 ** 31, (1,), generator=gen))
+        g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref, ref_t = diffusers_loop(sched, steps, model, x_T, g1)
+        out, out_t = fastdiff_loop(sched, steps, model, x_T, g2)
+    # Fractional midpoint times are float64 in diffusers' KDPM2 / SDE, float32 here.
+    torch.testing.assert_close(out_t.double(), ref_t.double(), rtol=1e-6, atol=2e-4)
+    assert torch.isfinite(ref).all()
+    err, scale = (out - ref).abs().max().item(), max(1.0, ref.abs().max().item())
+    assert err <= RTOL * scale, f"{cls} {config} {steps} steps: max abs diff {err:.3g} (scale {scale:.3g})"
+
+
+def _zero_tau(t):
+    return 0.0
+
+
+PARITY = [
+    ("DEISMultistepScheduler", {}),
+    ("DEISMultistepScheduler", {"solver_order": 3}),
+    ("DEISMultistepScheduler", {"solver_order": 1, "prediction_type": "v_prediction"}),
+    ("DEISMultistepScheduler", {"solver_order": 3, "use_karras_sigmas": True, "timestep_spacing": "trailing"}),
+    ("DEISMultistepScheduler", {"use_exponential_sigmas": True, "prediction_type": "sample"}),
+    ("DEISMultistepScheduler", {"thresholding": True, "sample_max_value": 1.2, "lower_order_final": False,
+                                "timestep_spacing": "leading", "steps_offset": 1}),
+    ("SASolverScheduler", {}),
+    ("SASolverScheduler", {"tau_func": _zero_tau, "predictor_order": 3, "corrector_order": 4}),
+    ("SASolverScheduler", {"predictor_order": 1, "corrector_order": 1, "prediction_type": "v_prediction"}),
+    ("SASolverScheduler", {"algorithm_type": "noise_prediction", "tau_func": _zero_tau, "predictor_order": 3,
+                           "corrector_order": 3}),
+    ("SASolverScheduler", {"predictor_order": 4, "use_karras_sigmas": True, "prediction_type": "v_prediction"}),
+    ("SASolverScheduler", {"use_beta_sigmas": True, "thresholding": True, "sample_max_value": 1.5}),
+    ("KDPM2DiscreteScheduler", {}),
+    ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True, "prediction_type": "v_prediction"}),
+    ("KDPM2DiscreteScheduler", {"use_beta_sigmas": True, "timestep_spacing": "leading", "steps_offset": 1}),
+    ("KDPM2AncestralDiscreteScheduler", {}),
+    ("KDPM2AncestralDiscreteScheduler", {"use_exponential_sigmas": True, "prediction_type": "v_prediction",
+                                         "timestep_spacing": "trailing"}),
+    ("DPMSolverSDEScheduler", {"noise_sampler_seed": 123}),
+    ("DPMSolverSDEScheduler", {"noise_sampler_seed": 7, "use_karras_sigmas": True, "prediction_type": "v_prediction"}),
+    ("DPMSolverSDEScheduler", {"noise_sampler_seed": 5, "use_exponential_sigmas": True,
+                               "timestep_spacing": "trailing"}),
+    ("IPNDMScheduler", {}),
+    ("CosineDPMSolverMultistepScheduler", {}),
+    ("CosineDPMSolverMultistepScheduler", {"sigma_schedule": "karras", "solver_type": "heun",
+                                           "prediction_type": "epsilon"}),
+    ("CosineDPMSolverMultistepScheduler", {"solver_order": 1, "sigma_data": 0.5, "sigma_max": 80.0}),
+    # the noise-level options the existing classes gained
+    ("DPMSolverMultistepScheduler", {"use_exponential_sigmas": True}),
+    ("DPMSolverMultistepScheduler", {"use_beta_sigmas": True, "solver_order": 3}),
+    ("DPMSolverMultistepScheduler", {"use_lu_lambdas": True, "prediction_type": "v_prediction"}),
+    ("DPMSolverMultistepScheduler", {"use_lu_lambdas": True, "beta_schedule": "squaredcos_cap_v2"}),
+    ("DPMSolverMultistepScheduler", {"use_exponential_sigmas": True, "algorithm_type": "sde-dpmsolver++"}),
+    ("DPMSolverSinglestepScheduler", {"use_exponential_sigmas": True}),
+    ("DPMSolverSinglestepScheduler", {"use_beta_sigmas": True, "solver_order": 3}),
+    ("UniPCMultistepScheduler", {"use_exponential_sigmas": True}),
+    ("UniPCMultistepScheduler", {"use_beta_sigmas": True, "solver_order": 3}),
+    ("EulerDiscreteScheduler", {"use_exponential_sigmas": True}),
+    ("EulerDiscreteScheduler", {"use_beta_sigmas": True, "timestep_spacing": "trailing"}),
+    ("HeunDiscreteScheduler", {"use_exponential_sigmas": True, "prediction_type": "v_prediction"}),
+    ("LMSDiscreteScheduler", {"use_beta_sigmas": True}),
+]
+
+
+@pytest.mark.parametrize("cls,config", PARITY, ids=[f"{c}-{i}" for i, (c, _) in enumerate(PARITY)])
+def test_parity_with_diffusers(cls, config, gen):
+    for steps in (6, 13):
+        _parity(cls, config, steps, gen)
