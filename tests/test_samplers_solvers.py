@@ -126,3 +126,59 @@ PARITY = [
 def test_parity_with_diffusers(cls, config, gen):
     for steps in (6, 13):
         _parity(cls, config, steps, gen)
+
+
+# -- which diffusers classes are supported -------------------------------------------------
+
+def _scheduler_classes():
+    # Only "*Scheduler" names: getattr on every name would import every pipeline.
+    names = [n for n in dir(diffusers) if n.endswith("Scheduler")]
+    return sorted((n, getattr(diffusers, n)) for n in names
+                  if inspect.isclass(getattr(diffusers, n)) and issubclass(getattr(diffusers, n), diffusers.SchedulerMixin))
+
+
+def test_supported_diffusers_scheduler_count():
+    """Sampler.from_diffusers on every diffusers scheduler class's default config: the
+    supported ones build and run, every other one raises a ValueError naming the class and
+    saying why (classes that need constructor arguments are checked without a config)."""
+    supported, refused = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, cls in _scheduler_classes():
+            try:
+                sched = cls()
+            except TypeError:  # required constructor arguments: the class name decides
+                sched = cls.__new__(cls)
+            try:
+                s = Sampler.from_diffusers(sched, 4)
+            except ValueError as e:
+                msg = str(e)
+                assert name in msg and "not supported:" in msg, msg
+                assert len(msg.split("not supported:")[1].split(". Supported")[0].strip()) > 10, msg
+                refused.append(name)
+                continue
+            x = s.init_noise(torch.randn(1, 2, 3))
+            for t in s.timesteps:
+                x = s.step(torch.randn(1, 2, 3), t, x)
+            assert torch.isfinite(x).all(), name
+            supported.append(name)
+    print(f"\nsupported diffusers scheduler classes: {len(supported)} of {len(supported) + len(refused)}: "
+          f"{', '.join(supported)}\nrefused: {', '.join(refused)}")
+    assert set(supported) == set(SUPPORTED) & {n for n, _ in _scheduler_classes()}
+    assert len(supported) >= 17
+
+
+@pytest.mark.parametrize("cls,config,key", [
+    ("DPMSolverSDEScheduler", {"prediction_type": "sample"}, "prediction_type"),
+    ("UniPCMultistepScheduler", {"use_exponential_sigmas": True, "final_sigmas_type": "sigma_min"},
+     "final_sigmas_type"),
+    ("KDPM2DiscreteScheduler", {"prediction_type": "sample"}, "prediction_type"),
+    ("IPNDMScheduler", {"trained_betas": [0.5] * 5}, "trained_betas"),
+    ("CosineDPMSolverMultistepScheduler", {"rho": 5.0}, "rho"),
+])
+def test_options_that_cannot_be_honoured_are_refused(cls, config, key):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sched = getattr(diffusers, cls)(**config)
+    with pytest.raises(ValueError, match=f"{cls}: config option {key}"):
+        Sampler.from_diffusers(sched, 6)

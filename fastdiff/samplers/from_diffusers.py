@@ -292,12 +292,29 @@ SUPPORTED = {
 }
 
 
+# -- solvers: why the remaining diffusers classes are refused ------------------------------
+_TOKENS = "discrete-token (masked or categorical) diffusion, not a Gaussian state"
+_REFUSED = {
+    "AmusedScheduler": _TOKENS,
+    "VQDiffusionScheduler": _TOKENS,
+    "KarrasVeScheduler": "its churn and second-order correction are separate calls (step_correct) around "
+                         "the model, on a variance-exploding schedule",
+    "ScoreSdeVeScheduler": "a variance-exploding SDE with a separate Langevin corrector call (step_correct); "
+                           "fastdiff's schedules are variance preserving",
+    "RePaintScheduler": "inpainting with resampling jumps back in time (undo_step) and a known-region mask",
+    "UnCLIPScheduler": "its variance comes from the model's learned-range channels at every step",
+    "DDPMWuerstchenScheduler": "Wuerstchen's own continuous cosine schedule and time input (ratios), which "
+                               "NoiseSchedule does not have",
+}
+
+
 def sampler_args(scheduler, steps):
     """(sampler name, Sampler keyword arguments) equivalent to ``scheduler`` run for
     ``steps`` steps."""
     cls = type(scheduler).__name__
     if cls not in SUPPORTED:
-        raise ValueError(f"scheduler {cls} is not supported; supported: {', '.join(SUPPORTED)}")
+        why = _REFUSED.get(cls, "fastdiff has no sampler family whose fused step reproduces its update")
+        raise ValueError(f"scheduler {cls} is not supported: {why}. Supported: {', '.join(SUPPORTED)}")
     cfg = dict(scheduler.config)
     if steps is None:
         raise ValueError("from_diffusers needs steps (the scheduler's num_inference_steps)")
