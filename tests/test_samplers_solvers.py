@@ -182,3 +182,93 @@ def test_options_that_cannot_be_honoured_are_refused(cls, config, key):
         sched = getattr(diffusers, cls)(**config)
     with pytest.raises(ValueError, match=f"{cls}: config option {key}"):
         Sampler.from_diffusers(sched, 6)
+
+
+# -- per-sample timesteps and seeds; time sharing ------------------------------------------
+
+NEW = ["deis", "deis-3", "sa-solver", "kdpm2", "kdpm2-ancestral", "dpm++sde", "ipndm", "cosine-dpm"]
+STOCHASTIC = ["sa-solver", "kdpm2-ancestral", "dpm++sde", "cosine-dpm"]
+
+
+def _run(s, model, x_T, generator=None):
+    x = s.init_noise(x_T)
+    for t in s.timesteps:
+        x = s.step(model(s.scale_model_input(x, t), t), t, x, generator=generator)
+    return x
+
+
+def test_every_new_name_is_registered():
+    assert set(NEW) <= set(SAMPLERS)
+
+
+@pytest.mark.parametrize("name", STOCHASTIC)
+def test_seeds_give_batch_independent_noise(name, gen):
+    """With seeds= sample i's noise (normal or Brownian-tree) depends only on seed i."""
+    schedule = NoiseSchedule.linear()
+    model = _model(diffusers.DDPMScheduler(), "v_prediction" if name == "cosine-dpm" else "epsilon")
+    x_T = torch.randn(3, 2, 4, 4, generator=gen)
+    seeds = [int(v) for v in torch.randint(0, 2 ** 31, (3,), generator=gen)]
+    kw = dict(prediction_type="v_prediction") if name == "cosine-dpm" else {}
+    with torch.no_grad():
+        full = _run(Sampler(name, schedule, 7, seeds=seeds, **kw), model, x_T)
+        alone = _run(Sampler(name, schedule, 7, seeds=seeds[1:2], **kw), model, x_T[1:2])
+        again = _run(Sampler(name, schedule, 7, seeds=seeds, **kw), model, x_T)
+        other = _run(Sampler(name, schedule, 7, seeds=[seeds[0] + 1] + seeds[1:], **kw), model, x_T)
+    torch.testing.assert_close(full[1:2], alone, rtol=0, atol=1e-6)
+    assert torch.equal(full, again)
+    assert not torch.allclose(full[0], other[0])  # the noise does enter
+    # sample() with seeds= draws the same (one generator per sample)
+    out = sample(model, x_T=x_T, schedule=schedule, sampler=name, steps=7, seeds=seeds, progress=False, **kw)
+    torch.testing.assert_close(out[1:2], alone, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["deis-3", "sa-solver", "kdpm2", "kdpm2-ancestral", "dpm++sde", "ipndm"])
+def test_per_sample_timesteps_match_single_rows(name, gen):
+    """A [B, N] timestep grid gives each sample what its own row gives alone."""
+    schedule = NoiseSchedule.linear()
+    if name == "ipndm":
+        rows = [np.linspace(1.0, 0.02, 6), np.linspace(0.9, 0.05, 6) ** 1.3]
+        model = AngleDenoiser("epsilon")
+    else:
+        rows = [np.linspace(999, 10, 6).round(), np.linspace(950.5, 3.25, 6)]
+        model = _model(diffusers.DDPMScheduler(), "epsilon")
+    x_T = torch.randn(2, 2, 4, 4, generator=gen)
+    seeds = [int(v) for v in torch.randint(0, 2 ** 31, (2,), generator=gen)]
+    with torch.no_grad():
+        both = _run(Sampler(name, schedule, timesteps=np.stack(rows), seeds=seeds), model, x_T)
+        for r in range(2):
+            one = _run(Sampler(name, schedule, timesteps=rows[r], seeds=seeds[r:r + 1]), model, x_T[r:r + 1])
+            torch.testing.assert_close(both[r:r + 1], one, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("name", ["deis", "sa-solver", "kdpm2", "dpm++sde"])
+def test_time_sharing_feeds_the_shared_time(name):
+    """E-TSDM: the network sees f(t), the update keeps the true schedule."""
+    ts = TimeSharing(t_tilde=300, n=3)
+    seen = []
+
+    def model(x, t):
+        seen.append(t.clone())
+        return 0.1 * x
+    s = Sampler(name, NoiseSchedule.linear(), 8, time_sharing=ts)
+    sample(model, x_T=torch.randn(2, 3), sampler=s, progress=False, generator=torch.Generator().manual_seed(0))
+    want = ts(s.timesteps.reshape(len(s), -1))
+    assert len(seen) == len(s)
+    for k, t in enumerate(seen):
+        torch.testing.assert_close(t.double(), want[k].double().expand(2))
+    assert (s.timesteps < 300).any() and not torch.equal(want[:, 0].double(), s.timesteps.double())
+
+
+@pytest.mark.parametrize("name", ["pndm", "dpm-solver-sde", "dpm++sde-2m", "dpm++2m", "ddpm"])
+def test_an_integer_row_gets_what_it_gets_alone(name, gen):
+    """Mixing an all-integer timestep row with a fractional one must not change the integer
+    row (the integer / fractional decision is made per row)."""
+    schedule = NoiseSchedule.linear()
+    model = _model(diffusers.DDPMScheduler(), "epsilon")
+    rows = np.stack([np.linspace(999, 20, 6).round(), np.linspace(990.5, 10.25, 6)])
+    x_T = torch.randn(2, 2, 4, 4, generator=gen)
+    seeds = [int(v) for v in torch.randint(0, 2 ** 31, (2,), generator=gen)]
+    with torch.no_grad():
+        both = _run(Sampler(name, schedule, timesteps=rows, seeds=seeds), model, x_T)
+        alone = _run(Sampler(name, schedule, timesteps=rows[0], seeds=seeds[:1]), model, x_T[:1])
+    torch.testing.assert_close(both[:1], alone, rtol=0, atol=1e-6)

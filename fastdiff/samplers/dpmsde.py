@@ -41,8 +41,8 @@ def _ancestral(s, target):
 
 def dpmpp_sde(grid: Grid, *, pred, clamp, init_noise_sigma=None, noise_sampler_seed=None) -> Plan:
     """DPM-Solver++ SDE (2 model calls per step, Brownian-tree noise). The paths' seeds:
-    the Sampler's ``seeds`` (one path per sample), else ``noise_sampler_seed`` (one path for
-    the whole batch, diffusers' option), else one drawn from the Sampler's generator."""
+    ``noise_sampler_seed`` (one path for the whole batch, diffusers' option), else one seed
+    drawn from each of the Sampler's generators (with ``seeds=``: one path per sample)."""
     if noise_sampler_seed is not None and (isinstance(noise_sampler_seed, bool)
                                            or not isinstance(noise_sampler_seed, (int, np.integer))):
         raise TypeError(f"noise_sampler_seed must be an int or None, got {noise_sampler_seed!r}")

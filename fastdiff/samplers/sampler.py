@@ -168,7 +168,6 @@ class Sampler:
         self.guidance_scale = guidance_scale
         self.time_sharing = time_sharing
         self.generator = make_generators(seeds) if seeds is not None else generator
-        self.seeds = None if seeds is None else [int(g.initial_seed()) for g in self.generator]
         self.steps = self.grid.n
         self._finalize()
         self.reset()
@@ -480,16 +479,15 @@ class Sampler:
         return randn(x.shape, g, x.device, x.dtype)
 
     def _brownian_noise(self, x, op, generator):
-        """The standardised Brownian increment of this op (``fastdiff.samplers.brownian``);
-        the paths are seeded by ``seeds`` (one per sample), else by the plan's seed, else by
-        a seed drawn from the generator (one per generator in a list)."""
+        """The standardised Brownian increment of this op (``fastdiff.samplers.brownian``).
+        The paths' seeds: the plan's own seed (one path for the batch), else one seed drawn
+        from each generator (a list, e.g. from ``seeds=``: one path per sample), else the
+        generators' initial seeds when the plan asks for them (diffusers' cosine DPM-Solver)."""
         from .brownian import BrownianNoise
         if self._brownian is None:
             lo, hi, seed = self.plan.brownian
             g = generator if generator is not None else self.generator
-            if self.seeds is not None:
-                seeds = self.seeds
-            elif seed == "generator":  # the generators' own seeds, as diffusers' cosine DPM-Solver
+            if seed == "generator":  # the generators' own seeds, as diffusers' cosine DPM-Solver
                 if g is None:
                     seeds = int(torch.randint(0, 2 ** 63 - 1, ()))
                 else:
