@@ -15,6 +15,7 @@ import diffusers
 from fastdiff import TimeSharing
 from fastdiff.gaussian import GaussianMixture
 from fastdiff.samplers import SAMPLERS, Sampler, sample
+from fastdiff.samplers.dpm import singlestep_orders
 from fastdiff.samplers.from_diffusers import SUPPORTED
 from fastdiff.schedules import NoiseSchedule
 from test_samplers import Denoiser, diffusers_loop, fastdiff_loop
@@ -272,3 +273,57 @@ def test_an_integer_row_gets_what_it_gets_alone(name, gen):
         both = _run(Sampler(name, schedule, timesteps=rows, seeds=seeds), model, x_T)
         alone = _run(Sampler(name, schedule, timesteps=rows[0], seeds=seeds[:1]), model, x_T[:1])
     torch.testing.assert_close(both[:1], alone, rtol=0, atol=1e-6)
+
+
+# -- DPM-Solver's own time grids -------------------------------------------------------------
+
+@pytest.mark.parametrize("spacing", ["time_uniform", "time_quadratic", "logSNR"])
+def test_dpm_solver_time_grids_on_a_discrete_schedule(spacing):
+    """The official DPM-Solver's grids on a discrete schedule: continuous time
+    t = (index + 1) / T from 1 to 1 / T, spaced uniformly in t, sqrt(t) or lambda, with
+    log alpha piecewise linear in t; the network gets the fractional index."""
+    schedule = NoiseSchedule.scaled_linear()
+    s = Sampler("dpm++2m", schedule, 9, spacing=spacing, final_sigmas_type="sigma_min")
+    g = s.grid
+    t_cont = torch.from_numpy(np.append(g.t[0], g.t_end[0]) + 1) / schedule.T
+    assert t_cont[0].item() == pytest.approx(1.0) and t_cont[-1].item() == pytest.approx(1 / schedule.T)
+    if spacing == "time_uniform":
+        np.testing.assert_allclose(np.diff(t_cont.numpy()), -(1 - 1 / schedule.T) / 9, rtol=1e-9)
+    elif spacing == "time_quadratic":
+        np.testing.assert_allclose(np.diff(t_cont.sqrt().numpy()), np.diff(t_cont.sqrt().numpy())[0], rtol=1e-9)
+    else:
+        np.testing.assert_allclose(np.diff(g.lam[0]), np.diff(g.lam[0])[0], rtol=1e-9)
+    np.testing.assert_allclose(g.alpha[0], schedule.marginal_alpha(t_cont).numpy(), rtol=1e-12)
+    assert s.timesteps.dtype == torch.float32  # fractional indices in general (not for time_uniform here)
+    torch.testing.assert_close(s.timesteps.double(), torch.from_numpy(g.t[0]).float().double())
+
+
+def test_singlestep_logsnr_grid_is_built_as_the_official_code():
+    """K solver steps uniform in lambda, each group's points uniform inside it; the old
+    grid (all points uniform) stays available as "logSNR_flat"."""
+    schedule = NoiseSchedule.vp_linear()
+    for name, order, N in (("dpm++3s", 3, 7), ("dpm++2s", 2, 9), ("dpm-solver-single", 3, 8)):
+        s = Sampler(name, schedule, N, spacing="logSNR", order=order, final_sigmas_type="sigma_min")
+        flat = Sampler(name, schedule, N, spacing="logSNR_flat", order=order, final_sigmas_type="sigma_min")
+        lam = s.grid.lam[0]
+        np.testing.assert_allclose(np.diff(flat.grid.lam[0]), np.diff(flat.grid.lam[0])[0], rtol=1e-9)
+        orders = singlestep_orders(N, order, True, False)
+        starts = [k for k, o in enumerate(orders) if o == 1] + [N]
+        outer = lam[starts]
+        np.testing.assert_allclose(np.diff(outer), np.diff(outer)[0], rtol=1e-9)
+        for a, b in zip(starts[:-1], starts[1:]):
+            np.testing.assert_allclose(np.diff(lam[a:b + 1]), (outer[1] - outer[0]) / (b - a), rtol=1e-9)
+        assert lam[0] == pytest.approx(flat.grid.lam[0, 0]) and lam[-1] == pytest.approx(flat.grid.lam[0, -1])
+        assert len({len(range(a, b)) for a, b in zip(starts[:-1], starts[1:])}) > 1  # groups differ: grids differ
+        assert not np.allclose(lam, flat.grid.lam[0])
+
+
+@pytest.mark.parametrize("name", ["dpm++2m", "dpm++3m", "dpm-solver", "dpm++2s", "dpm++3s", "dpm-solver-single"])
+def test_taylor_is_heun(name, gen):
+    """The official code's solver_type "taylor" is the same update as "heun" everywhere."""
+    schedule = NoiseSchedule.linear()
+    kw = dict(final_sigmas_type="sigma_min")
+    a = Sampler(name, schedule, 9, solver_type="heun", **kw)
+    b = Sampler(name, schedule, 9, solver_type="taylor", **kw)
+    for ca, cb in zip(a.plan.calls, b.plan.calls):
+        assert np.array_equal(ca.op.coeffs.array, cb.op.coeffs.array)
