@@ -327,3 +327,65 @@ def test_taylor_is_heun(name, gen):
     b = Sampler(name, schedule, 9, solver_type="taylor", **kw)
     for ca, cb in zip(a.plan.calls, b.plan.calls):
         assert np.array_equal(ca.op.coeffs.array, cb.op.coeffs.array)
+
+
+# -- convergence orders on a Gaussian mixture ----------------------------------------------
+
+def _mixture_reference(mix, x, lam0, lam1):
+    """The probability-flow ODE dx/dlambda = alpha (x0(x) - alpha x) (VP, lambda = log
+    alpha / sigma) solved to 1e-12 by scipy's DOP853: the exact solution for this test."""
+    n = x.shape[0]
+
+    def f(lam, y):
+        a = 1.0 / math.sqrt(1.0 + math.exp(-2.0 * lam))
+        xx = torch.from_numpy(y.reshape(x.shape))
+        x0 = mix.x0(xx, torch.full((n,), a, dtype=torch.float64), torch.full((n,), a * math.exp(-lam),
+                                                                               dtype=torch.float64))
+        return (a * (x0 - a * xx)).reshape(-1).numpy()
+    sol = solve_ivp(f, (lam0, lam1), x.reshape(-1).numpy(), method="DOP853", rtol=1e-12, atol=1e-12)
+    return torch.from_numpy(sol.y[:, -1].reshape(x.shape))
+
+
+# Measured global orders (logSNR grid; IPNDM on its own grid): DEIS k has order k (its
+# first steps ramp up, the asymptotic rate is k); SA-Solver's corrector adds one order to a
+# predictor of order p up to the corrector's order; IPNDM's Adams-Bashforth weights assume
+# equal steps, so on its (unequal) grid it is second order (measured 2.6).
+CONVERGENCE = [
+    ("deis", {"order": 1}, 1), ("deis", {"order": 2}, 2), ("deis", {"order": 3}, 3),
+    ("sa-solver", {"tau": 0.0, "predictor_order": 2, "corrector_order": 2}, 2),
+    ("sa-solver", {"tau": 0.0, "predictor_order": 3, "corrector_order": 3}, 3),
+    ("kdpm2", {}, 2), ("ipndm", {}, 2),
+]
+
+
+@pytest.mark.parametrize("name,kw,order", CONVERGENCE, ids=[f"{n}{kw}" for n, kw, _ in CONVERGENCE])
+def test_convergence_order_on_a_gaussian_mixture(name, kw, order, gen, one_thread):
+    """Error against the exact ODE solution shrinks like steps^-order as steps double. The
+    mixture is centred: IPNDM (as diffusers) takes the data estimate at alpha = 0 as 0."""
+    means = torch.randn(3, 2, generator=gen, dtype=torch.float64)
+    mix = GaussianMixture(means - means.mean(0), [0.5, 0.6, 0.7])
+    schedule = NoiseSchedule.vp_linear()
+    x_T = torch.randn(6, 2, generator=gen, dtype=torch.float64)
+    if name == "ipndm":
+        def model(x, t):
+            t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).expand(x.shape[0])
+            return mix.eps(x, torch.cos(t * math.pi / 2), torch.sin(t * math.pi / 2))
+    else:
+        model = mix.as_model(schedule)
+    # IPNDM's error reaches a ~3e-5 floor (its last steps into sigma = 0) past 64 steps
+    Ns, errs, ref = ([8, 16, 32, 64] if name == "ipndm" else [20, 40, 80, 160]), [], None
+    for N in Ns:
+        if name == "ipndm":
+            s = Sampler(name, schedule, N)
+        else:
+            s = Sampler(name, schedule, N, spacing="logSNR", final_sigmas_type="sigma_min", **kw)
+        x = _run(s, model, x_T)
+        if ref is None:  # the same end points for every N
+            lam = s.grid.lam[0]
+            ref = _mixture_reference(mix, x_T, max(lam[0], -30.0), min(lam[-1], 30.0))
+            if s.plan.sigma_space:
+                ref = ref / s.grid.alpha[0, -1]
+        errs.append((x - ref).abs().max().item())
+    slope = np.polyfit(np.log(Ns), np.log(errs), 1)[0]
+    assert errs[-1] < errs[0] / 2 ** order
+    assert slope < -(order - 0.3), f"{name} {kw}: errors {errs}, fitted order {-slope:.2f} < {order}"
