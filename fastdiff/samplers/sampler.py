@@ -177,8 +177,10 @@ class Sampler:
     @classmethod
     def from_diffusers(cls, scheduler, steps: int | None = None, **overrides) -> "Sampler":
         """The fused equivalent of a diffusers scheduler instance (DDIM, DDPM, PNDM,
-        DPMSolverMultistep/Singlestep, UniPC, Euler, EulerAncestral, Heun, LMS), reading
-        its config; an option it cannot honour raises ValueError naming it."""
+        DPMSolverMultistep/Singlestep, UniPC, Euler, EulerAncestral, Heun, LMS, DEIS,
+        SASolver, KDPM2, KDPM2Ancestral, DPMSolverSDE, IPNDM, CosineDPMSolverMultistep;
+        ``fastdiff.samplers.from_diffusers.SUPPORTED``), reading its config; an option it
+        cannot honour raises ValueError naming it."""
         from .from_diffusers import sampler_args
         name, kwargs = sampler_args(scheduler, steps)
         kwargs.update(overrides)
