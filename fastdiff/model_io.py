@@ -43,6 +43,8 @@ LEGACY_WEIGHTS = "model.pt"
 DIFFUSERS_SHARING_KEY = "_fastdiff_time_sharing"
 
 _FROM_MODEL = object()  # "take it from the model"
+_RESERVED = ("format", "version", "class", "model", "time_sharing", "schedule",
+             "prediction_type", "weights")
 
 
 def sharing_to_dict(sharing: TimeSharing | None) -> dict | None:
@@ -109,6 +111,9 @@ def save_model(model: nn.Module, directory, *, schedule: NoiseSchedule | None = 
                          f"got {pred!r}")
     if extra is not None and not isinstance(extra, dict):
         raise TypeError(f"save_model: extra must be a dict, got {type(extra).__name__}")
+    clash = sorted(set(extra or {}) & set(_RESERVED))
+    if clash:
+        raise ValueError(f"save_model: extra must not set the format's own keys {clash}")
     directory = os.fspath(directory)
     fields = {"time_sharing": sharing_to_dict(sharing),
               "schedule": None if schedule is None else schedule.to_recipe(),
@@ -130,7 +135,10 @@ def save_model(model: nn.Module, directory, *, schedule: NoiseSchedule | None = 
     else:  # weights and metadata only: load_model cannot rebuild a class it does not know
         cls = f"{type(model).__module__}.{type(model).__qualname__}"
         model_cfg = getattr(model, "config", None)
-        json.dumps(model_cfg)  # fail before writing anything if it is not JSON-safe
+    try:  # fail before writing anything
+        json.dumps([model_cfg, extra])
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"save_model: the model's config and extra must be JSON-safe ({e})") from None
     sha = save_weights(model.state_dict(), os.path.join(directory, WEIGHTS))
     config = {"format": FORMAT, "version": VERSION, "class": cls, "model": model_cfg, **fields,
               "weights": {"file": WEIGHTS, "sha256": sha},

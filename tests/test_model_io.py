@@ -69,6 +69,10 @@ def test_save_model_explicit_arguments_and_errors(tmp_path):
         save_model(m, tmp_path / "b", schedule="linear")
     with pytest.raises(TypeError, match="nn.Module"):
         save_model(object(), tmp_path / "b")
+    with pytest.raises(ValueError, match="own keys.*schedule"):
+        save_model(m, tmp_path / "b", extra={"schedule": "mine"})
+    with pytest.raises(TypeError, match="JSON-safe"):
+        save_model(m, tmp_path / "b", extra={"when": object()})
     assert not (tmp_path / "b").exists()
 
 

@@ -14,6 +14,8 @@ import torch
 
 import fastdiff
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
 
@@ -39,7 +41,7 @@ def test_blocks_are_found():
 
 
 @pytest.mark.parametrize("line, code", BLOCKS, ids=[f"README.md:{n}" for n, _ in BLOCKS])
-def test_readme_block_runs(line, code, tmp_path, monkeypatch, one_thread):
+def test_readme_block_runs(line, code, tmp_path, monkeypatch):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
