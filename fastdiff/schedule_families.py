@@ -190,13 +190,14 @@ class FlowSchedule:
         return 1 - one_minus / (one_minus[-1] / (1 - st))
 
     def grid_sigmas(self, steps: int, variant: str = "match", mu: float | None = None,
-                    karras: bool = False):
+                    karras=False):
         """(model times [steps], flow sigmas [steps + 1]) of one run, float64, as the
         diffusers scheduler ``variant`` builds them: "match" (FlowMatchEuler/Heun:
         shifted endpoints, shifted again, optional terminal stretch and Karras /
         exponential / beta respacing, optional inversion), "dpm" (DPM-Solver with
         ``use_flow_sigmas``) or "unipc" (UniPC with ``use_flow_sigmas``). The last sigma
-        is the final level (0, or 1 when ``invert_sigmas``)."""
+        is the final level (0, or 1 when ``invert_sigmas``). ``karras``: True or a
+        respacing name overriding the schedule's ``sigma_spacing``."""
         p, T, N = self._params, self.T, steps
         if variant == "match":
             shift = self._shift_of(mu, required=True)
@@ -207,7 +208,7 @@ class FlowSchedule:
             hi, lo = train[0].item(), train[-1].item()
             s = np.linspace(hi * T, lo * T, N) / T
             s = self._stretch(time_shift(s, shift))
-            spacing = "karras" if karras else p["sigma_spacing"]
+            spacing = ("karras" if karras is True else karras) if karras else p["sigma_spacing"]
             if spacing is not None:
                 s = spaced_sigmas(spacing, s[-1].item(), s[0].item(), N)
             if p["invert_sigmas"]:

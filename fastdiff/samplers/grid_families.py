@@ -20,9 +20,13 @@ _OWN_FLAVORS = ("flow", "edm", "cm", "lcm", "ddim-inverse", "dpm-inverse")
 
 
 def family_grid(schedule, steps, *, flavor, flow, timesteps, spacing, steps_offset, karras, final,
-                sigma_min, sigma_max, mu=None, original_inference_steps=None):
+                sigma_min, sigma_max, sigma_kind=None, mu=None, original_inference_steps=None):
     """The grid of a family built here, or None (build_grid's own VP families)."""
     kind = getattr(schedule, "kind", None)
+    if sigma_kind is not None and (kind in ("flow", "edm") or flavor in _OWN_FLAVORS):
+        if kind != "flow" or sigma_kind not in ("karras", "exponential", "beta"):
+            raise ValueError(f"{sigma_kind} sigmas are not an option of this sampler / schedule")
+        karras = sigma_kind
     if mu is not None and kind != "flow":
         raise ValueError("mu (dynamic shifting) needs a flow schedule (NoiseSchedule.flow)")
     if original_inference_steps is not None and flavor != "lcm":
@@ -34,7 +38,7 @@ def family_grid(schedule, steps, *, flavor, flow, timesteps, spacing, steps_offs
                              "flow-heun or a DPM-Solver / UniPC name")
         if sigma_min is not None or sigma_max is not None:
             raise ValueError("sigma_min / sigma_max are not options of flow-matching grids")
-        return _flow_grid(schedule, steps, variant, timesteps, karras, final, mu)
+        return _flow_grid(schedule, steps, variant, timesteps, karras, final, mu)  # karras: bool or a kind
     if flavor == "flow":
         raise ValueError(f"flow-matching samplers need a flow schedule (NoiseSchedule.flow()), got {schedule!r}")
     if kind == "edm" or flavor in ("edm", "cm"):
