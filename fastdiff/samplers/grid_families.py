@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..schedules import NoiseSchedule
-from .grid import Grid, _as_timesteps, _discrete_lookup, _explicit_grid, _from_sk
+from .grid import Grid, _as_times, _discrete_lookup, _explicit_grid, _final, _from_sk
 
 __all__ = ["family_grid", "GRID_OPTIONS", "lcm_timesteps"]
 
@@ -89,7 +89,7 @@ def _flow_grid(schedule, steps, variant, timesteps, karras, final, mu):
     if timesteps is not None:
         if karras:
             raise ValueError("explicit timesteps and karras sigmas exclude each other")
-        ts = _as_timesteps(timesteps, _Range(T), steps)
+        ts = _as_times(timesteps, steps, 0.0, float(T), f"a flow schedule (model times in [0, {T}])")
         s = np.concatenate([ts / T, np.zeros((ts.shape[0], 1))], axis=1)
         return Grid(t=ts, alpha=1.0 - s, sigma=s, t_integer=variant != "match" and bool((ts == np.round(ts)).all()),
                     lookup=_flow_lookup(T))
@@ -106,17 +106,6 @@ def _flow_grid(schedule, steps, variant, timesteps, karras, final, mu):
         s[-1], t_end = s[-2], t[-1:].copy()  # UniPC: the last sigma repeated (a zero-length step)
     return Grid(t=t[None], alpha=1.0 - s[None], sigma=s[None], t_integer=variant != "match",
                 lookup=_flow_lookup(T), t_end=t_end)
-
-
-class _Range:
-    """What _as_timesteps asks of a schedule: model times in [0, T]."""
-    continuous = False
-
-    def __init__(self, T):
-        self.T = T + 1  # _as_timesteps checks [0, T - 1]
-
-    def __repr__(self):
-        return f"a flow schedule (model times in [0, {self.T - 1}])"
 
 
 # -- EDM ----------------------------------------------------------------------------------
@@ -192,7 +181,7 @@ def _ddim_inverse_grid(schedule, steps, spacing, steps_offset, final):
     else:
         raise ValueError(f"DDIM inversion supports timestep_spacing 'leading' or 'trailing', got {spacing!r}")
     ts = ts.astype(np.float64)
-    lookup = _discrete_lookup(schedule, final)
+    lookup = _discrete_lookup(schedule, *_final(schedule, final))
     a0, s0 = lookup(ts - T // steps)
     a1, s1 = lookup(ts[-1:])
     grid = Grid(t=ts[None], alpha=np.append(a0, a1)[None], sigma=np.append(s0, s1)[None], t_integer=True,
@@ -220,5 +209,5 @@ def _dpm_inverse_grid(schedule, steps, spacing, steps_offset):
     alpha, sigma = _from_sk(np.append(np.interp(ts, np.arange(T), table), table[top]))
     ts = ts.astype(np.float64)
     return Grid(t=ts[None], alpha=alpha[None], sigma=sigma[None], t_integer=True,
-                lookup=_discrete_lookup(schedule, "zero"), spacing=spacing, t_end=np.array([float(top)]))
+                lookup=_discrete_lookup(schedule, 1.0, 0.0), spacing=spacing, t_end=np.array([float(top)]))
 
