@@ -509,6 +509,26 @@ class NoiseSchedule:
         return cls._discrete(kind, params, _diffusers_betas(T, bs, be, sched), rescale)
 
     @classmethod
+    def flow(cls, T: int = 1000, **options):
+        """Flow matching / rectified flow, ``x_s = (1 - s) x0 + s eps`` (SD3, Flux), model
+        time ``s * T``: a :class:`fastdiff.schedule_families.FlowSchedule`. Options are
+        diffusers' FlowMatchEulerDiscreteScheduler config: ``shift``,
+        ``use_dynamic_shifting`` (then pass ``mu`` to the sampler), ``time_shift_type``,
+        ``base_shift``, ``max_shift``, ``base_image_seq_len``, ``max_image_seq_len``,
+        ``shift_terminal``, ``invert_sigmas``, ``sigma_spacing`` ("karras",
+        "exponential", "beta")."""
+        from .schedule_families import FlowSchedule
+        return FlowSchedule(T, **options)
+
+    @classmethod
+    def edm(cls, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+            sigma_schedule: str = "karras"):
+        """EDM's variance-exploding schedule (Karras et al. 2022), model time
+        ``0.25 log sigma``: a :class:`fastdiff.schedule_families.EDMSchedule`."""
+        from .schedule_families import EDMSchedule
+        return EDMSchedule(sigma_min, sigma_max, rho, sigma_schedule)
+
+    @classmethod
     def vp_linear(cls, beta_0: float = 0.1, beta_1: float = 20.0) -> "NoiseSchedule":
         """Continuous VP-SDE with beta(t) = beta_0 + t (beta_1 - beta_0), t in [0, 1]:
         log alpha_t = -t^2 (beta_1 - beta_0) / 4 - t beta_0 / 2 (DPM-Solver 'linear')."""
@@ -628,6 +648,9 @@ class NoiseSchedule:
         if missing:
             raise ValueError(f"schedule dict is missing keys {sorted(missing)}")
         params = dict(d["params"])
+        if d["kind"] in ("flow", "edm"):
+            from .schedule_families import EDMSchedule, FlowSchedule
+            return (FlowSchedule if d["kind"] == "flow" else EDMSchedule).from_dict(d)
         if d["continuous"]:
             if d["kind"] == "vp_linear":
                 return cls.vp_linear(params["beta_0"], params["beta_1"])
