@@ -12,7 +12,7 @@ import math
 
 from ..schedules import NoiseSchedule
 
-__all__ = ["sampler_args", "SUPPORTED"]
+__all__ = ["sampler_args", "SUPPORTED", "DIFFUSERS_CLASSES", "DIFFUSERS_OPTIONS"]
 
 _SCHEDULE_KEYS = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                   "rescale_betas_zero_snr"}
@@ -172,18 +172,47 @@ SUPPORTED = {
 }
 
 
+# The diffusers scheduler (class, config overrides) each fused sampler reproduces, for
+# choosing a sampler by name on top of a diffusers config (fastdiff.FusedScheduler).
+DIFFUSERS_CLASSES = {
+    "ddpm": ("DDPMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": False}),
+    "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "dpm-solver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
+    "dpm-solver-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver"}),
+    "dpm-solver-single": ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver"}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpm++3m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3}),
+    "dpm++2s": ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpm++3s": ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3}),
+    "dpm++sde-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "unipc": ("UniPCMultistepScheduler", {"solver_type": "bh2"}),
+    "unipc-bh1": ("UniPCMultistepScheduler", {"solver_type": "bh1"}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+}
+# Sampler options a sampler alias may imply, as diffusers config keys.
+DIFFUSERS_OPTIONS = {"karras": "use_karras_sigmas"}
+
+
 def sampler_args(scheduler, steps):
     """(sampler name, Sampler keyword arguments) equivalent to ``scheduler`` run for
     ``steps`` steps."""
     cls = type(scheduler).__name__
     if cls not in SUPPORTED:
         raise ValueError(f"scheduler {cls} is not supported; supported: {', '.join(SUPPORTED)}")
-    cfg = dict(scheduler.config)
     if steps is None:
         raise ValueError("from_diffusers needs steps (the scheduler's num_inference_steps)")
+    params = inspect.signature(type(scheduler).__init__).parameters
+    # Only the keys the class itself takes: `from_config` of another class's config keeps
+    # that class's keys as hidden config entries (skip_prk_steps on a DDIM made from
+    # Stable Diffusion's PNDM config), which the scheduler ignores, and so does fastdiff.
+    cfg = {k: v for k, v in dict(scheduler.config).items() if k in params}
     name, kw, used = SUPPORTED[cls](cls, cfg, steps)
-    defaults = {k: p.default for k, p in inspect.signature(type(scheduler).__init__).parameters.items()
-                if p.default is not inspect.Parameter.empty}
+    defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
     for key, value in cfg.items():
         if key.startswith("_") or key in used or key in _SCHEDULE_KEYS or key in _IGNORED \
                 or key == "prediction_type":
@@ -196,7 +225,7 @@ def sampler_args(scheduler, steps):
             continue
         raise _bad(cls, key, value, "unknown option with a non-default value")
     kw = {k: v for k, v in kw.items() if v is not None or k not in ("sigma_min", "sigma_max")}
-    kw.update(schedule=NoiseSchedule.from_diffusers(scheduler), steps=steps,
+    kw.update(schedule=NoiseSchedule.from_diffusers(cfg), steps=steps,
               prediction_type=_prediction(cls, cfg))
     return name, kw
 
