@@ -117,8 +117,8 @@ def resolve(name: str) -> tuple[str, dict]:
     if key.endswith(_KARRAS) and key[:-len(_KARRAS)] in lookup:
         return lookup[key[:-len(_KARRAS)]], {"karras": True}
     aliases = ", ".join(f"{a!r} -> {n}" for a, n in ALIASES.items())
-    raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLERS)}. Spelling, case, "
-                     f"spaces, '_' / '-' and 'pp' for '++' do not matter ('DPM++ 2M' = 'dpmpp_2m'); a "
+    raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLERS)}. Case, spaces, "
+                     f"'_' / '-' and 'pp' for '++' do not matter ('DPM++ 2M' = 'dpmpp_2m'); a "
                      f"trailing ' Karras' adds karras=True; other names: {aliases}")
 
 
