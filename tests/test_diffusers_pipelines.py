@@ -1,6 +1,7 @@
 """FusedScheduler inside diffusers' own pipelines: the same latents as the scheduler it
 replaces, for txt2img, img2img, inpainting and SDXL, on tiny random components built
 from configs (offline; prompt_embeds= so no tokenizer or text encoder is needed)."""
+import inspect
 import json
 import subprocess
 import sys
@@ -308,3 +309,24 @@ def test_import_fastdiff_does_not_import_diffusers():
     subprocess.run([sys.executable, "-c", code], check=True)
     assert fastdiff.FusedScheduler is fastdiff.integrations.diffusers.FusedScheduler
     assert fastdiff.fuse is fastdiff.integrations.diffusers.fuse
+
+
+@pytest.mark.parametrize("cls", [DDPMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler,
+                                 HeunDiscreteScheduler])
+def test_custom_timesteps_match_diffusers(gen, cls):
+    src = cls.from_config(SD_CONFIG)
+    fused = FusedScheduler.from_scheduler(src)
+    ts = [999, 850, 700, 500, 300, 120, 40]
+    src.set_timesteps(timesteps=ts)
+    fused.set_timesteps(timesteps=ts)
+    assert torch.equal(fused.timesteps.float(), src.timesteps.float())
+    x = torch.randn(2, 4, 3, 5, generator=gen) * float(src.init_noise_sigma)
+    y = x.clone()
+    takes_generator = "generator" in inspect.signature(src.step).parameters
+    for t in src.timesteps:
+        m = torch.randn(2, 4, 3, 5, generator=gen)
+        seed = int(torch.randint(0, 2 ** 31, (1,), generator=gen))
+        kw = {"generator": torch.Generator().manual_seed(seed)} if takes_generator else {}
+        x = src.step(m, t, x, **kw).prev_sample
+        y = fused.step(m, t, y, generator=torch.Generator().manual_seed(seed)).prev_sample
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5 * float(x.abs().max()))
