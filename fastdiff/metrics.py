@@ -18,11 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .model_io import load_weights
+
 __all__ = ["DigitsClassifier", "frechet_distance", "digits_fd", "classify",
            "load_classifier", "train_classifier", "classifier_accuracy", "CLASSIFIER_FILE"]
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
-CLASSIFIER_FILE = os.path.join(ASSETS, "digits_classifier.pt")
+CLASSIFIER_FILE = os.path.join(ASSETS, "digits_classifier.safetensors")
 CLASSIFIER_INFO = os.path.join(ASSETS, "digits_classifier.json")
 
 
@@ -121,13 +123,13 @@ _CLASSIFIER: DigitsClassifier | None = None
 
 
 def load_classifier() -> DigitsClassifier:
-    """The shipped classifier (eval mode, cached; ``weights_only=True`` load)."""
+    """The shipped classifier (eval mode, cached; safetensors: nothing is unpickled)."""
     global _CLASSIFIER
     if _CLASSIFIER is None:
         if not os.path.exists(CLASSIFIER_FILE):
             raise FileNotFoundError(f"{CLASSIFIER_FILE} is missing; run `python -m fastdiff.metrics`")
         model = DigitsClassifier()
-        model.load_state_dict(torch.load(CLASSIFIER_FILE, map_location="cpu", weights_only=True))
+        model.load_state_dict(load_weights(CLASSIFIER_FILE))
         _CLASSIFIER = model.eval().requires_grad_(False)
     return _CLASSIFIER
 
@@ -209,11 +211,12 @@ def digits_fd(samples: torch.Tensor, *, reference: str = "test") -> float:
 def _main() -> int:  # python -m fastdiff.metrics: retrain and ship the classifier
     import time
 
-    from .train import atomic_write_text, atomic_save
+    from ._files import atomic_write_text
+    from .model_io import save_weights
 
     t0 = time.time()
     model, acc = train_classifier()
-    atomic_save(model.state_dict(), CLASSIFIER_FILE)
+    save_weights(model.state_dict(), CLASSIFIER_FILE)
     info = {"command": "python -m fastdiff.metrics", "heldout_accuracy": acc,
             "train_time_s": round(time.time() - t0, 1), "torch": torch.__version__}
     atomic_write_text(json.dumps(info, indent=2) + "\n", CLASSIFIER_INFO)
