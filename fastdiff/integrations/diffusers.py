@@ -96,7 +96,8 @@ class FusedSchedulerOutput:
 
 class _Run:
     """A fused sampler and what the scheduler derives from it once: per-call noise levels
-    (alpha, sigma), model-input scales, and the DDIM eta it was built with."""
+    (alpha, sigma) and model-input scales (None: the sample itself), and the DDIM eta it
+    was built with."""
 
     def __init__(self, sampler: Sampler, eta: float = 0.0):
         self.sampler, self.eta = sampler, eta
@@ -114,16 +115,8 @@ class _Run:
                 levels.append((float(a[0]), float(s[0])))
         self.alpha = np.array([a for a, _ in levels] + [grid.alpha[0, -1]])
         self.sigma = np.array([s for _, s in levels] + [grid.sigma[0, -1]])
-        self.c_in = np.array([1.0 if c.c_in is None else float(c.c_in[0]) for c in calls])
+        self.c_in = [None if c.c_in is None else float(c.c_in[0]) for c in calls]
         self.sigma_space = sampler.plan.sigma_space
-        self._device = {}
-
-    def tables(self, device, dtype):
-        """The model-input scales c_in [n_calls] on the device, built once."""
-        key = (device, dtype)
-        if key not in self._device:
-            self._device[key] = torch.from_numpy(self.c_in).to(device=device, dtype=dtype)
-        return self._device[key]
 
 
 class FusedScheduler(SchedulerMixin, ConfigMixin):
@@ -365,10 +358,9 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
         ``sample / sqrt(sigma^2 + 1)`` for the Euler family (any batch, e.g. the doubled
         CFG batch)."""
         run = self._started or self._start()
-        k = self._offset + self._done
-        if run.sampler.plan.calls[k].c_in is None:
-            return sample
-        return sample * run.tables(sample.device, sample.dtype)[k]
+        c_in = run.c_in[self._offset + self._done]
+        # a host number: the multiply needs no device table and reads nothing back
+        return sample if c_in is None else sample * c_in
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True, eta: float | None = None, **kwargs) -> FusedSchedulerOutput:
