@@ -331,9 +331,10 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
         elif mode == "restart":
             self._started = _Run(self._restart(full, b))
         else:
+            why = ("diffusers' version has no set_begin_index and steps from mismatched noise levels there"
+                   if cls == "PNDMScheduler" else "not verified against diffusers for this class")
             raise ValueError(f"FusedScheduler: {cls} cannot start mid-schedule (begin_index={b}, as img2img "
-                             "and inpainting pipelines do): diffusers' version has no set_begin_index and "
-                             "steps from mismatched noise levels there; use another sampler, e.g. "
+                             f"and inpainting pipelines do): {why}; use another sampler, e.g. "
                              "FusedScheduler.from_config(config, sampler='ddim') or 'dpm++2m'")
         return self._started
 

@@ -5,10 +5,16 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .ddim import ddim, ddpm
+from .deis import deis
+from .cosine import cosine_dpm
 from .dpm import dpm_multistep, dpm_singlestep
+from .dpmsde import dpmpp_sde
 from .euler import euler, euler_ancestral, heun
+from .ipndm import ipndm
+from .kdpm2 import kdpm2, kdpm2_ancestral
 from .lms import lms
 from .pndm import pndm
+from .sasolver import sa_solver
 from .unipc import unipc
 
 __all__ = ["Family", "FAMILIES", "SAMPLERS", "ALIASES", "DIFFUSERS_ARGS", "family", "resolve",
@@ -53,6 +59,15 @@ FAMILIES = {
     "euler-ancestral": Family(euler_ancestral, **_EULER),
     "heun": Family(heun, **_EULER),
     "lms": Family(lms, **_EULER),
+    # -- solvers (issue 12 part 2) --
+    "deis": Family(deis, "dpmsolver", {"order": 2}, final="sigma_min"),
+    "deis-3": Family(deis, "dpmsolver", {"order": 3}, final="sigma_min"),
+    "ipndm": Family(ipndm, "angle"),
+    "kdpm2": Family(kdpm2, "euler", karras_range="spaced"),
+    "kdpm2-ancestral": Family(kdpm2_ancestral, "euler", karras_range="spaced"),
+    "sa-solver": Family(sa_solver, "dpmsolver", final="sigma_min"),
+    "cosine-dpm": Family(cosine_dpm, "cosine"),
+    "dpm++sde": Family(dpmpp_sde, **{**_EULER, "flavor": "euler64"}),
 }
 
 SAMPLERS = tuple(FAMILIES)
@@ -73,6 +88,15 @@ ALIASES = {
     "DPM++ 2M SDE": "dpm++sde-2m",
     "k_dpmpp_2m_sde": "dpm++sde-2m",
     "uni_pc_bh2": "unipc",
+    "DPM2": "kdpm2",
+    "DPM2 a": "kdpm2-ancestral",
+    "k_dpm_2": "kdpm2",
+    "k_dpm_2_a": "kdpm2-ancestral",
+    "k_dpm_2_ancestral": "kdpm2-ancestral",
+    "dpm_2": "kdpm2",
+    "dpm_2_ancestral": "kdpm2-ancestral",
+    "DPM++ SDE": "dpm++sde",
+    "k_dpmpp_sde": "dpm++sde",
     "DPM-Solver++": "dpm++2m",
     "DPM-Solver": "dpm-solver",
 }

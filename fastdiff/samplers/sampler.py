@@ -102,6 +102,9 @@ class Sampler:
             (continuous schedules).
         steps_offset: added to "leading" timesteps.
         karras: Karras et al. noise levels (diffusers' ``use_karras_sigmas``).
+        exponential_sigmas, beta_sigmas, lu_lambdas: other noise-level grids instead of
+            the spacing (diffusers' ``use_exponential_sigmas``, ``use_beta_sigmas``,
+            ``use_lu_lambdas``; at most one of these and ``karras``).
         final_sigmas_type: "zero" or "sigma_min" (the default depends on the sampler, as
             in diffusers).
         prediction_type: what the model predicts: "epsilon", "v_prediction" or "sample".
@@ -134,7 +137,8 @@ class Sampler:
                  guidance_scale: float | None = None, time_sharing: TimeSharing | None = None,
                  generator=None, seeds=None, sigma_min: float | None = None,
                  sigma_max: float | None = None, lambda_min_clipped: float = -math.inf,
-                 diffusers_rule: bool = False, **options):
+                 diffusers_rule: bool = False, exponential_sigmas: bool = False,
+                 beta_sigmas: bool = False, lu_lambdas: bool = False, **options):
         named = diffusers_args(options, steps=steps, karras=karras, spacing=spacing)
         steps, karras, spacing = named["steps"], named["karras"], named["spacing"]
         sampler, implied = resolve(sampler)
@@ -175,9 +179,11 @@ class Sampler:
             self.schedule, steps, flavor=fam.flavor, timesteps=timesteps, spacing=spacing,
             steps_offset=steps_offset, karras=karras, final=final_sigmas_type or fam.final,
             karras_t=fam.karras_t, karras_range=fam.karras_range, sigma_min=sigma_min,
-            sigma_max=sigma_max, lambda_min_clipped=lambda_min_clipped, rule=diffusers_rule)
+            sigma_max=sigma_max, lambda_min_clipped=lambda_min_clipped, rule=diffusers_rule,
+            sigma_kind=_sigma_kind(exponential_sigmas, beta_sigmas, lu_lambdas))
         with np.errstate(all="ignore"):  # non-finite coefficients are refused in _finalize
             self.plan: Plan = fam.plan(self.grid, pred=prediction_type, clamp=self.clamp, **opts)
+        self.grid = self.plan.grid or self.grid
         self.guidance_scale = guidance_scale
         self.time_sharing = time_sharing
         self.generator = make_generators(seeds) if seeds is not None else generator
@@ -190,10 +196,12 @@ class Sampler:
     @classmethod
     def from_diffusers(cls, scheduler, steps: int | None = None, **overrides) -> "Sampler":
         """The fused equivalent of a diffusers scheduler instance (DDIM, DDPM, PNDM,
-        DPMSolverMultistep/Singlestep, UniPC, Euler, EulerAncestral, Heun, LMS), reading
-        its config; an option it cannot honour raises ValueError naming it. ``steps``
-        (or ``num_inference_steps``): the scheduler's number of inference steps;
-        ``overrides``: Sampler arguments that replace what the config gives."""
+        DPMSolverMultistep/Singlestep, UniPC, Euler, EulerAncestral, Heun, LMS, DEIS,
+        SASolver, KDPM2, KDPM2Ancestral, DPMSolverSDE, IPNDM, CosineDPMSolverMultistep;
+        ``fastdiff.samplers.from_diffusers.SUPPORTED``), reading its config; an option it
+        cannot honour raises ValueError naming it. ``steps`` (or ``num_inference_steps``):
+        the scheduler's number of inference steps; ``overrides``: Sampler arguments that
+        replace what the config gives."""
         from .from_diffusers import sampler_args
         named = diffusers_args(overrides, steps=steps, karras=overrides.pop("karras", None),
                                spacing=overrides.pop("spacing", None))
@@ -293,6 +301,7 @@ class Sampler:
         with np.errstate(all="ignore"):
             sub.plan = family(self.name).plan(sub.grid, pred=self.prediction_type, clamp=self.clamp,
                                               **self._options)
+        sub.grid = sub.plan.grid or sub.grid
         sub.steps = sub.grid.n
         sub._finalize()
         sub.reset()
@@ -327,6 +336,7 @@ class Sampler:
         self._store = {}
         self._owned = set()  # names in _store whose tensors the sampler may overwrite
         self._x_in = (None, None)
+        self._brownian = None  # Brownian paths of the run, made at its first noise draw
 
     def init_noise(self, x_T: torch.Tensor) -> torch.Tensor:
         """The initial state from unit-variance noise x_T [B, ...] (x_T itself for VP
@@ -399,7 +409,10 @@ class Sampler:
         coeffs = self._table(device, x.dtype)["coeffs"][k]
         if op.clamp and self.clamp.kind == "dynamic":
             coeffs = self._threshold(coeffs, x, model_out, model_out_cond)
-        z = self._noise(x, noise, generator) if op.noise else None
+        z = None
+        if op.noise:
+            z = self._noise(x, noise, generator) if op.brownian is None or noise is not None \
+                else self._brownian_noise(x, op, generator)
         store = self._store
         donate = donate and x.is_contiguous() and not x.requires_grad
         if op.keep_x is not None:
@@ -535,6 +548,34 @@ class Sampler:
         g = generator if generator is not None else self.generator
         return randn(x.shape, g, x.device, x.dtype)
 
+    def _brownian_noise(self, x, op, generator):
+        """The standardised Brownian increment of this op (``fastdiff.samplers.brownian``).
+        The paths' seeds: the plan's own seed (one path for the batch), else one seed drawn
+        from each generator (a list, e.g. from ``seeds=``: one path per sample), else the
+        generators' initial seeds when the plan asks for them (diffusers' cosine DPM-Solver)."""
+        from .brownian import BrownianNoise
+        if self._brownian is None:
+            lo, hi, seed = self.plan.brownian
+            g = generator if generator is not None else self.generator
+            if seed == "generator":  # the generators' own seeds, as diffusers' cosine DPM-Solver
+                if g is None:
+                    seeds = int(torch.randint(0, 2 ** 63 - 1, ()))
+                else:
+                    seeds = [int(gi.initial_seed()) for gi in g] if isinstance(g, (list, tuple)) \
+                        else int(g.initial_seed())
+            elif seed is not None:
+                seeds = int(seed)
+            elif isinstance(g, (list, tuple)):
+                seeds = [int(torch.randint(0, 2 ** 63 - 1, (), generator=gi)) for gi in g]
+            else:
+                seeds = int(torch.randint(0, 2 ** 63 - 1, (), generator=g))
+            if self.grid.rows > 1 and not isinstance(seeds, list):
+                raise ValueError("Brownian-tree noise with per-sample timesteps needs one seed per sample "
+                                 "(seeds= or a list of generators)")
+            self._brownian = BrownianNoise(x, lo, hi, seeds)
+        sa, sb = op.brownian
+        return self._brownian(sa, sb).to(device=x.device, dtype=x.dtype)
+
     def _threshold(self, coeffs, x, m, mc):
         """Imagen dynamic thresholding: s = clamp(quantile(|x0|, ratio), 1, max) per sample,
         written into the coefficient columns (clamp limit and divisor), on the device."""
@@ -551,6 +592,13 @@ class Sampler:
         c[:, 3] = s
         c[:, 4] = s
         return c
+
+
+def _sigma_kind(exponential, beta, lu):
+    chosen = [k for k, on in (("exponential", exponential), ("beta", beta), ("lu", lu)) if on]
+    if len(chosen) > 1:
+        raise ValueError(f"choose at most one of exponential_sigmas, beta_sigmas, lu_lambdas; got {chosen}")
+    return chosen[0] if chosen else None
 
 
 _STEP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
