@@ -306,10 +306,10 @@ def test_hidden_config_keys_are_ignored():
 
 
 def test_unhonourable_config_value_names_it():
-    bad = DPMSolverMultistepScheduler.from_config(SD_CONFIG, use_exponential_sigmas=True)
-    with pytest.raises(ValueError, match="use_exponential_sigmas=True"):
+    bad = EulerDiscreteScheduler.from_config(SD_CONFIG, interpolation_type="log_linear")
+    with pytest.raises(ValueError, match="interpolation_type='log_linear' is not supported"):
         fastdiff.Sampler.from_diffusers(bad, 10)
-    with pytest.raises(ValueError, match="use_exponential_sigmas=True"):
+    with pytest.raises(ValueError, match="interpolation_type='log_linear' is not supported"):
         FusedScheduler.from_scheduler(bad)
     with pytest.raises(ValueError, match="variance_type='learned'"):
         FusedScheduler.from_config(SD_CONFIG, sampler="ddpm", variance_type="learned")
