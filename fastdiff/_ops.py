@@ -340,29 +340,68 @@ if _lib_fallback is not None:
         for _key in ("CPU", "CUDA"):
             _lib_fallback.impl(_name, _fn, _key)
 
+def constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without its ``import torch._dynamo``
+    (about 2 s, most of ``import fastdiff``): that decorator only sets this marker
+    (tests/test_ops_fixes.py checks that it still does)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 _kernel_cache: dict = {}
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def has_kernel(name: str, device_type: str) -> bool:
-    """Whether ``fastdiff::name`` has a compiled kernel for ``device_type`` ("cpu"/"cuda")."""
+    """Whether ``fastdiff::name`` has a compiled kernel for ``device_type`` ("cpu",
+    "cuda", "meta": the fake kernels above; other devices use the reference)."""
     key = (name, device_type)
     if key not in _kernel_cache:
-        _kernel_cache[key] = HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(
-            f"fastdiff::{name}", device_type.upper())
+        try:
+            dispatch_key = torch._C._dispatch_key_for_device(device_type)
+        except RuntimeError:  # a device type torch has no dispatch key for
+            dispatch_key = None
+        _kernel_cache[key] = bool(
+            dispatch_key is not None and (HAS_EXTENSION or device_type == "meta")
+            and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdiff::{name}", dispatch_key))
     return _kernel_cache[key]
 
 
+# The Triton implementations are registered as ops of their own (same schemas, under
+# "fastdiff_triton"), so that torch.compile puts them in its graph as opaque calls (a
+# Python launcher cannot be traced); triton itself is imported on the first call only.
+_lib_triton = torch.library.Library("fastdiff_triton", "DEF")
+for _schema in SCHEMAS.values():
+    _lib_triton.define(_schema)
+
+
+def _triton_launcher(name: str):
+    def launch(*args, **kwargs):
+        import importlib
+        mod, fn = TRITON[name]
+        return getattr(importlib.import_module(f"fastdiff.triton.{mod}"), fn)(*args, **kwargs)
+    return launch
+
+
+_FAKE = {"timestep_embedding": _embedding_fake, "sampler_step": _step_fake,
+         "sampler_step.out": _step_out_fake, "diff_norm": _diff_norm_fake}
+for _name in TRITON:
+    # CPU tensors reach it only under TRITON_INTERPRET=1 (use_triton); the launchers
+    # refuse them otherwise.
+    for _key in ("CPU", "CUDA"):
+        _lib_triton.impl(_name, _triton_launcher(_name), _key)
+    torch.library.register_fake(f"fastdiff_triton::{_name}", _FAKE[_name], lib=_lib_triton)
+
+
 def triton_fn(name: str):
-    import importlib
-    mod, fn = TRITON[name]
-    return getattr(importlib.import_module(f"fastdiff.triton.{mod}"), fn)
+    """The Triton implementation of op ``name`` as a dispatcher op."""
+    return op(name, "fastdiff_triton")
 
 
-def op(name: str) -> torch._ops.OpOverload:
-    """The dispatcher op ``fastdiff::name`` ("sampler_step" or "sampler_step.out")."""
+def op(name: str, namespace: str = "fastdiff") -> torch._ops.OpOverload:
+    """The dispatcher op ``namespace::name`` ("sampler_step" or "sampler_step.out")."""
     base, _, overload = name.partition(".")
-    return getattr(getattr(torch.ops.fastdiff, base), overload or "default")
+    return getattr(getattr(getattr(torch.ops, namespace), base), overload or "default")
 
 
 def _impl(name: str, device: torch.device):
