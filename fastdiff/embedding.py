@@ -25,10 +25,11 @@ __all__ = ["timestep_embedding", "SinusoidalEmbedding", "patch_time_embedding",
 # Integer timesteps below this are served from a cached table (a plain row copy);
 # others are computed. 1000 covers the usual DDPM training range.
 TABLE_ROWS = 1000
-# Batches smaller than this compute their rows: below it the row copy saves less than
-# the call's fixed cost (benchmarks/bench_embedding.py --table-crossover), and a table
-# costs TABLE_ROWS rows of memory.
-TABLE_MIN_BATCH = 64
+# Calls with fewer than this many output elements (B * dim) compute their rows: the row
+# copy saves about 2.3e-4 us per element on one CPU core, so below this it saves under
+# ~2 us a call (under half of the call's fixed cost) while a table costs TABLE_ROWS rows
+# of memory (benchmarks/bench_embedding.py --table-crossover).
+TABLE_MIN_ELEMENTS = 8192
 # All cached tables together hold at most this many bytes (least recently used evicted
 # first); a single table larger than this is never built.
 TABLE_CACHE_BYTES = 64 * 2 ** 20
@@ -43,8 +44,10 @@ def _check_dim(dim, where: str) -> int:
     return int(dim)
 
 
+@lru_cache(maxsize=256, typed=True)  # typed: True and 1.0 are not the int 1 here
 def _check_options(where, dim, downscale_freq_shift, max_period, scale=1.0):
-    """Validated (dim, shift, max_period, scale) of the embedding's numeric options."""
+    """Validated (dim, shift, max_period, scale) of the embedding's numeric options
+    (cached: the checks cost about a microsecond, as much as a small call)."""
     dim = _check_dim(dim, where)
     shift = _check_real(f"{where}: downscale_freq_shift", downscale_freq_shift)
     mp = _check_real(f"{where}: max_period", max_period, positive=True)
@@ -232,7 +235,7 @@ def timestep_embedding(t, dim: int, *, flip_sin_to_cos: bool = False,
     compiling = torch.compiler.is_compiling()
     freqs = (_constant_freqs if compiling else _cached_freqs)(dim, shift, mp, t.device, out_dtype)
     table = None
-    if (not t.is_floating_point() and t.shape[0] >= TABLE_MIN_BATCH and not compiling
+    if (not t.is_floating_point() and t.shape[0] * dim >= TABLE_MIN_ELEMENTS and not compiling
             and not _ops.use_reference()):
         table = _cached_table(dim, flip, shift, scale, mp, width, end, t.device, out_dtype)
     if compiling or (t.is_floating_point() and (t.requires_grad or _is_functorch_wrapped(t))):

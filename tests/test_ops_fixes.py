@@ -118,14 +118,14 @@ def test_triton_large_arguments(gen, triton_backend):
 @pytest.mark.parametrize("sharing", [None, TimeSharing(100, 5)])
 def test_unsigned_t(gen, dtype, sharing):
     hi = {torch.uint8: 255, torch.uint16: 65535}.get(dtype, 2 ** 31)
-    t = torch.randint(0, hi, (70,), generator=gen).to(dtype)  # >= TABLE_MIN_BATCH: table rows
+    t = torch.randint(0, hi, (70,), generator=gen).to(dtype)  # 70 x 128: table rows
     t[:5] = torch.tensor([0, 19, 20, 99, 999 if hi > 999 else 200]).to(dtype)
     if dtype == torch.uint64:
         t[-1] = torch.tensor(2 ** 64 - 1, dtype=torch.uint64)  # above INT64_MAX: not a row
-    got = fastdiff.timestep_embedding(t, 10, sharing=sharing)
-    want = reference(t, 10, sharing=sharing)
+    got = fastdiff.timestep_embedding(t, 128, sharing=sharing)
+    want = reference(t, 128, sharing=sharing)
     assert (got - want).abs().max().item() <= 3e-7
-    small = fastdiff.timestep_embedding(t[:3], 10, sharing=sharing)  # computed, no table
+    small = fastdiff.timestep_embedding(t[:3], 128, sharing=sharing)  # computed, no table
     assert (small - want[:3]).abs().max().item() <= 3e-7
 
 
@@ -213,13 +213,23 @@ def test_small_batch_builds_no_table(gen):
     got = fastdiff.timestep_embedding(t, 300_000)
     assert not embedding._tables  # a 1000 x 300000 table would be 1.2 GB
     assert (got - reference(t, 300_000)).abs().max().item() <= 3e-7
+    # Below TABLE_MIN_ELEMENTS output elements the rows are computed, from it on copied.
+    B = embedding.TABLE_MIN_ELEMENTS // 320
+    fastdiff.timestep_embedding(t.repeat(B - 1), 320)
+    assert not embedding._tables
+    big = torch.randint(0, 1000, (B + 1,), generator=gen)
+    got = fastdiff.timestep_embedding(big, 320)
+    assert len(embedding._tables) == 1 and embedding._tables_bytes == 1000 * 320 * 4
+    assert (got - reference(big, 320)).abs().max().item() <= 3e-7
+    embedding._tables.clear()
+    embedding._tables_bytes = 0
 
 
 def test_table_cache_bounded_by_bytes(gen, monkeypatch):
     monkeypatch.setattr(embedding, "TABLE_CACHE_BYTES", 3 * 1000 * 64 * 4)  # three dim-64 tables
     embedding._tables.clear()
     embedding._tables_bytes = 0
-    t = torch.randint(0, 1000, (embedding.TABLE_MIN_BATCH,), generator=gen)
+    t = torch.randint(0, 1000, (embedding.TABLE_MIN_ELEMENTS // 64,), generator=gen)
     for k in range(6):
         got = fastdiff.timestep_embedding(t, 64, scale=1.0 + k)
         assert (got - reference(t, 64, scale=1.0 + k)).abs().max().item() <= 3e-7
