@@ -156,7 +156,6 @@ CROSSOVER_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 def table_crossover(dims=DIMS, batches=CROSSOVER_BATCHES, max_total_s: float = 0.3):
     """Median us per raw-op call with and without the table, per (dim, B)."""
-    from fastdiff import _ops
     from fastdiff.embedding import TABLE_ROWS, embedding_frequencies
 
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))

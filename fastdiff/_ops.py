@@ -342,6 +342,7 @@ if _lib_fallback is not None:
         for _key in ("CPU", "CUDA"):
             _lib_fallback.impl(_name, _fn, _key)
 
+
 def constant_result(fn):
     """``torch.compiler.assume_constant_result`` without its ``import torch._dynamo``
     (about 2 s, most of ``import fastdiff``): that decorator only sets this marker
@@ -378,21 +379,38 @@ for _schema in SCHEMAS.values():
 
 
 def _triton_launcher(name: str):
+    loaded = []
+
     def launch(*args, **kwargs):
-        import importlib
-        mod, fn = TRITON[name]
-        return getattr(importlib.import_module(f"fastdiff.triton.{mod}"), fn)(*args, **kwargs)
+        if not loaded:
+            import importlib
+            mod, fn = TRITON[name]
+            loaded.append(getattr(importlib.import_module(f"fastdiff.triton.{mod}"), fn))
+        return loaded[0](*args, **kwargs)
     return launch
 
 
 _FAKE = {"timestep_embedding": _embedding_fake, "sampler_step": _step_fake,
          "sampler_step.out": _step_out_fake, "diff_norm": _diff_norm_fake}
+
+
+def _no_backward(name: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"derivative for fastdiff_triton::{name} is not implemented")
+    return backward
+
+
 for _name in TRITON:
     # CPU tensors reach it only under TRITON_INTERPRET=1 (use_triton); the launchers
     # refuse them otherwise.
     for _key in ("CPU", "CUDA"):
         _lib_triton.impl(_name, _triton_launcher(_name), _key)
     torch.library.register_fake(f"fastdiff_triton::{_name}", _FAKE[_name], lib=_lib_triton)
+    if not _name.endswith(".out"):
+        # As the compiled kernels (autograd-not-implemented fallback): backward through
+        # them raises instead of silently giving no gradient.
+        torch.library.register_autograd(f"fastdiff_triton::{_name}", _no_backward(_name),
+                                        lib=_lib_triton)
 
 
 def triton_fn(name: str):

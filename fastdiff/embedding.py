@@ -70,7 +70,8 @@ def embedding_frequencies(dim: int, downscale_freq_shift: float = 1.0,
     dim, downscale_freq_shift, max_period, _ = _check_options(
         "embedding_frequencies", dim, downscale_freq_shift, max_period)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"embedding_frequencies: dtype must be a floating torch.dtype, got {dtype!r}")
+        raise TypeError(f"embedding_frequencies: dtype must be a floating torch.dtype, "
+                        f"got {dtype!r}")
     half = dim // 2
     exponent = -math.log(max_period) * torch.arange(0, half, dtype=torch.float32, device=device)
     exponent = exponent / (half - downscale_freq_shift)

@@ -80,9 +80,11 @@ def test_large_arguments_in_derivative_mode(gen):
     # d emb / dt = cos(a) * scale * freq: the error scales with scale * freq <= 1.5.
     assert_close_nan(got, want, 1.5 * 3e-7)
     # Forward AD goes through the same derivative kernel.
-    _, jvp = torch.func.jvp(lambda x: fastdiff.timestep_embedding(x, 64, flip_sin_to_cos=True,
-                                                                  downscale_freq_shift=0, scale=1.5),
-                            (t,), (torch.ones_like(t),))
+    def emb(x):
+        return fastdiff.timestep_embedding(x, 64, flip_sin_to_cos=True, downscale_freq_shift=0,
+                                           scale=1.5)
+
+    _, jvp = torch.func.jvp(emb, (t,), (torch.ones_like(t),))
     assert_close_nan(jvp, want, 1.5 * 3e-7)
 
 
@@ -280,3 +282,14 @@ def test_import_does_not_import_dynamo():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+def test_triton_step_backward_raises_like_kernels(gen, triton_backend):
+    # Through the dispatcher the Triton op keeps autograd's view of its inputs: backward
+    # raises, as through the C++ op, instead of silently giving no gradient.
+    x = torch.randn(2, 3, generator=gen, requires_grad=True)
+    c = torch.randn(2, _ops.STEP_HEAD + _ops.step_n_basis(0), generator=gen)
+    out = fused_step(x, torch.randn(2, 3, generator=gen), c)[0]
+    assert out.requires_grad
+    with pytest.raises(RuntimeError, match="not implemented"):
+        out.sum().backward()
