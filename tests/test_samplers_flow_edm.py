@@ -134,6 +134,7 @@ CASES = [
     (FM, {"stochastic_sampling": True, "shift": 3.0}, {}, {}, 11),
     (FH, {}, {}, {}, None),
     (FH, {"shift": 3.0}, {}, {}, None),
+    (FH, {"shift": 3.0}, {}, {"s_churn": 4.0, "s_tmin": 0.3, "s_tmax": 0.95, "s_noise": 1.02}, 21),
     (DPM, {**FLOW, "flow_shift": 3.0}, {}, {}, None),
     (DPM, {**FLOW, "flow_shift": 3.0, "solver_order": 3, "solver_type": "heun"}, {}, {}, None),
     (DPM, {**FLOW, "use_dynamic_shifting": True}, MU, {}, None),
