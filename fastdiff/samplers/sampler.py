@@ -27,6 +27,7 @@ from ..wrappers import model_output
 from .core import PREDICTIONS, Clamp, Plan
 from .grid import build_grid
 from .grid_families import GRID_OPTIONS
+from .guidance import rescale_coeffs
 from .registry import SAMPLERS, default_schedule, family
 
 __all__ = ["Sampler", "make_generators", "randn"]
@@ -107,6 +108,10 @@ class Sampler:
         clip_sample, clip_sample_range: clamp the data estimate to [-range, range].
         guidance_scale: classifier-free guidance weight w (m_u + w (m_c - m_u)), used when
             ``step`` gets ``model_out_cond``.
+        guidance_rescale: phi of Lin et al.'s guidance rescale (diffusers' name), in
+            [0, 1]: the guided output is rescaled per sample to the conditional output's
+            std and mixed ``phi * rescaled + (1 - phi) * guided``, folded into the step's
+            coefficients (``fastdiff.samplers.guidance``). 0: off.
         time_sharing: a :class:`fastdiff.TimeSharing`: the network's time input is f(t)
             (E-TSDM); the update keeps the true schedule. Used by :meth:`model_time`.
         generator, seeds: noise source of stochastic samplers (a generator, a list with
@@ -132,7 +137,8 @@ class Sampler:
                  generator=None, seeds=None, sigma_min: float | None = None,
                  sigma_max: float | None = None, lambda_min_clipped: float = -math.inf,
                  diffusers_rule: bool = False, exponential_sigmas: bool = False,
-                 beta_sigmas: bool = False, lu_lambdas: bool = False, **options):
+                 beta_sigmas: bool = False, lu_lambdas: bool = False,
+                 guidance_rescale: float = 0.0, **options):
         fam = family(sampler)
         self.name = sampler
         self.schedule = default_schedule(sampler) if schedule is None else schedule
@@ -149,6 +155,12 @@ class Sampler:
             raise TypeError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
         if time_sharing is not None and not isinstance(time_sharing, TimeSharing):
             raise TypeError(f"time_sharing must be a fastdiff.TimeSharing, got {type(time_sharing).__name__}")
+        if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)) \
+                or not 0 <= guidance_rescale <= 1:
+            raise ValueError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
+        if guidance_rescale and guidance_scale is None:
+            raise ValueError("guidance_rescale needs guidance_scale (it rescales the guided output)")
+        self.guidance_rescale = float(guidance_rescale)
         opts = {**fam.fixed, **options}
         grid_opts = {k: opts.pop(k) for k in GRID_OPTIONS if k in opts}  # e.g. flow matching's mu
         params = inspect.signature(fam.plan).parameters
@@ -342,6 +354,8 @@ class Sampler:
             self._check_t(t, k)
         device = x.device
         coeffs = self._table(device, x.dtype)["coeffs"][k]
+        if model_out_cond is not None and self.guidance_rescale:
+            coeffs = rescale_coeffs(coeffs, model_out, model_out_cond, self.guidance_rescale)
         if op.clamp and self.clamp.kind == "dynamic":
             coeffs = self._threshold(coeffs, x, model_out, model_out_cond)
         z = None
