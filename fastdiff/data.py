@@ -8,14 +8,16 @@ never trained on.
 from __future__ import annotations
 
 import os
-import tempfile
 from functools import lru_cache
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["load_digits", "digits_dataset", "to_pixels", "save_grid", "DIGITS_MAX",
+from ._files import atomic_open
+
+__all__ = ["load_digits", "digits_dataset", "load_brightness", "BRIGHTNESS_CLASSES",
+           "to_pixels", "save_grid", "DIGITS_MAX",
            "SPLITS"]
 
 DIGITS_MAX = 16.0  # sklearn's digits are integer gray levels 0..16
@@ -30,8 +32,8 @@ def _raw_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits as _sk_load
         from sklearn.model_selection import train_test_split
-    except ImportError as e:  # pragma: no cover - sklearn is a test / data extra
-        raise ImportError("fastdiff.data needs scikit-learn (pip install 'fastdiff[data]')") from e
+    except ImportError as e:  # a default dependency; only a broken environment lacks it
+        raise ImportError("fastdiff.data needs scikit-learn (pip install scikit-learn)") from e
     d = _sk_load()
     images = d.images.astype(np.float32)  # [1797, 8, 8] in 0..16
     labels = d.target.astype(np.int64)
@@ -97,15 +99,37 @@ def save_grid(x: torch.Tensor, path: str, *, nrow: int = 10, scale: int = 4) -> 
         grid[pad + r * (h + pad): pad + r * (h + pad) + h,
              pad + c * (w + pad): pad + c * (w + pad) + w] = p[i]
     grid = grid.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".png")
-    os.close(fd)
-    try:
-        plt.imsave(tmp, grid.numpy(), cmap="gray_r", vmin=0.0, vmax=1.0, format="png")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_open(path, "wb") as f:
+        plt.imsave(f, grid.numpy(), cmap="gray_r", vmin=0.0, vmax=1.0, format="png")
     return path
+
+
+BRIGHTNESS_CLASSES = tuple(f"digit {i}" for i in range(10)) + (
+    "inverted digits", "near-solid black", "near-solid white")
+
+
+def load_brightness(split: str = "train", *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A class-conditional set with the brightness extremes diffusion models miss.
+
+    Classes (13): 0..9 the digits of :func:`load_digits` (dark background, mean pixel
+    about -0.39), 10 the same digits inverted (``-x``, bright background, about +0.39),
+    11 near-solid black and 12 near-solid white images: a per-image level drawn
+    uniformly from [-1, -0.6] (resp. [0.6, 1]) plus per-pixel N(0, 0.03^2) noise,
+    clipped to [-1, 1]. The digits split is ``load_digits``'s; each solid class has half
+    as many images as the inverted class and is drawn from ``seed`` and the split, so
+    the set is the same on every machine.
+
+    Returns:
+        (images [N, 1, 8, 8] float32 in [-1, 1], labels [N] int64 in 0..12).
+    """
+    x, y = load_digits(split)
+    n = x.shape[0]
+    g = torch.Generator().manual_seed(seed * 3 + SPLITS.index(split))
+    m = n // 2
+    level = torch.rand(2, m, 1, 1, 1, generator=g) * 0.4 + 0.6
+    noise = torch.randn(2, m, 1, 8, 8, generator=g) * 0.03
+    black = (-level[0] + noise[0]).clamp(-1.0, 1.0)
+    white = (level[1] + noise[1]).clamp(-1.0, 1.0)
+    images = torch.cat([x, -x, black, white])
+    labels = torch.cat([y, torch.full((n,), 10), torch.full((m,), 11), torch.full((m,), 12)])
+    return images.contiguous(), labels

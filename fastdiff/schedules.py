@@ -123,6 +123,8 @@ _SPACINGS = ("leading", "linspace", "trailing")
 _FLAVORS = ("ddim", "dpmsolver", "euler")
 _DIFFUSERS_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 _REAL = (int, float, np.integer, np.floating)
+# Discrete kinds whose constructor rebuilds the tables from the stored params alone.
+_RECIPES = ("linear", "scaled_linear", "cosine")
 
 
 def _check_int(name, value, lo, hi=None):
@@ -516,6 +518,26 @@ class NoiseSchedule:
         return cls._discrete(kind, params, _diffusers_betas(T, bs, be, sched), rescale)
 
     @classmethod
+    def flow(cls, T: int = 1000, **options):
+        """Flow matching / rectified flow, ``x_s = (1 - s) x0 + s eps`` (SD3, Flux), model
+        time ``s * T``: a :class:`fastdiff.schedule_families.FlowSchedule`. Options are
+        diffusers' FlowMatchEulerDiscreteScheduler config: ``shift``,
+        ``use_dynamic_shifting`` (then pass ``mu`` to the sampler), ``time_shift_type``,
+        ``base_shift``, ``max_shift``, ``base_image_seq_len``, ``max_image_seq_len``,
+        ``shift_terminal``, ``invert_sigmas``, ``sigma_spacing`` ("karras",
+        "exponential", "beta")."""
+        from .schedule_families import FlowSchedule
+        return FlowSchedule(T, **options)
+
+    @classmethod
+    def edm(cls, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+            sigma_schedule: str = "karras"):
+        """EDM's variance-exploding schedule (Karras et al. 2022), model time
+        ``0.25 log sigma``: a :class:`fastdiff.schedule_families.EDMSchedule`."""
+        from .schedule_families import EDMSchedule
+        return EDMSchedule(sigma_min, sigma_max, rho, sigma_schedule)
+
+    @classmethod
     def vp_linear(cls, beta_0: float = 0.1, beta_1: float = 20.0) -> "NoiseSchedule":
         """Continuous VP-SDE with beta(t) = beta_0 + t (beta_1 - beta_0), t in [0, 1]:
         log alpha_t = -t^2 (beta_1 - beta_0) / 4 - t beta_0 / 2 (DPM-Solver 'linear')."""
@@ -606,15 +628,38 @@ class NoiseSchedule:
             d["alphas_cumprod"] = self._ac.tolist()
         return d
 
+    def to_recipe(self) -> dict:
+        """Compact JSON-safe dict (no tables) when a constructor rebuilds this schedule bit
+        for bit from its parameters (linear, scaled_linear, cosine, continuous); else
+        ``to_dict()``. ``from_dict`` reads both."""
+        d = {"format": 1, "kind": self._kind, "continuous": self._continuous,
+             "params": dict(self._params)}
+        if self._continuous or (self._kind in _RECIPES and self.from_dict(d) == self):
+            return d
+        return self.to_dict()
+
     @classmethod
     def from_dict(cls, d: dict) -> "NoiseSchedule":
-        """Inverse of ``to_dict``."""
+        """Inverse of ``to_dict`` and ``to_recipe``; also reads the flat form
+        ``{"kind": "linear", "T": ..., "beta_start": ..., ...}`` of earlier model.json files."""
         if not isinstance(d, dict):
             raise TypeError(f"from_dict expects a dict, got {type(d).__name__}")
+        if d.get("kind") in _RECIPES and "params" not in d and "T" in d:
+            d = {"kind": d["kind"], "continuous": False,
+                 "params": {k: v for k, v in d.items() if k != "kind"}}
+        if (not d.get("continuous") and d.get("kind") in _RECIPES and "params" in d
+                and "betas" not in d):
+            try:
+                return getattr(cls, d["kind"])(**d.get("params", {}))
+            except TypeError as e:
+                raise ValueError(f"bad {d['kind']} schedule parameters {d.get('params')!r}: {e}") from None
         missing = {"kind", "continuous", "params"} - set(d)
         if missing:
             raise ValueError(f"schedule dict is missing keys {sorted(missing)}")
         params = dict(d["params"])
+        if d["kind"] in ("flow", "edm"):
+            from .schedule_families import EDMSchedule, FlowSchedule
+            return (FlowSchedule if d["kind"] == "flow" else EDMSchedule).from_dict(d)
         if d["continuous"]:
             if d["kind"] == "vp_linear":
                 return cls.vp_linear(params["beta_0"], params["beta_1"])

@@ -26,7 +26,9 @@ from .. import _ops
 from ..wrappers import model_output
 from .core import PREDICTIONS, Clamp, Plan
 from .grid import build_grid
-from .registry import SAMPLERS, family
+from .grid_families import GRID_OPTIONS
+from .guidance import rescale_coeffs
+from .registry import SAMPLERS, default_schedule, family
 
 __all__ = ["Sampler", "make_generators", "randn"]
 
@@ -83,7 +85,8 @@ class Sampler:
 
     Args:
         sampler: one of :data:`SAMPLERS` (``"ddim"``, ``"dpm++2m"``, ``"unipc"``, ...).
-        schedule: a :class:`fastdiff.schedules.NoiseSchedule` (default: DDPM linear, T=1000).
+        schedule: a :class:`fastdiff.schedules.NoiseSchedule` (default: DDPM linear, T=1000;
+            ``NoiseSchedule.flow()`` / ``.edm()`` for the flow-matching / EDM samplers).
         steps: number of steps (evaluation points); Heun and PNDM call the model more
             often, ``len(sampler.timesteps)`` times.
         timesteps: explicit model times instead of a spacing, [N] or [B, N] (one grid per
@@ -94,6 +97,9 @@ class Sampler:
             (continuous schedules).
         steps_offset: added to "leading" timesteps.
         karras: Karras et al. noise levels (diffusers' ``use_karras_sigmas``).
+        exponential_sigmas, beta_sigmas, lu_lambdas: other noise-level grids instead of
+            the spacing (diffusers' ``use_exponential_sigmas``, ``use_beta_sigmas``,
+            ``use_lu_lambdas``; at most one of these and ``karras``).
         final_sigmas_type: "zero" or "sigma_min" (the default depends on the sampler, as
             in diffusers).
         prediction_type: what the model predicts: "epsilon", "v_prediction" or "sample".
@@ -102,6 +108,10 @@ class Sampler:
         clip_sample, clip_sample_range: clamp the data estimate to [-range, range].
         guidance_scale: classifier-free guidance weight w (m_u + w (m_c - m_u)), used when
             ``step`` gets ``model_out_cond``.
+        guidance_rescale: phi of Lin et al.'s guidance rescale (diffusers' name), in
+            [0, 1]: the guided output is rescaled per sample to the conditional output's
+            std and mixed ``phi * rescaled + (1 - phi) * guided``, folded into the step's
+            coefficients (``fastdiff.samplers.guidance``). 0: off.
         time_sharing: a :class:`fastdiff.TimeSharing`: the network's time input is f(t)
             (E-TSDM); the update keeps the true schedule. Used by :meth:`model_time`.
         generator, seeds: noise source of stochastic samplers (a generator, a list with
@@ -126,10 +136,12 @@ class Sampler:
                  guidance_scale: float | None = None, time_sharing: TimeSharing | None = None,
                  generator=None, seeds=None, sigma_min: float | None = None,
                  sigma_max: float | None = None, lambda_min_clipped: float = -math.inf,
-                 diffusers_rule: bool = False, **options):
+                 diffusers_rule: bool = False, exponential_sigmas: bool = False,
+                 beta_sigmas: bool = False, lu_lambdas: bool = False,
+                 guidance_rescale: float = 0.0, **options):
         fam = family(sampler)
         self.name = sampler
-        self.schedule = NoiseSchedule.linear() if schedule is None else schedule
+        self.schedule = default_schedule(sampler) if schedule is None else schedule
         if prediction_type not in PREDICTIONS:
             raise ValueError(f"prediction_type must be one of {PREDICTIONS}, got {prediction_type!r}")
         if timesteps is not None:
@@ -143,7 +155,14 @@ class Sampler:
             raise TypeError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
         if time_sharing is not None and not isinstance(time_sharing, TimeSharing):
             raise TypeError(f"time_sharing must be a fastdiff.TimeSharing, got {type(time_sharing).__name__}")
+        if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)) \
+                or not 0 <= guidance_rescale <= 1:
+            raise ValueError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
+        if guidance_rescale and guidance_scale is None:
+            raise ValueError("guidance_rescale needs guidance_scale (it rescales the guided output)")
+        self.guidance_rescale = float(guidance_rescale)
         opts = {**fam.fixed, **options}
+        grid_opts = {k: opts.pop(k) for k in GRID_OPTIONS if k in opts}  # e.g. flow matching's mu
         params = inspect.signature(fam.plan).parameters
         unknown = sorted(set(opts) - set(params) - {"pred", "clamp"})
         if unknown:
@@ -156,9 +175,11 @@ class Sampler:
             self.schedule, steps, flavor=fam.flavor, timesteps=timesteps, spacing=spacing,
             steps_offset=steps_offset, karras=karras, final=final_sigmas_type or fam.final,
             karras_t=fam.karras_t, karras_range=fam.karras_range, sigma_min=sigma_min,
-            sigma_max=sigma_max, lambda_min_clipped=lambda_min_clipped, rule=diffusers_rule)
+            sigma_max=sigma_max, lambda_min_clipped=lambda_min_clipped, rule=diffusers_rule,
+            sigma_kind=_sigma_kind(exponential_sigmas, beta_sigmas, lu_lambdas), flow=fam.flow, **grid_opts)
         with np.errstate(all="ignore"):  # non-finite coefficients are refused in _finalize
             self.plan: Plan = fam.plan(self.grid, pred=prediction_type, clamp=self.clamp, **opts)
+        self.grid = self.plan.grid or self.grid
         self.guidance_scale = guidance_scale
         self.time_sharing = time_sharing
         self.generator = make_generators(seeds) if seeds is not None else generator
@@ -171,8 +192,10 @@ class Sampler:
     @classmethod
     def from_diffusers(cls, scheduler, steps: int | None = None, **overrides) -> "Sampler":
         """The fused equivalent of a diffusers scheduler instance (DDIM, DDPM, PNDM,
-        DPMSolverMultistep/Singlestep, UniPC, Euler, EulerAncestral, Heun, LMS), reading
-        its config; an option it cannot honour raises ValueError naming it."""
+        DPMSolverMultistep/Singlestep, UniPC, Euler, EulerAncestral, Heun, LMS, DEIS,
+        SASolver, KDPM2, KDPM2Ancestral, DPMSolverSDE, IPNDM, CosineDPMSolverMultistep;
+        ``fastdiff.samplers.from_diffusers.SUPPORTED``), reading its config; an option it
+        cannot honour raises ValueError naming it."""
         from .from_diffusers import sampler_args
         name, kwargs = sampler_args(scheduler, steps)
         kwargs.update(overrides)
@@ -260,6 +283,7 @@ class Sampler:
         self._store = {}
         self._owned = set()  # names in _store whose tensors the sampler may overwrite
         self._x_in = (None, None)
+        self._brownian = None  # Brownian paths of the run, made at its first noise draw
 
     def init_noise(self, x_T: torch.Tensor) -> torch.Tensor:
         """The initial state from unit-variance noise x_T [B, ...] (x_T itself for VP
@@ -330,9 +354,14 @@ class Sampler:
             self._check_t(t, k)
         device = x.device
         coeffs = self._table(device, x.dtype)["coeffs"][k]
+        if model_out_cond is not None and self.guidance_rescale:
+            coeffs = rescale_coeffs(coeffs, model_out, model_out_cond, self.guidance_rescale)
         if op.clamp and self.clamp.kind == "dynamic":
             coeffs = self._threshold(coeffs, x, model_out, model_out_cond)
-        z = self._noise(x, noise, generator) if op.noise else None
+        z = None
+        if op.noise:
+            z = self._noise(x, noise, generator) if op.brownian is None or noise is not None \
+                else self._brownian_noise(x, op, generator)
         store = self._store
         donate = donate and x.is_contiguous() and not x.requires_grad
         if op.keep_x is not None:
@@ -468,6 +497,34 @@ class Sampler:
         g = generator if generator is not None else self.generator
         return randn(x.shape, g, x.device, x.dtype)
 
+    def _brownian_noise(self, x, op, generator):
+        """The standardised Brownian increment of this op (``fastdiff.samplers.brownian``).
+        The paths' seeds: the plan's own seed (one path for the batch), else one seed drawn
+        from each generator (a list, e.g. from ``seeds=``: one path per sample), else the
+        generators' initial seeds when the plan asks for them (diffusers' cosine DPM-Solver)."""
+        from .brownian import BrownianNoise
+        if self._brownian is None:
+            lo, hi, seed = self.plan.brownian
+            g = generator if generator is not None else self.generator
+            if seed == "generator":  # the generators' own seeds, as diffusers' cosine DPM-Solver
+                if g is None:
+                    seeds = int(torch.randint(0, 2 ** 63 - 1, ()))
+                else:
+                    seeds = [int(gi.initial_seed()) for gi in g] if isinstance(g, (list, tuple)) \
+                        else int(g.initial_seed())
+            elif seed is not None:
+                seeds = int(seed)
+            elif isinstance(g, (list, tuple)):
+                seeds = [int(torch.randint(0, 2 ** 63 - 1, (), generator=gi)) for gi in g]
+            else:
+                seeds = int(torch.randint(0, 2 ** 63 - 1, (), generator=g))
+            if self.grid.rows > 1 and not isinstance(seeds, list):
+                raise ValueError("Brownian-tree noise with per-sample timesteps needs one seed per sample "
+                                 "(seeds= or a list of generators)")
+            self._brownian = BrownianNoise(x, lo, hi, seeds)
+        sa, sb = op.brownian
+        return self._brownian(sa, sb).to(device=x.device, dtype=x.dtype)
+
     def _threshold(self, coeffs, x, m, mc):
         """Imagen dynamic thresholding: s = clamp(quantile(|x0|, ratio), 1, max) per sample,
         written into the coefficient columns (clamp limit and divisor), on the device."""
@@ -484,6 +541,13 @@ class Sampler:
         c[:, 3] = s
         c[:, 4] = s
         return c
+
+
+def _sigma_kind(exponential, beta, lu):
+    chosen = [k for k, on in (("exponential", exponential), ("beta", beta), ("lu", lu)) if on]
+    if len(chosen) > 1:
+        raise ValueError(f"choose at most one of exponential_sigmas, beta_sigmas, lu_lambdas; got {chosen}")
+    return chosen[0] if chosen else None
 
 
 _STEP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
