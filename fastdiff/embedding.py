@@ -224,8 +224,11 @@ def timestep_embedding(t, dim: int, *, flip_sin_to_cos: bool = False,
         derivative is zero inside shared sub-intervals.
     """
     t = _check_t(t)
-    dim, shift, mp, scale = _check_options("timestep_embedding", dim, downscale_freq_shift,
-                                           max_period, scale)
+    compiling = torch.compiler.is_compiling()
+    # Dynamo traces the checks themselves (it would warn that it ignores the cache).
+    check = _check_options.__wrapped__ if compiling else _check_options
+    dim, shift, mp, scale = check("timestep_embedding", dim, downscale_freq_shift, max_period,
+                                  scale)
     flip = _check_bool("timestep_embedding: flip_sin_to_cos", flip_sin_to_cos)
     if sharing is not None and not isinstance(sharing, TimeSharing):
         raise TypeError(f"timestep_embedding: sharing must be a fastdiff.TimeSharing or None, "
@@ -233,7 +236,6 @@ def timestep_embedding(t, dim: int, *, flip_sin_to_cos: bool = False,
     width = float(sharing.width) if sharing is not None else 0.0
     end = float(sharing.t_tilde) if sharing is not None else 0.0
     out_dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
-    compiling = torch.compiler.is_compiling()
     freqs = (_constant_freqs if compiling else _cached_freqs)(dim, shift, mp, t.device, out_dtype)
     table = None
     if (not t.is_floating_point() and t.shape[0] * dim >= TABLE_MIN_ELEMENTS and not compiling
