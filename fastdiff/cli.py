@@ -168,6 +168,71 @@ def _run_train(args) -> int:
     return 0
 
 
+def _add_fit_initial(sub):
+    p = sub.add_parser("fit-initial", help="train a SingDiffusion initial predictor (time-free "
+                       "UNet, MSE to E[x0 | c]); resumes if interrupted")
+    p.add_argument("--data", default="brightness",
+                   help="'brightness', 'digits', or a .pt file holding {'images': [N, C, H, W], "
+                        "'cond': labels [N] | vectors [N, D] | images [N, D, h, w]} (optional)")
+    p.add_argument("--steps", type=_COUNT, default=800)
+    p.add_argument("--batch-size", type=_POSITIVE_INT, default=128)
+    p.add_argument("--lr", type=_POSITIVE, default=1e-3)
+    p.add_argument("--ema-decay", type=_FRACTION, default=0.999)
+    p.add_argument("--p-uncond", type=_FRACTION, default=0.1, help="condition dropout (guidance)")
+    p.add_argument("--channels", type=_POSITIVE_INT, default=16, help="UNet base width")
+    p.add_argument("--seed", type=_SEED, default=0)
+    p.add_argument("--ckpt-every", type=_POSITIVE_INT, default=200)
+    p.add_argument("--threads", type=_POSITIVE_INT, default=None, help="torch.set_num_threads")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-resume", dest="resume", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--out", required=True,
+                   help="output folder (checkpoint, log, model.safetensors + model.json)")
+    p.set_defaults(run=_run_fit_initial)
+
+
+def _run_fit_initial(args) -> int:
+    import os
+
+    import torch
+
+    from . import singular
+    from .data import load_brightness, load_digits
+
+    _check_output_dir(args.out, "--out")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.data == "brightness":
+        images, cond = load_brightness("train")
+    elif args.data == "digits":
+        images, cond = load_digits("train")
+    elif args.data.endswith(".pt") and os.path.isfile(args.data):
+        d = torch.load(args.data, map_location="cpu", weights_only=True)
+        if not isinstance(d, dict) or not isinstance(d.get("images"), torch.Tensor):
+            raise ValueError(f"--data {args.data}: expected a dict with an 'images' tensor")
+        images, cond = d["images"], d.get("cond")
+    else:
+        raise ValueError(f"--data must be 'brightness', 'digits' or an existing .pt file, "
+                         f"got {args.data!r}")
+    kind = {}
+    if cond is not None and not cond.is_floating_point():
+        kind = {"num_classes": int(cond.max()) + 1}
+    elif cond is not None:
+        kind = {"cond_channels": int(cond.shape[1])}
+    torch.manual_seed(args.seed)
+    model = singular.InitialPredictor(images.shape[1], channels=args.channels, channel_mult=(1, 2),
+                                      num_res_blocks=1, attention_levels=(), mid_attention=False,
+                                      **kind)
+    data = images if cond is None else (images, cond)
+    singular.fit_initial_predictor(
+        model, data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        ema_decay=args.ema_decay, p_uncond=args.p_uncond, out_dir=args.out, resume=args.resume,
+        ckpt_every=args.ckpt_every, progress=args.progress, seed=args.seed, device=args.device,
+        extra_config={"command": "fastdiff " + " ".join(args.argv), "data": args.data})
+    print(json.dumps({"out": args.out}))
+    return 0
+
+
 # Shipped models `fastdiff sample --model` can draw from; any folder written by
 # `fastdiff train` / fastdiff.save_model works too.
 SAMPLE_MODELS = ("digits", "digits-baseline", "gaussian-mixture")
@@ -194,6 +259,13 @@ def _add_sample(sub):
                    help="PNG written atomically (default: out/<model>.png)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--seeds", default=None,
+                   help="sharded mode (digits models): one image per seed, e.g. 0-49999; --out is "
+                   "then a folder of shards (resumable; works alone and under torchrun)")
+    p.add_argument("--batch", type=_POSITIVE_INT, default=256, help="seeds per shard in sharded mode")
+    p.add_argument("--pack", action="store_true",
+                   help="sharded mode: also write OUT/samples.npz (arr_0 [N, H, W, C] uint8, "
+                   "arr_1 labels) at the end")
     p.set_defaults(run=_run_sample)
 
 
@@ -203,6 +275,8 @@ def _run_sample(args) -> int:
     from .samplers import Sampler
     from .schedules import NoiseSchedule
 
+    if args.seeds is not None:
+        return _run_sample_sharded(args)
     n = args.n if args.n is not None else (2000 if args.model == "gaussian-mixture" else 360)
     tag = os.path.basename(os.path.normpath(args.model))
     out = args.out or os.path.join("out", f"{tag}.png")
@@ -219,6 +293,69 @@ def _run_sample(args) -> int:
         print(json.dumps(summary))
     else:
         print("\n".join(lines + [f"wrote {os.path.abspath(out)}"]))
+    return 0
+
+
+def _digits_images(model, schedule, seeds, args):
+    """Images of a class-conditional digits model for ``seeds``: the label of seed s is
+    s % 10, the initial noise and the sampler's noise come from seed s alone."""
+    import torch
+
+    labels = torch.tensor(seeds) % 10
+    x_T = torch.cat([torch.randn((1, 1, 8, 8), generator=torch.Generator().manual_seed(s))
+                     for s in seeds])
+    kw = dict(cond=labels, seeds=list(seeds))
+    if args.guidance is not None:
+        kw.update(guidance_scale=args.guidance, uncond=torch.full_like(labels, model.null_class))
+    x, _ = _timed_sample(model, x_T, schedule, args, **kw)
+    return x, labels
+
+
+def _run_sample_sharded(args) -> int:
+    """``fastdiff sample --seeds A-B --out DIR``: resumable shards, any world size."""
+    import time
+
+    import torch
+
+    from . import distributed as dist
+    from .data import to_pixels
+
+    if args.model == "gaussian-mixture":
+        raise ValueError("--seeds (sharded sampling) needs a digits model, not gaussian-mixture")
+    if args.n is not None:
+        raise ValueError("give either --seeds (sharded mode) or --n, not both")
+    seeds = dist.parse_seeds(args.seeds)
+    dist.batches(seeds, args.batch)  # validates --batch
+    if args.out is None:
+        raise ValueError("--seeds needs --out DIR (the shard folder)")
+    dist.init()
+    options = {"model": args.model, "sampler": args.sampler, "steps": args.steps,
+               "guidance": args.guidance, "batch": args.batch, "format": "uint8 NHWC"}
+    store = dist.ShardDir(args.out, options)  # refuses a file in place of the folder
+    model, schedule = _load_cli_model(args.model)
+    args.progress = args.progress and dist.rank() == 0
+
+    def make(batch):
+        x, labels = _digits_images(model, schedule, batch, args)
+        pix = (to_pixels(x) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return {"arr_0": pix, "arr_1": labels.numpy()}
+
+    start = time.perf_counter()
+    res = dist.sample_shards(make, seeds, args.batch, store.path, options, progress=args.progress)
+    elapsed = time.perf_counter() - start
+    computed = dist.all_reduce_sum(torch.tensor([len(res["computed"])], dtype=torch.float64))
+    if dist.rank() == 0:
+        packed = dist.pack(args.out) if args.pack else None
+        summary = {"n": len(seeds), "shards": len(res["manifest"]["shards"]),
+                   "computed_shards": int(computed.item()), "world_size": dist.world_size(),
+                   "time_s": round(elapsed, 3), "out": args.out, "packed": packed}
+        if args.json:
+            print(json.dumps(summary))
+        else:
+            print(f"fastdiff sample: {len(seeds)} images of {args.model} in {summary['shards']} "
+                  f"shards ({summary['computed_shards']} computed now, the rest were done) on "
+                  f"{dist.world_size()} process(es), {elapsed:.2f} s; wrote {args.out}"
+                  + (f" and {packed}" if packed else ""))
     return 0
 
 
@@ -421,6 +558,7 @@ def _probe_model(name, samples, gen):
 def _run_lipschitz(args) -> int:
     import torch
 
+    from . import distributed as dist
     from .probes import lipschitz_t
     from .schedules import TimeSharing
 
@@ -451,6 +589,9 @@ def _run_lipschitz(args) -> int:
             ts = torch.arange(0, min(int(t_max), hi + 1))
         jobs.append((name, model, schedule, x0, kwargs, sharing, ts, gen))
 
+    dist.init()  # under torchrun: each probe's chunks are split over the ranks
+    if dist.rank() != 0:
+        args.progress = False
     curves = {}
     for name, model, schedule, x0, kwargs, sharing, ts, gen in jobs:
         res = lipschitz_t(model, x0, schedule, ts, method=args.method, generator=gen,
@@ -459,7 +600,10 @@ def _run_lipschitz(args) -> int:
         summary = _k_summary(res, schedule, sharing, args.stat)
         res.meta.update(model=name, summary=summary)
         curves[name] = (res, sharing)
-        print(_k_headline(name, res.method, summary))
+        if dist.rank() == 0:
+            print(_k_headline(name, res.method, summary))
+    if dist.rank() != 0:  # every rank has the whole result; rank 0 writes it
+        return 0
     # The curves are on disk before the plot is tried: a failing plot loses no data.
     payload = json.dumps({"format": 1, "curves": {n: r.to_dict() for n, (r, _) in curves.items()}})
     if args.json:
@@ -550,7 +694,50 @@ def _lipschitz_png(args, curves) -> None:
         fig.savefig(f, format="png")
 
 
-COMMANDS = [_add_info, _add_train, _add_sample, _add_lipschitz]
+def _add_fd(sub):
+    p = sub.add_parser("fd", help="Frechet distance of a folder of digit samples (from "
+                       "`fastdiff sample --seeds ... --out DIR`) to real digits; under torchrun "
+                       "the shards are split over the ranks and the feature sums reduced")
+    p.add_argument("--samples", required=True, help="the shard folder (its manifest.json)")
+    p.add_argument("--reference", default="test", choices=["test", "train", "all"],
+                   help="real digits to compare with (default: the held-out ones)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    p.set_defaults(run=_run_fd)
+
+
+def _run_fd(args) -> int:
+    import numpy as np
+    import torch
+
+    from . import distributed as dist
+    from .metrics import digits_fd_sharded
+
+    man_path = os.path.join(args.samples, dist.MANIFEST)
+    if not os.path.exists(man_path):
+        raise ValueError(f"{args.samples!r} has no {dist.MANIFEST}: not a finished sample folder")
+    dist.init()
+    with open(man_path) as f:
+        shards = json.load(f)["shards"]
+    parts = []  # this rank's shards, one feature batch each (independent of the world size)
+    for rec in shards[dist.rank_slice(len(shards))]:
+        p = os.path.join(args.samples, rec["shard"])
+        if dist._sha256(p) != rec["sha256"]:
+            raise ValueError(f"{p} does not match its checksum in {dist.MANIFEST}: damaged")
+        with np.load(p) as z:
+            parts.append(torch.from_numpy(z["arr_0"]).permute(0, 3, 1, 2).double() * (2.0 / 255.0) - 1.0)
+    fd = digits_fd_sharded(parts, reference=args.reference)
+    if dist.rank() == 0:
+        n = sum(r["n"] for r in shards)
+        if args.json:
+            print(json.dumps({"fd": fd, "n": n, "reference": args.reference,
+                              "world_size": dist.world_size()}))
+        else:
+            print(f"Frechet distance of {n} samples in {args.samples} to the {args.reference} "
+                  f"digits: {fd:.4f} ({dist.world_size()} process(es))")
+    return 0
+
+
+COMMANDS = [_add_info, _add_train, _add_sample, _add_lipschitz, _add_fd, _add_fit_initial]
 
 # import name -> pip name, of what a command needs beyond torch (all in the default
 # install; checked before the work starts, so a broken environment fails in a second).
@@ -558,13 +745,15 @@ _PIP = {"sklearn": "scikit-learn", "matplotlib": "matplotlib", "safetensors": "s
 
 
 def _needs(args) -> list[str]:
-    if args.command == "train":
+    if args.command in ("train", "fit-initial"):
         return ["sklearn", "safetensors"]
     if args.command == "sample":
         return ["matplotlib", "safetensors"] + ([] if args.model == "gaussian-mixture" else ["sklearn"])
     if args.command == "lipschitz":
         digits = any(m.partition("+")[0] != "gaussian" for m in args.model or [])
         return ["matplotlib", "safetensors"] + (["sklearn"] if digits else [])
+    if args.command == "fd":
+        return ["sklearn", "safetensors"]
     return []
 
 

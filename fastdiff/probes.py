@@ -161,10 +161,10 @@ class LipschitzResult:
         if ax is None:
             import matplotlib.pyplot as plt
             ax = plt.gca()
-        fig = ax.figure
-        if getattr(fig, "get_layout_engine", None) and fig.get_layout_engine() is None \
-                and hasattr(fig, "set_layout_engine"):
+        fig = ax.figure.figure  # the root figure, also for an Axes in a SubFigure
+        if fig.get_layout_engine() is None:
             fig.set_layout_engine("constrained")
+        ax.autoscale(True, axis="y")  # an earlier call's zero floor fixed the limits
         order = torch.argsort(self.timesteps)
         t = self.timesteps[order].numpy()
         y = getattr(self, stat)[order]
@@ -190,6 +190,7 @@ class LipschitzResult:
             ax.set_yscale("symlog", linthresh=thresh, linscale=0.5)
             # a little room below 0, so zeros are not hidden by the axis line
             ax.set_ylim(bottom=-0.3 * thresh, top=None if pos.numel() else 10 * thresh)
+            # (top=None: autoscaled over every curve and band of ax)
             ylabel += f"\n(symlog: linear below {thresh:.0e}; exact zeros on the 0 line)"
         else:
             ax.set_yscale("log")
@@ -443,7 +444,7 @@ def lipschitz_t(model, x0: torch.Tensor, schedule, timesteps, *, method: str = "
                 noise: torch.Tensor | None = None, batch_size: int | None = None,
                 time_sharing: TimeSharing | None = None,
                 generator: torch.Generator | None = None, progress: bool = True,
-                model_kwargs: dict | None = None) -> LipschitzResult:
+                model_kwargs: dict | None = None, distributed: bool | None = None) -> LipschitzResult:
     """Lipschitz constant of ``eps_theta`` in its time input: K(t) per timestep and sample.
 
     For each timestep t and sample b, ``x_t = alpha_t x0[b] + sigma_t noise[b]`` is held
@@ -470,6 +471,12 @@ def lipschitz_t(model, x0: torch.Tensor, schedule, timesteps, *, method: str = "
             :func:`fastdiff.etsdm`); its exact derivative is 0 inside shared sub-intervals.
         generator: for the noise.
         progress: tqdm bar over chunks.
+        distributed: split the work over the ranks of the initialized torch.distributed
+            process group (None: when there is one with more than one rank). Every rank
+            must call with the same arguments (and the same ``noise``, or the same
+            ``generator`` state); the chunks of (timestep, sample) pairs are dealt
+            round-robin, each rank computes its own, and every rank gets the whole result,
+            bit-identical to one process's.
         model_kwargs: extra model arguments; tensors whose first dim is B are per-sample
             (e.g. ``class_labels``) and follow their sample, anything else is shared.
 
@@ -526,7 +533,15 @@ def lipschitz_t(model, x0: torch.Tensor, schedule, timesteps, *, method: str = "
     bar = tqdm(range(0, N, chunk), desc=f"lipschitz_t ({method})", disable=not progress,
                unit="chunk", leave=False)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    values = torch.empty(N, dtype=acc, device=dev)  # filled on the device: no sync per chunk
+    from . import distributed as dist
+    shard = dist.world_size() > 1 if distributed is None else bool(distributed)
+    starts = list(range(0, N, chunk))
+    if shard:  # the same chunks as one process, dealt to the ranks: the same bits
+        starts = starts[dist.rank()::dist.world_size()]
+        bar = tqdm(starts, desc=f"lipschitz_t ({method})", disable=not progress or dist.rank() != 0,
+                   unit="chunk", leave=False)
+    # filled on the device (no sync per chunk); zeros where other ranks' chunks go
+    values = (torch.zeros if shard else torch.empty)(N, dtype=acc, device=dev)
     # fd differentiates nothing: it runs the model exactly as given.
     with contextlib.nullcontext() if method == "fd" else _math_attention():
         # Flat index i = k * B + b: timestep k, sample b.
@@ -549,6 +564,8 @@ def lipschitz_t(model, x0: torch.Tensor, schedule, timesteps, *, method: str = "
                 k_t = torch.linalg.vector_norm(jv.reshape(jv.shape[0], -1).to(acc), dim=1)
             values[start:start + idx.numel()] = k_t.detach().to(acc)
             bar.set_postfix(method=used)
+    if shard:  # each entry is written by one rank, the others add exact zeros
+        values = dist.all_reduce_sum(values)
     meta = {"schedule": repr(sched), "requested_method": method, "samples": B,
             "time_sharing": None if time_sharing is None else
             {"t_tilde": time_sharing.t_tilde, "n": time_sharing.n}}
