@@ -8,7 +8,7 @@ from .embedding import SinusoidalEmbedding, patch_time_embedding, timestep_embed
 from .schedules import NoiseSchedule, TimeSharing
 from .wrappers import ETSDM, etsdm
 from .probes import LipschitzResult, lipschitz_t, lipschitz_x
-from .samplers import SAMPLERS, Sampler, sample
+from .samplers import SAMPLERS, Sampler, invert, sample
 from .nets import UNet
 from .pretrained import pretrained
 from .model_io import load_model, save_model
@@ -29,6 +29,6 @@ def __getattr__(name):
 
 __all__ = ["backends", "get_backend", "set_backend", "timestep_embedding",
            "SinusoidalEmbedding", "patch_time_embedding", "NoiseSchedule", "TimeSharing", "ETSDM", "etsdm",
-           "lipschitz_t", "lipschitz_x", "LipschitzResult", "sample", "Sampler", "SAMPLERS",
+           "lipschitz_t", "lipschitz_x", "LipschitzResult", "sample", "invert", "Sampler", "SAMPLERS",
            "UNet", "pretrained", "load_model", "save_model", "diffusion_loss", "FusedScheduler", "fuse",
            "__version__"]

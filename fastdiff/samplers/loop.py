@@ -5,6 +5,7 @@ from typing import Callable
 
 import torch
 
+from .. import singular
 from ..schedules import TimeSharing
 from ..wrappers import ETSDM, model_output
 from .core import PREDICTIONS
@@ -19,7 +20,8 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
            guidance_scale: float | None = None, cond=None, uncond=None, generator=None,
            seeds=None, time_sharing=None, progress: bool = True,
            callback: Callable | None = None, callback_on_step_end: Callable | None = None,
-           prediction_type: str | None = None, device=None, dtype=None, **options) -> torch.Tensor:
+           prediction_type: str | None = None, device=None, dtype=None, initial: str | None = None,
+           initial_predictor=None, initial_guidance_scale: float | None = None, **options) -> torch.Tensor:
     """Draw samples from a diffusion model with a fused sampler.
 
     Args:
@@ -70,8 +72,17 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
             ``prediction_type`` attribute if it has one (fastdiff's UNet), else "epsilon";
             with a ``scheduler`` its config decides.
         device, dtype: of the drawn x_T (default CPU float32).
+        initial: None (start from x_T) or "singdiffusion": start from SingDiffusion's step
+            from t = 1, ``x_t1 = alpha_t1 y + sigma_t1 x_T`` with y =
+            ``initial_predictor.predict(x_T, cond)`` (the Euler family's state x / alpha
+            accordingly), then run the sampler unchanged (docs/singdiffusion.md).
+        initial_predictor: an object with ``predict(x1, cond) -> y`` shaped like x1, e.g.
+            ``fastdiff.singular.ClassMeans`` or a trained ``InitialPredictor``.
+        initial_guidance_scale: w of the predictor's normalized guidance
+            ``(y_u + w (y_c - y_u)) / w`` (applied when w > 1, with ``uncond``); separate
+            from ``guidance_scale``. Default None: y = the conditional prediction.
         **options: further :class:`Sampler` arguments (``spacing``, ``karras``, ``order``,
-            ``eta``, ``thresholding``, ...).
+            ``eta``, ``thresholding``, ``guidance_rescale``, ...).
 
     Returns:
         the samples [B, ...] (the final state; for the Euler family with a nonzero final
@@ -87,6 +98,13 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
     if seeds is not None and generator is not None:
         raise ValueError("give either generator or seeds, not both")
     gens = make_generators(seeds) if seeds is not None else generator
+    if initial not in singular.INITIALS:
+        raise ValueError(f"initial must be one of {singular.INITIALS}, got {initial!r}")
+    if initial is None and (initial_predictor is not None or initial_guidance_scale is not None):
+        raise ValueError('initial_predictor / initial_guidance_scale need initial="singdiffusion"')
+    if initial is not None and initial_predictor is None:
+        raise ValueError(f'initial="{initial}" needs initial_predictor= (e.g. '
+                         'fastdiff.singular.ClassMeans(data) or a trained InitialPredictor)')
     if isinstance(sampler, Sampler):
         s = _prebuilt(sampler, steps, guidance_scale, schedule=schedule, scheduler=scheduler,
                       timesteps=timesteps, prediction_type=prediction_type,
@@ -99,8 +117,8 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
             raise ValueError("give either scheduler (diffusers) or sampler / schedule, not both")
         if prediction_type is not None:
             options["prediction_type"] = prediction_type
-        s = Sampler.from_diffusers(scheduler, DEFAULT_STEPS if steps is None else steps, timesteps=timesteps, guidance_scale=guidance_scale,
-                                   time_sharing=_model_time_sharing(model, time_sharing),
+        s = Sampler.from_diffusers(scheduler, DEFAULT_STEPS if steps is None else steps, timesteps=timesteps,
+                                   guidance_scale=guidance_scale, time_sharing=_model_time_sharing(model, time_sharing),
                                    generator=gens, **options)
     else:
         s = Sampler(sampler or "dpm++2m", schedule, steps, timesteps=timesteps, guidance_scale=guidance_scale,
@@ -120,7 +138,10 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
         args, kwargs = _cfg_batch(args_u, kw_u, args_c, kw_c)
     else:
         args, kwargs = args_c, kw_c
-    x = s.init_noise(x_T)
+    if initial is None:
+        x = s.init_noise(x_T)
+    else:
+        x = singular.initial_state(s, x_T, initial_predictor, cond, uncond, initial_guidance_scale)
     B = x.shape[0]
     shown_t = s.timesteps
     steps_iter = range(len(s))

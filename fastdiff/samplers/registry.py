@@ -1,7 +1,7 @@
 """Sampler names: each is a family (plan function + grid flavour) with fixed options."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from .ddim import ddim, ddpm
@@ -16,9 +16,13 @@ from .lms import lms
 from .pndm import pndm
 from .sasolver import sa_solver
 from .unipc import unipc
+from .edm import consistency, edm_dpm, edm_euler
+from .flow import flow_euler, flow_heun
+from .inverse import ddim_inverse
+from .lcm import lcm, tcd
 
-__all__ = ["Family", "FAMILIES", "SAMPLERS", "ALIASES", "DIFFUSERS_ARGS", "family", "resolve",
-           "diffusers_args"]
+__all__ = ["Family", "FAMILIES", "SAMPLERS", "INVERSE", "OWN_SCHEDULE", "ALIASES", "DIFFUSERS_ARGS", "family",
+           "resolve", "diffusers_args", "default_schedule"]
 
 
 @dataclass(frozen=True)
@@ -26,13 +30,15 @@ class Family:
     """plan: the family's plan function; flavor: diffusers' timestep family ("ddim",
     "dpmsolver", "euler"); fixed: option defaults the name sets (explicit options
     override them, e.g. ``Sampler("dpm++2m", order=1)``); final: default final level;
-    karras_t / karras_range: how Karras sigmas map to model times (see ``build_grid``)."""
+    karras_t / karras_range: how Karras sigmas map to model times (see ``build_grid``);
+    flow: the grid on a flow-matching schedule (None: the family is not defined there)."""
     plan: Callable
     flavor: str
     fixed: dict = field(default_factory=dict)
     final: str = "zero"
     karras_t: str = "round"
     karras_range: str = "table"
+    flow: str | None = None
 
 
 _EULER = dict(flavor="euler", karras_t="float", karras_range="spaced")
@@ -69,6 +75,44 @@ FAMILIES = {
     "cosine-dpm": Family(cosine_dpm, "cosine"),
     "dpm++sde": Family(dpmpp_sde, **{**_EULER, "flavor": "euler64"}),
 }
+
+# -- flow matching, EDM, consistency models, inversion ----------------------------------------
+FAMILIES.update({
+    "flow-euler": Family(flow_euler, "flow", flow="match"),
+    "flow-heun": Family(flow_heun, "flow", flow="match"),
+    "edm-euler": Family(edm_euler, "edm"),
+    "edm-dpm++2m": Family(edm_dpm, "edm", {"algorithm": "dpmsolver++", "order": 2}),
+    "edm-dpm++sde-2m": Family(edm_dpm, "edm", {"algorithm": "sde-dpmsolver++", "order": 2}),
+    "cm": Family(consistency, "cm"),
+    "lcm": Family(lcm, "lcm"),
+    "tcd": Family(tcd, "lcm"),
+    "ddim-inverse": Family(ddim_inverse, "ddim-inverse"),
+    "dpm++2m-inverse": Family(dpm_multistep, "dpm-inverse", {"algorithm": "dpmsolver++", "order": 2}),
+    "dpm-solver-inverse": Family(dpm_multistep, "dpm-inverse", {"algorithm": "dpmsolver"}),
+})
+# DPM-Solver and UniPC on flow-matching schedules (diffusers' use_flow_sigmas): their grids differ.
+for _name, _fam in list(FAMILIES.items()):
+    if _fam.plan in (dpm_multistep, dpm_singlestep, unipc) and _fam.flavor == "dpmsolver":
+        FAMILIES[_name] = replace(_fam, flow="unipc" if _fam.plan is unipc else "dpm")
+INVERSE = ("ddim-inverse", "dpm++2m-inverse", "dpm-solver-inverse")  # data -> noise (fastdiff.invert)
+OWN_SCHEDULE = {"flow": "flow", "edm": "edm", "cm": "edm"}  # flavors that need a non-VP schedule
+
+
+def default_schedule(name: str):
+    """The schedule ``Sampler(name)`` uses when none is given: flow matching (T = 1000,
+    shift 1) for the flow samplers, EDM's defaults for the EDM / consistency ones, else
+    DDPM linear (T = 1000)."""
+    from ..schedules import NoiseSchedule
+    kind = OWN_SCHEDULE.get(family(name).flavor)
+    if kind == "flow":
+        return NoiseSchedule.flow()
+    if kind == "edm":
+        if family(name).flavor == "cm":
+            from ..schedule_families import EDMSchedule
+            return EDMSchedule(T=40, time_scale=250.0)  # diffusers' CMStochasticIterativeScheduler default
+        return NoiseSchedule.edm()
+    return NoiseSchedule.linear()
+
 
 SAMPLERS = tuple(FAMILIES)
 

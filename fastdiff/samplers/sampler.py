@@ -28,7 +28,9 @@ from .. import _ops
 from ..wrappers import model_output
 from .core import PREDICTIONS, Clamp, Plan
 from .grid import build_grid
-from .registry import SAMPLERS, diffusers_args, family, resolve
+from .grid_families import GRID_OPTIONS
+from .guidance import rescale_coeffs
+from .registry import SAMPLERS, default_schedule, diffusers_args, family, resolve
 
 __all__ = ["Sampler", "make_generators", "randn", "DEFAULT_STEPS"]
 
@@ -89,7 +91,8 @@ class Sampler:
         sampler: one of :data:`SAMPLERS` (``"ddim"``, ``"dpm++2m"``, ``"unipc"``, ...) or
             another program's name for it (``"DPM++ 2M Karras"``, ``"dpmpp_2m"``,
             ``"k_euler"``: :data:`fastdiff.samplers.registry.ALIASES`).
-        schedule: a :class:`fastdiff.schedules.NoiseSchedule` (default: DDPM linear, T=1000).
+        schedule: a :class:`fastdiff.schedules.NoiseSchedule` (default: DDPM linear, T=1000;
+            ``NoiseSchedule.flow()`` / ``.edm()`` for the flow-matching / EDM samplers).
         steps: number of steps (evaluation points, default 20); Heun and PNDM call the
             model more often, ``len(sampler.timesteps)`` times. diffusers' names
             ``num_inference_steps``, ``use_karras_sigmas`` and ``timestep_spacing`` are
@@ -113,6 +116,10 @@ class Sampler:
         clip_sample, clip_sample_range: clamp the data estimate to [-range, range].
         guidance_scale: classifier-free guidance weight w (m_u + w (m_c - m_u)), used when
             ``step`` gets ``model_out_cond``.
+        guidance_rescale: phi of Lin et al.'s guidance rescale (diffusers' name), in
+            [0, 1]: the guided output is rescaled per sample to the conditional output's
+            std and mixed ``phi * rescaled + (1 - phi) * guided``, folded into the step's
+            coefficients (``fastdiff.samplers.guidance``). 0: off.
         time_sharing: a :class:`fastdiff.TimeSharing`: the network's time input is f(t)
             (E-TSDM); the update keeps the true schedule. Used by :meth:`model_time`.
         generator, seeds: noise source of stochastic samplers (a generator, a list with
@@ -138,7 +145,8 @@ class Sampler:
                  generator=None, seeds=None, sigma_min: float | None = None,
                  sigma_max: float | None = None, lambda_min_clipped: float = -math.inf,
                  diffusers_rule: bool = False, exponential_sigmas: bool = False,
-                 beta_sigmas: bool = False, lu_lambdas: bool = False, **options):
+                 beta_sigmas: bool = False, lu_lambdas: bool = False,
+                 guidance_rescale: float = 0.0, **options):
         named = diffusers_args(options, steps=steps, karras=karras, spacing=spacing)
         steps, karras, spacing = named["steps"], named["karras"], named["spacing"]
         sampler, implied = resolve(sampler)
@@ -151,7 +159,7 @@ class Sampler:
             steps = DEFAULT_STEPS
         fam = family(sampler)
         self.name = sampler
-        self.schedule = NoiseSchedule.linear() if schedule is None else schedule
+        self.schedule = default_schedule(sampler) if schedule is None else schedule
         if prediction_type not in PREDICTIONS:
             raise ValueError(f"prediction_type must be one of {PREDICTIONS}, got {prediction_type!r}")
         if timesteps is not None:
@@ -165,7 +173,14 @@ class Sampler:
             raise TypeError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
         if time_sharing is not None and not isinstance(time_sharing, TimeSharing):
             raise TypeError(f"time_sharing must be a fastdiff.TimeSharing, got {type(time_sharing).__name__}")
+        if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)) \
+                or not 0 <= guidance_rescale <= 1:
+            raise ValueError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
+        if guidance_rescale and guidance_scale is None:
+            raise ValueError("guidance_rescale needs guidance_scale (it rescales the guided output)")
+        self.guidance_rescale = float(guidance_rescale)
         opts = {**fam.fixed, **options}
+        grid_opts = {k: opts.pop(k) for k in GRID_OPTIONS if k in opts}  # e.g. flow matching's mu
         params = inspect.signature(fam.plan).parameters
         unknown = sorted(set(opts) - set(params) - {"pred", "clamp"})
         if unknown:
@@ -180,7 +195,7 @@ class Sampler:
             steps_offset=steps_offset, karras=karras, final=final_sigmas_type or fam.final,
             karras_t=fam.karras_t, karras_range=fam.karras_range, sigma_min=sigma_min,
             sigma_max=sigma_max, lambda_min_clipped=lambda_min_clipped, rule=diffusers_rule,
-            sigma_kind=_sigma_kind(exponential_sigmas, beta_sigmas, lu_lambdas))
+            sigma_kind=_sigma_kind(exponential_sigmas, beta_sigmas, lu_lambdas), flow=fam.flow, **grid_opts)
         with np.errstate(all="ignore"):  # non-finite coefficients are refused in _finalize
             self.plan: Plan = fam.plan(self.grid, pred=prediction_type, clamp=self.clamp, **opts)
         self.grid = self.plan.grid or self.grid
@@ -407,6 +422,8 @@ class Sampler:
             self._check_t(t, k)
         device = x.device
         coeffs = self._table(device, x.dtype)["coeffs"][k]
+        if model_out_cond is not None and self.guidance_rescale:
+            coeffs = rescale_coeffs(coeffs, model_out, model_out_cond, self.guidance_rescale)
         if op.clamp and self.clamp.kind == "dynamic":
             coeffs = self._threshold(coeffs, x, model_out, model_out_cond)
         z = None
