@@ -216,20 +216,20 @@ def _run_rng(device: torch.device, seed: int, rank: int, state: dict | None):
     draw from it inside the run (the DataLoader has its own generator): that is what
     makes k steps + resume equal N steps straight."""
     cuda = device.type == "cuda"
-    with torch.random.fork_rng(devices=[device] if cuda else []):
+    index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else 0
+    with torch.random.fork_rng(devices=[index] if cuda else []):
         if state is None:
             # a different stream from the caller's usual torch.manual_seed(seed) (model init)
             digest = hashlib.blake2b(f"fastdiff.train.rng:{seed}:{rank}".encode(), digest_size=8)
             s = int.from_bytes(digest.digest(), "little") >> 1
             torch.default_generator.manual_seed(s)
             if cuda:
-                torch.cuda.default_generators[device.index or 0].manual_seed(s)
+                torch.cuda.default_generators[index].manual_seed(s)
         else:
             torch.set_rng_state(state["torch"])
             if cuda and "cuda" in state:
                 cs = state["cuda"]  # older checkpoints stored every device's state
-                torch.cuda.set_rng_state(cs[device.index or 0] if isinstance(cs, list) else cs,
-                                         device)
+                torch.cuda.set_rng_state(cs[index] if isinstance(cs, list) else cs, index)
         yield
 
 

@@ -11,7 +11,7 @@ import torch
 import fastdiff.cli as cli
 import fastdiff.probes as probes
 import fastdiff.train as ftrain
-from fastdiff import LipschitzResult, TimeSharing, lipschitz_t, lipschitz_x
+from fastdiff import LipschitzResult, lipschitz_t, lipschitz_x
 from fastdiff.nets import UNet
 from fastdiff.schedules import NoiseSchedule
 from fastdiff.train import diffusion_loss, train

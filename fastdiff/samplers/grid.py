@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..schedules import NoiseSchedule, diffusers_timesteps
+from ..schedules import _REAL, NoiseSchedule, diffusers_timesteps
 
 __all__ = ["Grid", "build_grid", "DISCRETE_SPACINGS", "CONTINUOUS_SPACINGS"]
 
@@ -217,6 +217,11 @@ def build_grid(schedule: NoiseSchedule, steps: int | None, *, flavor: str,
         raise TypeError(f"schedule must be a fastdiff.schedules.NoiseSchedule, got {type(schedule).__name__}")
     if final not in FINAL_SIGMAS:
         raise ValueError(f"final_sigmas_type must be one of {FINAL_SIGMAS}, got {final!r}")
+    if isinstance(lambda_min_clipped, bool) or not isinstance(lambda_min_clipped, _REAL):
+        raise TypeError(f"lambda_min_clipped must be a real number (a log-SNR, -inf for no "
+                        f"clipping), got {type(lambda_min_clipped).__name__}")
+    if lambda_min_clipped != lambda_min_clipped:
+        raise ValueError("lambda_min_clipped must be a log-SNR or -inf (no clipping), got nan")
     kind = _sigma_kind(karras, sigma_kind)
     # "euler64": the Euler flavour with float64 "linspace" timesteps (DPMSolverSDEScheduler)
     f64, flavor = flavor == "euler64", "euler" if flavor == "euler64" else flavor

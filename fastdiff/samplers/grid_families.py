@@ -77,11 +77,15 @@ def _steps(steps):
 
 # -- flow matching ------------------------------------------------------------------------
 
-def _flow_lookup(T):
-    def lookup(t):
-        s = np.asarray(t, dtype=np.float64) / T
+class _FlowLookup:
+    """(alpha, sigma) = (1 - t / T, t / T) of model times t (a class: picklable)."""
+
+    def __init__(self, T):
+        self.T = T
+
+    def __call__(self, t):
+        s = np.asarray(t, dtype=np.float64) / self.T
         return 1.0 - s, s
-    return lookup
 
 
 def _flow_grid(schedule, steps, variant, timesteps, karras, final, mu):
@@ -92,7 +96,7 @@ def _flow_grid(schedule, steps, variant, timesteps, karras, final, mu):
         ts = _as_times(timesteps, steps, 0.0, float(T), f"a flow schedule (model times in [0, {T}])")
         s = np.concatenate([ts / T, np.zeros((ts.shape[0], 1))], axis=1)
         return Grid(t=ts, alpha=1.0 - s, sigma=s, t_integer=variant != "match" and bool((ts == np.round(ts)).all()),
-                    lookup=_flow_lookup(T))
+                    lookup=_FlowLookup(T))
     t, s = schedule.grid_sigmas(_steps(steps), variant, mu, karras)
     t_end = None
     if variant == "match":
@@ -105,16 +109,20 @@ def _flow_grid(schedule, steps, variant, timesteps, karras, final, mu):
                              "use final_sigmas_type='zero'")
         s[-1], t_end = s[-2], t[-1:].copy()  # UniPC: the last sigma repeated (a zero-length step)
     return Grid(t=t[None], alpha=1.0 - s[None], sigma=s[None], t_integer=variant != "match",
-                lookup=_flow_lookup(T), t_end=t_end)
+                lookup=_FlowLookup(T), t_end=t_end)
 
 
 # -- EDM ----------------------------------------------------------------------------------
 
-def _edm_lookup(scale):
-    def lookup(t):
+class _EDMLookup:
+    """(alpha, sigma) = (1, exp(t / scale)) of model times t (a class: picklable)."""
+
+    def __init__(self, scale):
+        self.scale = scale
+
+    def __call__(self, t):
         t = np.asarray(t, dtype=np.float64)
-        return np.ones_like(t), np.exp(t / scale)
-    return lookup
+        return np.ones_like(t), np.exp(t / self.scale)
 
 
 def _edm_grid(schedule, steps, timesteps, final):
@@ -130,7 +138,7 @@ def _edm_grid(schedule, steps, timesteps, final):
     last = np.zeros((s.shape[0], 1)) if final == "zero" else s[:, -1:]
     sig = np.concatenate([s, last], axis=1)
     return Grid(t=ts, alpha=np.ones_like(sig), sigma=sig, t_integer=False,
-                lookup=_edm_lookup(schedule.params["time_scale"]), t_end=None if final == "zero" else ts[:, -1].copy())
+                lookup=_EDMLookup(schedule.params["time_scale"]), t_end=None if final == "zero" else ts[:, -1].copy())
 
 
 # -- consistency models ---------------------------------------------------------------------
@@ -151,7 +159,7 @@ def _cm_grid(schedule, steps, timesteps):
     t = p["time_scale"] * np.log(sig + 1e-44)
     sig = np.append(sig, p["sigma_min"]).astype(np.float32).astype(np.float64)
     return Grid(t=t[None], alpha=np.ones((1, steps + 1)), sigma=sig[None], t_integer=False,
-                lookup=_edm_lookup(p["time_scale"]), t_end=t[-1:].copy())
+                lookup=_EDMLookup(p["time_scale"]), t_end=t[-1:].copy())
 
 
 def lcm_timesteps(T: int, steps: int, original_steps: int = 50) -> np.ndarray:
