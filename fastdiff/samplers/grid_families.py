@@ -41,7 +41,6 @@ def family_grid(schedule, steps, *, flavor, flow, timesteps, spacing, steps_offs
         if sigmas is not None:
             if timesteps is not None:
                 raise ValueError("give either timesteps or sigmas")
-            steps = len(sigmas) if steps is None or steps == 20 else steps  # 20: Sampler's default
         return _flow_grid(schedule, steps, variant, timesteps, karras, final, mu, sigmas)  # karras: bool or a kind
     if flavor == "flow":
         raise ValueError(f"flow-matching samplers need a flow schedule (NoiseSchedule.flow()), got {schedule!r}")
