@@ -205,8 +205,10 @@ class FlowSchedule:
                 raise ValueError("DPM-Solver's flow sigmas take no explicit sigmas (diffusers has none)")
             # FlowMatchEuler casts them to float32, UniPC keeps them as given
             sigmas = np.asarray(sigmas, dtype=np.float32 if variant == "match" else np.float64).astype(np.float64)
-            if sigmas.ndim != 1 or len(sigmas) != steps or not ((sigmas > 0) & (sigmas <= 1)).all():
-                raise ValueError(f"sigmas must be {steps} values in (0, 1], got {sigmas.tolist()}")
+            if sigmas.ndim != 1 or not ((sigmas > 0) & (sigmas <= 1)).all():
+                raise ValueError(f"sigmas must be a list of values in (0, 1], got {sigmas.tolist()}")
+            if len(sigmas) != steps:
+                raise ValueError(f"sigmas has {len(sigmas)} values but steps={steps}; pass steps={len(sigmas)}")
         p, T, N = self._params, self.T, steps
         if variant == "match":
             shift = self._shift_of(mu, required=True)
