@@ -315,6 +315,9 @@ def test_unhonourable_config_value_names_it():
         FusedScheduler.from_config(SD_CONFIG, sampler="ddpm", variance_type="learned")
     with pytest.raises(ValueError, match="unknown sampler 'dpm 7m'.*'Euler a' -> euler-ancestral"):
         FusedScheduler.from_config(SD_CONFIG, sampler="dpm 7m")
+    from diffusers import LCMScheduler
+    with pytest.raises(ValueError, match="does not reproduce LCMScheduler in pipelines"):
+        FusedScheduler.from_scheduler(LCMScheduler())
 
 
 def test_import_fastdiff_does_not_import_diffusers():

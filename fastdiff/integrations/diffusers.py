@@ -31,7 +31,7 @@ from ..samplers.registry import resolve
 from ..samplers.sampler import Sampler
 from ..schedules import TimeSharing
 
-__all__ = ["FusedScheduler", "FusedSchedulerOutput", "fuse", "MID_SCHEDULE"]
+__all__ = ["FusedScheduler", "FusedSchedulerOutput", "fuse", "MID_SCHEDULE", "PIPELINE_CLASSES"]
 
 # What a diffusers scheduler does when a pipeline starts it mid-schedule (img2img and
 # inpainting call set_begin_index): "continue" takes the same step as in a full run (the
@@ -49,6 +49,12 @@ MID_SCHEDULE = {
     "DPMSolverSinglestepScheduler": "restart",
     "UniPCMultistepScheduler": "restart",
 }
+# The classes a FusedScheduler reproduces inside pipelines (tested there). Others that
+# Sampler.from_diffusers maps are refused: flow-matching pipelines pass custom sigmas / mu,
+# LCM / TCD / consistency pipelines read a differently defined pred_original_sample.
+PIPELINE_CLASSES = (*MID_SCHEDULE, "PNDMScheduler", "DEISMultistepScheduler", "KDPM2DiscreteScheduler",
+                    "KDPM2AncestralDiscreteScheduler", "SASolverScheduler", "DPMSolverSDEScheduler",
+                    "IPNDMScheduler", "CosineDPMSolverMultistepScheduler")
 _PRIVATE_KEYS = ("_class_name", "_diffusers_version", "_name_or_path")
 
 
@@ -145,6 +151,9 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
 
     def __init__(self, scheduler_class: str = "DDIMScheduler", **scheduler_config):
         source_cls = _diffusers_class(scheduler_class)
+        if scheduler_class not in PIPELINE_CLASSES:
+            raise ValueError(f"FusedScheduler does not reproduce {scheduler_class} in pipelines (not verified "
+                             f"there); supported: {', '.join(PIPELINE_CLASSES)}")
         cfg = {k: v for k, v in scheduler_config.items() if k not in _PRIVATE_KEYS}
         self._source = source_cls.from_config(cfg)
         sampler_args(self._source, 1)  # refuse what fastdiff cannot honour, now
