@@ -19,6 +19,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -34,31 +36,97 @@ struct Dims {
 };
 
 // Copies rows [r0, r0 + n) of a [L, W] matrix into acc-typed dst[n * W].
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTDIFF_ATTN_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTDIFF_ATTN_CLONES
+#endif
+
+// Copies rows [r0, r0 + n) of a [L, W] matrix into acc-typed dst[n * W].
 template <typename T, typename acc>
 inline void load_rows(const T* src, int64_t r0, int64_t n, int64_t W, acc* dst) {
   const T* p = src + r0 * W;
   for (int64_t i = 0; i < n * W; ++i) dst[i] = static_cast<acc>(p[i]);
 }
 
+// The same rows transposed: dst[w * kKBlock + i] (so that loops over keys are unit-stride).
+template <typename T, typename acc>
+inline void load_rows_t(const T* src, int64_t r0, int64_t n, int64_t W, acc* dst) {
+  const T* p = src + r0 * W;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t w = 0; w < W; ++w) dst[w * kKBlock + i] = static_cast<acc>(p[i * W + w]);
+}
+
+// The inner loops run over keys (j) or value columns (x) with independent accumulators on
+// restrict pointers, so they vectorize without reassociating a sum.
+
+// s += a k_row, ds += b k_row, dsk += a dk_row over nk keys.
 template <typename acc>
-inline acc dot(const acc* __restrict a, const acc* __restrict b, int64_t n) {
-  acc s = 0;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
+inline void qk_step(acc a, acc b, const acc* __restrict kr, const acc* __restrict dkr,
+                    acc* __restrict s, acc* __restrict ds, acc* __restrict dsk, int64_t nk) {
+  for (int64_t j = 0; j < nk; ++j) {
+    s[j] += a * kr[j];
+    ds[j] += b * kr[j];
+    dsk[j] += a * dkr[j];
+  }
+}
+
+// e_j = exp(s_j - mb) for s_j <= mb. float: a Cody-Waite reduction and a degree-7 Taylor
+// polynomial (relative error ~1e-7, as expf) written without calls, so it vectorizes.
+inline void exp_shifted(float* __restrict s, float mb, int64_t nk) {
+  for (int64_t j = 0; j < nk; ++j) {
+    const float x = std::max(s[j] - mb, -87.0f);  // exp(-87) ~ 1.6e-38: 0 next to exp(0)
+    const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+    const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
+    float two_n;
+    std::memcpy(&two_n, &bits, sizeof two_n);
+    s[j] = p * two_n;
+  }
+}
+
+inline void exp_shifted(double* __restrict s, double mb, int64_t nk) {
+  for (int64_t j = 0; j < nk; ++j) s[j] = std::exp(s[j] - mb);
+}
+
+// o += e_j v_j, odv += e_j dv_j, odsv += eds_j v_j over nk keys.
+template <typename acc>
+inline void pv_step(const acc* __restrict e, const acc* __restrict eds, const acc* __restrict va,
+                    const acc* __restrict dva, acc* __restrict o, acc* __restrict odv,
+                    acc* __restrict odsv, int64_t nk, int64_t Dv) {
+  for (int64_t j = 0; j < nk; ++j) {
+    const acc ej = e[j], edsj = eds[j];
+    const acc* __restrict vj = va + j * Dv;
+    const acc* __restrict dvj = dva + j * Dv;
+    for (int64_t x = 0; x < Dv; ++x) {
+      o[x] += ej * vj[x];
+      odv[x] += ej * dvj[x];
+      odsv[x] += edsj * vj[x];
+    }
+  }
 }
 
 template <typename T, typename acc>
-void sdpa_jvp_task(const T* q, const T* k, const T* v, const T* dq, const T* dk, const T* dv,
-                   T* out, T* dout, const Dims& d, int64_t q0, int64_t nq, acc scale,
-                   std::vector<acc>& buf) {
+FASTDIFF_ATTN_CLONES void sdpa_jvp_task(const T* q, const T* k, const T* v, const T* dq,
+                                        const T* dk, const T* dv, T* out, T* dout, const Dims& d,
+                                        int64_t q0, int64_t nq, acc scale, std::vector<acc>& buf) {
   const int64_t D = d.D, Dv = d.Dv;
   buf.resize(2 * kQBlock * D + 2 * kKBlock * D + 2 * kKBlock * Dv + 3 * kQBlock * Dv +
-             3 * kQBlock + 2 * kKBlock);
+             3 * kQBlock + 3 * kKBlock);
   acc* qa = buf.data();
   acc* dqa = qa + kQBlock * D;
-  acc* ka = dqa + kQBlock * D;
-  acc* dka = ka + kKBlock * D;
-  acc* va = dka + kKBlock * D;
+  acc* kt = dqa + kQBlock * D;        // [D, kKBlock]
+  acc* dkt = kt + kKBlock * D;        // [D, kKBlock]
+  acc* va = dkt + kKBlock * D;        // [kKBlock, Dv]
   acc* dva = va + kKBlock * Dv;
   acc* o = dva + kKBlock * Dv;        // acc
   acc* odv = o + kQBlock * Dv;        // acc_dv
@@ -66,8 +134,9 @@ void sdpa_jvp_task(const T* q, const T* k, const T* v, const T* dq, const T* dk,
   acc* m = odsv + kQBlock * Dv;
   acc* l = m + kQBlock;
   acc* c = l + kQBlock;
-  acc* s = c + kQBlock;               // one row of the tile: s, then e
-  acc* ds = s + kKBlock;
+  acc* s = c + kQBlock;               // one row of the tile: s, then e = exp(s - m)
+  acc* ds = s + kKBlock;              // ds, then e * ds
+  acc* dsk = ds + kKBlock;            // q dk^T part of ds
 
   load_rows<T, acc>(q, q0, nq, D, qa);
   load_rows<T, acc>(dq, q0, nq, D, dqa);
@@ -77,18 +146,20 @@ void sdpa_jvp_task(const T* q, const T* k, const T* v, const T* dq, const T* dk,
 
   for (int64_t k0 = 0; k0 < d.Lk; k0 += kKBlock) {
     const int64_t nk = std::min(kKBlock, d.Lk - k0);
-    load_rows<T, acc>(k, k0, nk, D, ka);
-    load_rows<T, acc>(dk, k0, nk, D, dka);
+    load_rows_t<T, acc>(k, k0, nk, D, kt);
+    load_rows_t<T, acc>(dk, k0, nk, D, dkt);
     load_rows<T, acc>(v, k0, nk, Dv, va);
     load_rows<T, acc>(dv, k0, nk, Dv, dva);
     for (int64_t i = 0; i < nq; ++i) {
       const acc* qi = qa + i * D;
       const acc* dqi = dqa + i * D;
+      for (int64_t j = 0; j < nk; ++j) s[j] = ds[j] = dsk[j] = acc(0);
+      for (int64_t e = 0; e < D; ++e)
+        qk_step(qi[e], dqi[e], kt + e * kKBlock, dkt + e * kKBlock, s, ds, dsk, nk);
       acc mb = m[i];
       for (int64_t j = 0; j < nk; ++j) {
-        const acc* kj = ka + j * D;
-        s[j] = dot(qi, kj, D) * scale;
-        ds[j] = (dot(dqi, kj, D) + dot(qi, dka + j * D, D)) * scale;
+        s[j] *= scale;
+        ds[j] = (ds[j] + dsk[j]) * scale;
         mb = std::max(mb, s[j]);
       }
       acc* oi = o + i * Dv;
@@ -98,26 +169,23 @@ void sdpa_jvp_task(const T* q, const T* k, const T* v, const T* dq, const T* dk,
         const acc alpha = std::exp(m[i] - mb);  // 0 on the first block (m = -inf)
         l[i] *= alpha;
         c[i] *= alpha;
-        for (int64_t e = 0; e < Dv; ++e) {
-          oi[e] *= alpha;
-          odvi[e] *= alpha;
-          odsvi[e] *= alpha;
+        for (int64_t x = 0; x < Dv; ++x) {
+          oi[x] *= alpha;
+          odvi[x] *= alpha;
+          odsvi[x] *= alpha;
         }
         m[i] = mb;
       }
+      exp_shifted(s, mb, nk);
+      acc li = l[i], ci = c[i];
       for (int64_t j = 0; j < nk; ++j) {
-        const acc e = std::exp(s[j] - mb);
-        const acc eds = e * ds[j];
-        l[i] += e;
-        c[i] += eds;
-        const acc* vj = va + j * Dv;
-        const acc* dvj = dva + j * Dv;
-        for (int64_t x = 0; x < Dv; ++x) {
-          oi[x] += e * vj[x];
-          odvi[x] += e * dvj[x];
-          odsvi[x] += eds * vj[x];
-        }
+        li += s[j];
+        ds[j] *= s[j];
+        ci += ds[j];
       }
+      l[i] = li;
+      c[i] = ci;
+      pv_step(s, ds, va, dva, oi, odvi, odsvi, nk, Dv);
     }
   }
   for (int64_t i = 0; i < nq; ++i) {
