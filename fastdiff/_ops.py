@@ -359,6 +359,10 @@ def sdpa_jvp_ref(q, k, v, dq, dk, dv, scale):
     returns ``(p v, p dv + (p * (ds - rowsum(p * ds))) v)``, each [..., Lq, Dv] in q's
     dtype, computed in float32 (float64 for float64).
     """
+    if not (q.dim() >= 2 and k.dim() == q.dim() == v.dim()
+            and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]):  # as the kernel: no broadcasting
+        raise ValueError(f"sdpa_jvp: q, k, v must have the same batch dims, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
     dtype = q.dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     q, k, v, dq, dk, dv = (x.to(acc) for x in (q, k, v, dq, dk, dv))
