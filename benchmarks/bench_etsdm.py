@@ -7,13 +7,16 @@ from the same initial noise (seed i -> sample i for both) with DDIM and DPM-Solv
 at 5, 10 and 20 steps. Settings:
 
   vp_linear  continuous VP, beta 0.1-20, t uniform in [1e-5, 1] at training, sharing
-             TimeSharing.continuous(0.1, 5); sampled on DPM-Solver's logSNR grid down to
-             t_eps = 1e-3 and to t_eps = 1e-5, ending AT t_eps (final_sigmas_type
-             "sigma_min", no final jump to sigma = 0): the network is evaluated close to 0
+             TimeSharing.continuous(0.1, 5); sampled down to t_eps = 1e-3 and to 1e-5
   cosine     discrete T = 1000 improved-DDPM cosine, sharing t~ = 100, n = 5
   quadratic  discrete T = 1000 "quad" betas (linspace of sqrt(beta) 1e-4..0.02, squared:
              NoiseSchedule.scaled_linear with DDPM's end points)
   linear     discrete T = 1000 DDPM linear (the control: the shipped models' setting)
+
+Every sampler ENDS at t_eps (final_sigmas_type "sigma_min", no final jump to sigma = 0;
+t_eps = 1/T for the discrete schedules) on a grid dense near it (DPM-Solver's logSNR
+grid in continuous time, DDIM's quadratic time grid for the discrete schedules), so the
+network is evaluated close to t = 0, where the singularity is.
 
 Quality: Frechet distance in the shipped classifier's feature space against the 360
 held-out digits (the classifier and the diffusion models train on the other 1437),
@@ -95,9 +98,14 @@ def build_model(args, continuous: bool) -> nn.Module:
 
 
 def sample_kwargs(schedule: NoiseSchedule) -> dict:
-    # continuous: a grid dense near t_eps, and the run ENDS at t_eps (DPM-Solver's
-    # convention), so the last evaluations sit where d sigma / dt diverges
-    return dict(spacing="logSNR", final_sigmas_type="sigma_min") if schedule.continuous else {}
+    # Grids dense near t_eps and a run that ENDS at t_eps (1/T for a discrete schedule;
+    # no final jump to sigma = 0), so the last evaluations sit where d sigma / dt
+    # diverges. diffusers' default "linspace" grid at 5 steps never calls the network
+    # below t = 200 of 1000, where E-TSDM cannot matter; DPM-Solver's logSNR grid
+    # spends most steps near t = T on the cosine schedule (lambda -> -inf there), so the
+    # discrete settings use DDIM's quadratic time grid.
+    return dict(spacing="logSNR" if schedule.continuous else "time_quadratic",
+                final_sigmas_type="sigma_min")
 
 
 def probe_times(schedule: NoiseSchedule, sharing: TimeSharing) -> torch.Tensor:
