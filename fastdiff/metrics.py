@@ -347,11 +347,14 @@ def percentile_ci(replicates, level: float = 0.95, *, estimate: float | None = N
                   ) -> tuple[float, float]:
     """Bootstrap interval from the replicates [R] of a statistic.
 
-    Without ``estimate``: the percentile interval, the (1 - level) / 2 and
-    (1 + level) / 2 quantiles (linear interpolation, as ``numpy.percentile``). With the
-    full-sample ``estimate`` theta: the basic (reflected) interval
-    ``(2 theta - q_hi, 2 theta - q_lo)``, which also removes the bootstrap's own bias to
-    first order; use it for the FD, whose resamples (with duplicated rows) read high.
+    Without ``estimate``: the percentile interval ``(q_lo, q_hi)``, the (1 - level) / 2
+    and (1 + level) / 2 quantiles (linear interpolation, as ``numpy.percentile``). With
+    the full-sample ``estimate`` theta: the same width centred on theta,
+    ``theta -+ (q_hi - q_lo) / 2`` (the normal interval when the replicates are normal).
+    Use that for the FD: resamples with duplicated rows read systematically high (by
+    about the estimator's own bias), which shifts the percentile interval off the
+    estimate, and reflecting it (the "basic" interval) overcorrects into negative FDs
+    near the noise floor. The width, the spread at this n, is what comparisons need.
     """
     r = torch.as_tensor(replicates, dtype=torch.float64).reshape(-1)
     if r.numel() < 2 or not torch.isfinite(r).all():
@@ -362,4 +365,5 @@ def percentile_ci(replicates, level: float = 0.95, *, estimate: float | None = N
     lo, hi = torch.quantile(r, q).tolist()
     if estimate is None:
         return lo, hi
-    return 2.0 * float(estimate) - hi, 2.0 * float(estimate) - lo
+    half = (hi - lo) / 2.0
+    return float(estimate) - half, float(estimate) + half

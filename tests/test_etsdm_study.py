@@ -28,12 +28,12 @@ def test_resampled_fd_equals_direct_fd_per_replicate():
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
-def test_percentile_ci_matches_numpy_and_basic_reflects():
+def test_percentile_ci_matches_numpy_and_centres_on_the_estimate():
     r = np.random.default_rng(0).standard_normal(101) * 2 + 5
     lo, hi = percentile_ci(r, 0.9)
     np.testing.assert_allclose([lo, hi], np.percentile(r, [5, 95]), rtol=1e-12)
-    blo, bhi = percentile_ci(r, 0.9, estimate=4.0)
-    np.testing.assert_allclose([blo, bhi], [8.0 - hi, 8.0 - lo], rtol=1e-12)
+    clo, chi = percentile_ci(r, 0.9, estimate=4.0)
+    np.testing.assert_allclose([clo, chi], [4.0 - (hi - lo) / 2, 4.0 + (hi - lo) / 2], rtol=1e-12)
 
 
 def test_bootstrap_interval_covers_a_known_mean_about_95_percent():
