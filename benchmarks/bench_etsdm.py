@@ -108,8 +108,8 @@ def sample_kwargs(schedule: NoiseSchedule) -> dict:
     kw = dict(spacing="logSNR" if schedule.continuous else "time_quadratic",
               final_sigmas_type="sigma_min")
     if schedule.kind == "cosine":
-        # alpha is 0.006 at t = 999: unclipped, the first step's x0 = (x - sigma eps) / alpha
-        # multiplies the network's error by ~160 and both models' FD is set there, far from
+        # alpha is 5e-5 at t = 999: unclipped, the first step's x0 = (x - sigma eps) / alpha
+        # multiplies the network's error by ~2e4 and both models' FD is set there, far from
         # t = 0 (improved-DDPM and diffusers' DDIM clip x0 to [-1, 1] for this reason)
         kw["clip_sample"] = True
     return kw
