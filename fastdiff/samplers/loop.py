@@ -3,18 +3,19 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..schedules import TimeSharing
 from ..wrappers import ETSDM, model_output
 from .core import PREDICTIONS
-from .sampler import Sampler, make_generators, randn
+from .sampler import Sampler, _Run, check_generator, check_guidance, make_generators, randn
 
 __all__ = ["sample"]
 
 
 def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, schedule=None,
-           sampler: str | Sampler | None = None, steps: int | None = 20, timesteps=None, scheduler=None,
+           sampler: str | Sampler | None = None, steps: int | None = None, timesteps=None, scheduler=None,
            guidance_scale: float | None = None, cond=None, uncond=None, generator=None,
            seeds=None, time_sharing=None, progress: bool = True,
            callback: Callable | None = None, prediction_type: str | None = None,
@@ -34,8 +35,8 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
             guidance scale and time sharing are used, not the model's attributes: to draw
             many batches without recomputing its coefficients; schedule, scheduler,
             timesteps, prediction_type, time_sharing and options must then not be given).
-        steps: number of steps; ``timesteps``: explicit model times [steps] or
-            [B, steps] (per-sample grids).
+        steps: number of steps (default 20; a prebuilt Sampler's own); ``timesteps``:
+            explicit model times [steps] or [B, steps] (per-sample grids).
         scheduler: a diffusers scheduler instance instead of ``sampler``/``schedule``: its
             config is read and the equivalent fused sampler runs (options it cannot
             honour raise ValueError).
@@ -62,6 +63,11 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
             ``prediction_type`` attribute if it has one (fastdiff's UNet), else "epsilon";
             with a ``scheduler`` its config decides.
         device, dtype: of the drawn x_T (default CPU float32).
+
+    The samples keep x_T's memory layout (a channels_last x_T gives channels_last
+    samples). With an x_T (or a model) that requires grad, the samples are
+    differentiable through every step (the loop then updates nothing in place). One
+    Sampler may serve calls from several threads at once: each call has its own run.
         **options: further :class:`Sampler` arguments (``spacing``, ``karras``, ``order``,
             ``eta``, ``thresholding``, ...).
 
@@ -73,7 +79,8 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
         raise TypeError(f"model must be callable, got {type(model).__name__}")
     if seeds is not None and generator is not None:
         raise ValueError("give either generator or seeds, not both")
-    gens = make_generators(seeds) if seeds is not None else generator
+    gens = make_generators(seeds) if seeds is not None else check_generator(generator)
+    guidance_scale = check_guidance(guidance_scale)
     if isinstance(sampler, Sampler):
         s = _prebuilt(sampler, steps, guidance_scale, schedule=schedule, scheduler=scheduler,
                       timesteps=timesteps, prediction_type=prediction_type,
@@ -86,11 +93,11 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
             raise ValueError("give either scheduler (diffusers) or sampler / schedule, not both")
         if prediction_type is not None:
             options["prediction_type"] = prediction_type
-        s = Sampler.from_diffusers(scheduler, steps, timesteps=timesteps, guidance_scale=guidance_scale,
+        s = Sampler.from_diffusers(scheduler, 20 if steps is None else steps, timesteps=timesteps, guidance_scale=guidance_scale,
                                    time_sharing=_model_time_sharing(model, time_sharing),
                                    generator=gens, **options)
     else:
-        s = Sampler(sampler or "dpm++2m", schedule, steps, timesteps=timesteps, guidance_scale=guidance_scale,
+        s = Sampler(sampler or "dpm++2m", schedule, 20 if steps is None else steps, timesteps=timesteps, guidance_scale=guidance_scale,
                     time_sharing=_model_time_sharing(model, time_sharing), generator=gens,
                     prediction_type=prediction_type or _model_prediction(model), **options)
     x_T = _initial_noise(shape, x_T, gens, device, dtype)
@@ -107,7 +114,8 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
         args, kwargs = _cfg_batch(args_u, kw_u, args_c, kw_c)
     else:
         args, kwargs = args_c, kw_c
-    x = s.init_noise(x_T)
+    run = _Run()  # this call's own: the Sampler may be running elsewhere at the same time
+    x = s._init_noise(x_T)
     B = x.shape[0]
     shown_t = s.timesteps
     steps_iter = range(len(s))
@@ -115,8 +123,9 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
         from tqdm.auto import tqdm
         steps_iter = tqdm(steps_iter, desc=f"fastdiff {s.name}", leave=False)
     for i in steps_iter:
-        t = s.model_time(B, x.device, doubled=cfg)
-        inp = s.scale_model_input(x)
+        t = s._model_time(run, B, x.device, cfg)
+        # Without a callback nobody else sees x, so it is unchanged since the step made it.
+        inp = s._model_input(run, x, trusted=callback is None)
         # The loop's own states (not the caller's x_T) are dead after the step unless a
         # callback may have kept them: donate them to the step (an in-place update).
         # `out` lives on until the next model call has made its output: freed before,
@@ -126,10 +135,10 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
         if cfg:
             out = model_output(model(torch.cat([inp, inp]), t, *args, **kwargs))
             out_u, out_c = out.chunk(2)
-            x = s.step(out_u, None, x, model_out_cond=out_c, generator=gens, donate=donate)
+            x = s._step(run, out_u, None, x, out_c, generator=gens, donate=donate)
         else:
             out = model_output(model(inp, t, *args, **kwargs))
-            x = s.step(out, None, x, generator=gens, donate=donate)
+            x = s._step(run, out, None, x, generator=gens, donate=donate)
         if callback is not None:
             callback(i, shown_t[i], x)
     return x
@@ -141,7 +150,7 @@ def _prebuilt(s, steps, guidance_scale, **given):
         if value is not None:
             raise ValueError(f"sample: {name} cannot be given with a prebuilt Sampler (it was "
                              "fixed when the Sampler was built)")
-    if steps not in (20, None, s.steps):
+    if steps is not None and steps != s.steps:
         raise ValueError(f"sample: steps={steps} but the prebuilt Sampler has {s.steps} steps")
     if guidance_scale is not None and guidance_scale != s.guidance_scale:
         raise ValueError(f"sample: guidance_scale={guidance_scale} but the prebuilt Sampler has "
@@ -180,10 +189,17 @@ def _initial_noise(shape, x_T, gens, device, dtype):
         return x_T
     if shape is None:
         raise ValueError("give shape or x_T")
-    shape = tuple(shape)
-    if not shape or not all(isinstance(n, int) and n >= 1 for n in shape):
-        raise ValueError(f"shape must be a tuple of positive ints [B, ...], got {shape}")
-    return randn(shape, gens, device or "cpu", dtype or torch.float32)
+    if isinstance(shape, torch.Size):
+        shape = tuple(shape)
+    if not isinstance(shape, (tuple, list)) or not all(
+            isinstance(n, (int, np.integer)) and not isinstance(n, (bool, np.bool_)) for n in shape):
+        raise TypeError(f"shape must be a tuple of positive ints [B, ...], got {shape!r}")
+    if not shape or not all(n >= 1 for n in shape):
+        raise ValueError(f"shape must be a tuple of positive ints [B, ...], got {tuple(shape)}")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point
+                              or dtype.is_complex):
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    return randn(tuple(int(n) for n in shape), gens, device or "cpu", dtype or torch.float32)
 
 
 def _conditioning(c, name):
