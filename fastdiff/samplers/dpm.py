@@ -104,7 +104,8 @@ def dpm_multistep(grid: Grid, *, pred, clamp, order: int = 2, algorithm: str = "
         o = 1 if (order == 1 or i < 1 or lower_final) else 2 if (order == 2 or i < 2 or lower_second) else 3
         c, t = Coeffs(grid.rows, 2, o - 1), Terms(o - 1)
         clamped = _model_term(c, grid, i, pred, clamp, data)
-        stall, h, x_stall = _stalled(lam[:, i + 1] - lam[:, i], a[:, i], s[:, i], a[:, i + 1], s[:, i + 1], data)
+        stall, h, x_stall = _stalled(lam[:, i + 1] - lam[:, i], a[:, i], s[:, i], a[:, i + 1],
+                                     s[:, i + 1], data)
         xc, p1, p2, p3, nz = _integrator(algorithm, h, a[:, i + 1], s[:, i + 1], a[:, i], s[:, i])
         if o == 1:
             comb = p1 * t.d
@@ -117,7 +118,8 @@ def dpm_multistep(grid: Grid, *, pred, clamp, order: int = 2, algorithm: str = "
             d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
             d2 = (d1_0 - d1_1) / (r0 + r1)
             comb = p1 * t.d + p2 * d1 + p3 * d2
-        c.combo(0, np.where(stall, 0.0, comb), x=np.where(stall, x_stall, xc), noise=np.where(stall, 0.0, nz))
+        c.combo(0, np.where(stall, 0.0, comb), x=np.where(stall, x_stall, xc),
+                noise=np.where(stall, 0.0, nz))
         c.out(1, d=1.0)
         history = tuple(("d", i - 1 - k) for k in range(o - 1))
         calls.append(Call(grid.t[:, i], Op(c, history=history, outputs=("x", ("d", i)),

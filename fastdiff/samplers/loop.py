@@ -93,12 +93,13 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
             raise ValueError("give either scheduler (diffusers) or sampler / schedule, not both")
         if prediction_type is not None:
             options["prediction_type"] = prediction_type
-        s = Sampler.from_diffusers(scheduler, 20 if steps is None else steps, timesteps=timesteps, guidance_scale=guidance_scale,
+        s = Sampler.from_diffusers(scheduler, 20 if steps is None else steps, timesteps=timesteps,
+                                   guidance_scale=guidance_scale,
                                    time_sharing=_model_time_sharing(model, time_sharing),
                                    generator=gens, **options)
     else:
-        s = Sampler(sampler or "dpm++2m", schedule, 20 if steps is None else steps, timesteps=timesteps, guidance_scale=guidance_scale,
-                    time_sharing=_model_time_sharing(model, time_sharing), generator=gens,
+        s = Sampler(sampler or "dpm++2m", schedule, 20 if steps is None else steps, timesteps=timesteps,
+                    guidance_scale=guidance_scale, time_sharing=_model_time_sharing(model, time_sharing), generator=gens,
                     prediction_type=prediction_type or _model_prediction(model), **options)
     x_T = _initial_noise(shape, x_T, gens, device, dtype)
     if seeds is not None and len(gens) != x_T.shape[0]:

@@ -108,7 +108,10 @@ def _clamp_spec(thresholding, ratio, max_value, clip_sample, clip_range):
 
 
 class Sampler:
-    """A sampler for one run of ``steps`` steps (reusable: it restarts after the last step).
+    """A sampler of ``steps`` steps: the plan (every coefficient, computed once) and, kept
+    apart from it, the state of the runs it serves (one per thread for the step API, one
+    per ``fastdiff.sample`` call), so it is reusable, usable from several threads at once
+    and picklable. ``init_noise`` (or ``reset``) starts a run; a step after its last raises.
 
     Args:
         sampler: one of :data:`SAMPLERS` (``"ddim"``, ``"dpm++2m"``, ``"unipc"``, ...).
@@ -334,6 +337,8 @@ class Sampler:
                        c.op.outputs.index("x_in") if "x_in" in c.op.outputs else -1,
                        tuple((o, n) for o, n in enumerate(c.op.outputs) if n not in ("x", "x_in")))
                       for c in calls]
+        self._n_calls = len(calls)
+        self._kept = {c.op.keep_x for c in calls if c.op.keep_x is not None}
         self._calls_t = np.stack([c.t for c in calls])  # [n_calls, R]
         self._tables = {}
         self._local = threading.local()
@@ -416,7 +421,8 @@ class Sampler:
     def _model_input(self, run, x, trusted):
         """``trusted``: the caller knows x was not edited since the step that made it (a
         loop that shows x to nobody), which saves the check inference tensors cannot make."""
-        self._check_open(run)
+        if run.k >= self._n_calls:
+            self._finished()
         owner, x_in, version = run.x_in
         if owner is x and (trusted or (version is not None and x._version == version)):
             return x_in
@@ -431,7 +437,8 @@ class Sampler:
         return self._model_time(self._run, batch, device, doubled)
 
     def _model_time(self, run, batch, device, doubled):
-        self._check_open(run)
+        if run.k >= self._n_calls:
+            self._finished()
         key = ("t", device, batch, doubled)  # every call's input, built once per form
         rows = self._tables.get(key)
         if rows is None:
@@ -464,12 +471,14 @@ class Sampler:
         memory pass per step on CPU (``fastdiff.sample`` donates its own states). The
         sampler's internal history is always updated in place once no later step reads it.
         """
-        return self._step(self._run, model_out, t, x, model_out_cond, noise, generator, donate)
+        run = getattr(self._local, "run", None) or self._run
+        return self._step(run, model_out, t, x, model_out_cond, noise, generator, donate)
 
     def _step(self, run, model_out, t, x, model_out_cond=None, noise=None, generator=None,
               donate=False):
-        self._check_open(run)
         k = run.k
+        if k >= self._n_calls:
+            self._finished()
         op, n_out, x_at, x_in_at, stored = self._runs[k]
         if not isinstance(x, torch.Tensor) or x.dtype not in _STEP_DTYPES:
             raise TypeError(f"x must be a float32/float16/bfloat16/float64 tensor, got "
@@ -522,7 +531,11 @@ class Sampler:
             outs = [o.permute(inv) for o in outs]
         new = outs[x_at]
         if x_in_at >= 0:  # the next model input, valid for this state as long as it is unchanged
-            run.x_in = (new, outs[x_in_at], None if new.is_inference() else new._version)
+            try:
+                version = new._version
+            except RuntimeError:  # an inference tensor: no version counter
+                version = None
+            run.x_in = (new, outs[x_in_at], version)
         for o, name in stored:
             store[name] = outs[o]
             if not grad:  # a graph may have saved it: never overwrite it then
@@ -537,31 +550,45 @@ class Sampler:
         """Memory for call k's outputs that nothing reads after it: the donated state x
         (unless it is kept as history), the donated model input of this call, and the
         sampler's own history tensors whose last reader is this call, in the kernel's
-        layout (``perm``). Not one that a model output or the noise (``inputs``) overlaps
-        other than exactly (a model may return a view of its input). A list with one
-        tensor or None (allocate) per output, or None when there is nothing to reuse."""
+        layout (``perm``). Of those the caller or the model has seen (x, the model input,
+        kept states), not one that a model output or the noise (``inputs``) overlaps other
+        than exactly: a model may return a view of its input. A list with one tensor or
+        None (allocate) per output, or None when there is nothing to reuse."""
         store = run.store
-        pool = []
+        pool = []  # (tensor, seen outside)
         if donate and op.keep_x is None and all(x is not t for t in store.values()):
-            pool.append(x)
+            pool.append((x, True))
         for name in self._drop[k]:
             t = store.get(name)
-            if name in run.owned and t is not None and all(t is not p for p in pool):
-                pool.append(t)
+            if name in run.owned and t is not None and all(t is not p for p, _ in pool):
+                pool.append((t, name in self._kept))
         owner, x_in, _ = run.x_in
         if donate and owner is x and x_in is not x:
-            pool.append(x_in)
-        if perm is not None:
-            pool = [t.permute(perm) for t in pool]
-        pool = [t for t in pool if t.is_contiguous() and not _clashes(t, inputs)]
+            pool.append((x_in, True))
         if not pool:
             return None
-        return (pool + [None] * n)[:n]
+        if perm is not None:
+            pool = [(t.permute(perm), seen) for t, seen in pool]
+        spans = None
+        bufs = []
+        for t, seen in pool:
+            if not t.is_contiguous():
+                continue
+            if seen:
+                if spans is None:  # every tensor here has x's shape and dtype: x.nbytes
+                    nbytes = x.nbytes
+                    spans = [_span(i, nbytes) for i in inputs if i is not None]
+                lo = t.data_ptr()
+                if any(a < lo + nbytes and lo < b and not (exact and a == lo) for a, b, exact in spans):
+                    continue
+            bufs.append(t)
+        if not bufs:
+            return None
+        return (bufs + [None] * n)[:n]
 
-    def _check_open(self, run):
-        if run.k >= len(self._runs):
-            raise ValueError(f"sampler {self.name!r}: the run is finished (all {len(self._runs)} model "
-                             "calls were stepped); start a new one with init_noise(x_T) or reset()")
+    def _finished(self):
+        raise ValueError(f"sampler {self.name!r}: the run is finished (all {self._n_calls} model "
+                         "calls were stepped); start a new one with init_noise(x_T) or reset()")
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -684,22 +711,13 @@ class _Run:
         self.grad = False
 
 
-def _extent(t):
-    b = t.data_ptr()
-    return (b, b + t.numel() * t.element_size()) if t.is_contiguous() else _ops._byte_extent(t)
-
-
-def _clashes(buf, inputs):
-    """Whether writing the contiguous ``buf`` would break the kernel's rule for one of
-    ``inputs`` (None allowed): overlapping it other than being exactly it."""
-    lo, hi = _extent(buf)
-    for t in inputs:
-        if t is None:
-            continue
-        a, b = _extent(t)
-        if a < hi and lo < b and not (a == lo and t.is_contiguous()):
-            return True
-    return False
+def _span(t, nbytes):
+    """(first byte, end, whether an output may be exactly t) of an input t: the rule of
+    the step op is that an output is an input exactly (contiguous) or shares no memory."""
+    if t.is_contiguous():
+        b = t.data_ptr()
+        return b, b + nbytes, True
+    return (*_ops._byte_extent(t), False)
 
 
 def _count(name, v, low=1):
