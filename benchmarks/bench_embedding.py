@@ -17,7 +17,10 @@ fastdiff's output from diffusers' and from the compiled one (the compiled graph 
 the frequencies with inductor's exp, up to 1 ulp off eager torch.exp, so up to about
 |t| * 2^-23 there). Usage::
 
-    python benchmarks/bench_embedding.py [--quick] [--json PATH] [--threads N]
+    python benchmarks/bench_embedding.py [--quick] [--json PATH] [--threads N] [--device cuda]
+
+With ``--device cuda`` the same comparison runs on the GPU (CUDA-event timing) and a
+``triton`` column times fastdiff's Triton kernel next to its CUDA kernel.
 """
 from __future__ import annotations
 
@@ -26,7 +29,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 
 import torch
@@ -42,15 +44,16 @@ KINDS = ("int", "float")
 TARGET = dict(B=1024, dim=320)  # where the README's claims are checked
 
 
-def make_t(kind: str, B: int, gen: torch.Generator) -> torch.Tensor:
+def make_t(kind: str, B: int, gen: torch.Generator, device="cpu") -> torch.Tensor:
     """[B] DDPM-range timesteps: int64 steps in [0, 1000) or float32 times in [0, 1000)."""
     if kind == "int":
-        return torch.randint(0, 1000, (B,), generator=gen)
-    return torch.rand(B, generator=gen) * 1000
+        return torch.randint(0, 1000, (B,), generator=gen).to(device)
+    return (torch.rand(B, generator=gen) * 1000).to(device)
 
 
-def candidates(dim: int, sharing):
-    """name -> callable(t) for the three implementations of one configuration."""
+def candidates(dim: int, sharing, device="cpu"):
+    """name -> callable(t) for the implementations of one configuration (on a GPU also
+    fastdiff's Triton kernel, through the "triton" backend)."""
     import fastdiff
     from diffusers.models.embeddings import Timesteps, get_timestep_embedding
 
@@ -66,11 +69,21 @@ def candidates(dim: int, sharing):
     def eager(t):
         return get_timestep_embedding(t if sharing is None else sharing(t), dim, True, 0)
 
-    return {"fastdiff": ours, "diffusers": diffusers,
-            "compile": torch.compile(eager, dynamic=False)}
+    fns = {"fastdiff": ours, "diffusers": diffusers,
+           "compile": torch.compile(eager, dynamic=False)}
+    if torch.device(device).type == "cuda":
+        def triton(t):
+            old = fastdiff.get_backend()
+            fastdiff.set_backend("triton")
+            try:
+                return ours(t)
+            finally:
+                fastdiff.set_backend(old)
+        fns["triton"] = triton
+    return fns
 
 
-def run(batches=BATCHES, dims=DIMS, progress: bool = True, max_total_s: float = 1.0):
+def run(batches=BATCHES, dims=DIMS, progress: bool = True, max_total_s: float = 1.0, device="cpu"):
     """Time every configuration; returns a list of row dicts (times in microseconds)."""
     from tqdm import tqdm
 
@@ -84,24 +97,26 @@ def run(batches=BATCHES, dims=DIMS, progress: bool = True, max_total_s: float = 
     for sharing, kind, dim, B in tqdm(configs, disable=not progress, desc="bench_embedding"):
         key = (sharing, dim)
         if key not in fns:
-            fns[key] = candidates(dim, sharing)
+            fns[key] = candidates(dim, sharing, device)
         impl = fns[key]
-        t = make_t(kind, B, gen)
+        t = make_t(kind, B, gen, device)
         with torch.no_grad():
             t0 = time.perf_counter()
             compiled_out = impl["compile"](t)  # first call compiles for this (dtype, B)
             compile_s = time.perf_counter() - t0
             ref = impl["diffusers"](t)
             ours = impl["fastdiff"](t)
-            row = dict(sharing=sharing is not None, t=kind, B=B, dim=dim,
+            row = dict(sharing=sharing is not None, t=kind, B=B, dim=dim, device=str(device),
                        max_abs_diff_vs_diffusers=(ours - ref).abs().max().item(),
                        max_abs_diff_vs_compile=(ours - compiled_out).abs().max().item(),
                        compile_s=compile_s)
             for name, fn in impl.items():
-                tm = measure(lambda: fn(t), max_total_s=max_total_s)
+                tm = measure(lambda: fn(t), max_total_s=max_total_s, device=device)
                 row[f"{name}_us"], row[f"{name}_iqr_us"] = tm.us, tm.iqr * 1e6
         row["diffusers/fastdiff"] = row["diffusers_us"] / row["fastdiff_us"]
         row["compile/fastdiff"] = row["compile_us"] / row["fastdiff_us"]
+        if "triton_us" in row:
+            row["max_abs_diff_triton_vs_fastdiff"] = (impl["triton"](t) - ours).abs().max().item()
         rows.append(row)
     return rows
 
@@ -109,13 +124,17 @@ def run(batches=BATCHES, dims=DIMS, progress: bool = True, max_total_s: float = 
 def format_table(rows) -> str:
     head = (f"{'sharing':>7} {'t':>5} {'B':>6} {'dim':>5} | {'fastdiff':>10} {'diffusers':>10} "
             f"{'compile':>10} | {'diff/fd':>8} {'comp/fd':>8} | {'err diff':>8} {'err comp':>8}")
+    tri = any("triton_us" in r for r in rows)
+    if tri:
+        head += f" | {'triton':>8} {'tri/fd':>6}"
     lines = [head, "-" * len(head)]
     for r in rows:
+        extra = f" | {r['triton_us']:>8.2f} {r['triton_us'] / r['fastdiff_us']:>6.2f}" if tri else ""
         lines.append(
             f"{'E-TSDM' if r['sharing'] else '-':>7} {r['t']:>5} {r['B']:>6} {r['dim']:>5} | "
             f"{r['fastdiff_us']:>10.2f} {r['diffusers_us']:>10.2f} {r['compile_us']:>10.2f} | "
             f"{r['diffusers/fastdiff']:>8.2f} {r['compile/fastdiff']:>8.2f} | "
-            f"{r['max_abs_diff_vs_diffusers']:>8.1e} {r['max_abs_diff_vs_compile']:>8.1e}")
+            f"{r['max_abs_diff_vs_diffusers']:>8.1e} {r['max_abs_diff_vs_compile']:>8.1e}" + extra)
     return "\n".join(lines)
 
 
@@ -139,12 +158,8 @@ def check_targets(rows) -> list[str]:
 
 
 def write_json(path: str, payload) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    from fastdiff._files import atomic_write_text
+    atomic_write_text(json.dumps(payload, indent=2), path)
 
 
 def main(argv=None) -> int:
@@ -153,17 +168,23 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="PATH", help="also write the rows and machine info here")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
     import fastdiff
     batches, dims = (QUICK_BATCHES, QUICK_DIMS) if args.quick else (BATCHES, DIMS)
-    rows = run(batches, dims, progress=args.progress, max_total_s=0.5 if args.quick else 1.0)
+    rows = run(batches, dims, progress=args.progress, max_total_s=0.5 if args.quick else 1.0,
+               device=args.device)
+    gpu = torch.device(args.device).type == "cuda"
     info = dict(torch=torch.__version__, fastdiff=fastdiff.__version__,
                 threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
+                device=torch.cuda.get_device_name() if gpu else "cpu",
                 backend=fastdiff.get_backend())
-    print(f"timestep embedding, CPU, {info['threads']} threads, median us per call "
+    print(f"timestep embedding, {info['device']}, {info['threads']} threads, median us per call "
           f"(torch {info['torch']})")
     print(format_table(rows))
     targets = check_targets(rows)

@@ -15,6 +15,7 @@ Usage:
     python benchmarks/bench_probe.py                     # 16 samples x 1000 timesteps
     python benchmarks/bench_probe.py --timesteps 100 --samples 8 --repeats 1   # quick
     python benchmarks/bench_probe.py --json out/bench_probe.json
+    python benchmarks/bench_probe.py --device cuda       # on a GPU (synchronized timing)
 """
 from __future__ import annotations
 
@@ -31,10 +32,13 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fastdiff  # noqa: E402
-from fastdiff.probes import _atomic_write, _math_attention  # noqa: E402
+from fastdiff._files import atomic_write_text  # noqa: E402
+from fastdiff.probes import _math_attention  # noqa: E402
 from fastdiff.schedules import NoiseSchedule  # noqa: E402
 from fastdiff.wrappers import model_output  # noqa: E402
 
+
+DEVICE = torch.device("cpu")  # --device
 
 # ---------------------------------------------------------------------------------------
 # models
@@ -81,8 +85,8 @@ def loop_fd(model, x0, noise, sched, ts):
             a, s = sched.alpha(t).item(), sched.sigma(t).item()
             x = a * x0 + s * noise
             t2 = t + 1 if t + 1 <= T - 1 else t - 1
-            e1 = model_output(model(x, torch.full((x0.shape[0],), float(t))))
-            e2 = model_output(model(x, torch.full((x0.shape[0],), float(t2))))
+            e1 = model_output(model(x, torch.full((x0.shape[0],), float(t), device=x0.device)))
+            e2 = model_output(model(x, torch.full((x0.shape[0],), float(t2), device=x0.device)))
             out.append((e1 - e2).flatten(1).norm(dim=1) / abs(t - t2))
     return torch.stack(out)
 
@@ -90,18 +94,18 @@ def loop_fd(model, x0, noise, sched, ts):
 def vmap_jacfwd(model, x0, noise, sched, ts, batch_size):
     """torch.func.vmap(jacfwd) over (sample, t) pairs, chunked like fastdiff."""
     B, K = x0.shape[0], ts.numel()
-    alpha = sched.alpha(ts.long()).float()
-    sigma = sched.sigma(ts.long()).float()
+    alpha = sched.alpha(ts.long().cpu()).float().to(x0.device)
+    sigma = sched.sigma(ts.long().cpu()).float().to(x0.device)
 
     def one(x, t):  # a single pair: x [C, H, W], t 0-d
         return model_output(model(x[None], t.reshape(1)))[0]
 
     jac = torch.func.vmap(torch.func.jacfwd(one, argnums=1))
-    out = torch.empty(K * B)
+    out = torch.empty(K * B, device=x0.device)
     view = (-1,) + (1,) * (x0.dim() - 1)
     with torch.no_grad(), _math_attention():
         for start in range(0, K * B, batch_size):
-            idx = torch.arange(start, min(start + batch_size, K * B))
+            idx = torch.arange(start, min(start + batch_size, K * B), device=x0.device)
             k, b = idx // B, idx % B
             x = alpha[k].reshape(view) * x0[b] + sigma[k].reshape(view) * noise[b]
             d = jac(x, ts[k].float())
@@ -117,24 +121,34 @@ def _err(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
 
 
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+def clock(fn):
+    """Seconds of one ``fn()`` (device work included: synchronized before and after)."""
+    _sync()
+    start = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - start
+
+
 def timed(fn, repeats, warmup=1):
     """Median seconds of ``fn()``. (benchmarks/_timing.measure targets microsecond calls
     with 5 warm-ups and many repeats; one full probe here takes minutes.)"""
     for _ in range(warmup):
         fn()
-    ts = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - start)
+    ts = [clock(fn) for _ in range(repeats)]
     return statistics.median(ts), ts
 
 
 def bench_model(name, model, shape, args, gen):
     sched = NoiseSchedule.linear(1000)
     B, K, b = args.samples, args.timesteps, args.batch_size
-    x0 = torch.randn((B,) + shape, generator=gen)
-    noise = torch.randn(x0.shape, generator=gen)
+    x0 = torch.randn((B,) + shape, generator=gen).to(DEVICE)
+    noise = torch.randn(x0.shape, generator=gen).to(DEVICE)
     ts = torch.linspace(0, 999, K).round().long()
     probe = dict(noise=noise, batch_size=b, progress=False)
     rows = {}
@@ -142,8 +156,8 @@ def bench_model(name, model, shape, args, gen):
     # -- cost of one chunk in forward passes, same batch of b pairs -------------------
     # Round-robin timing with a ratio per round: a shared machine's slow drifts cancel.
     kb = max(1, b // B)  # timesteps making one chunk of about b pairs
-    xb = torch.randn((kb * B,) + shape, generator=gen)
-    tb = torch.rand(kb * B, generator=gen) * 999
+    xb = torch.randn((kb * B,) + shape, generator=gen).to(DEVICE)
+    tb = (torch.rand(kb * B, generator=gen) * 999).to(DEVICE)
 
     def fwd():
         with torch.no_grad():
@@ -167,9 +181,7 @@ def bench_model(name, model, shape, args, gen):
     times = {k: [] for k in fns}
     for _ in range(args.chunk_repeats):
         for k, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - start)
+            times[k].append(clock(fn))
     chunk["forward_s"] = statistics.median(times["forward"])
     for k in fns:
         if k != "forward":
@@ -221,24 +233,31 @@ def main(argv=None):
                    help="torch.set_num_threads (1 gives stable timings on a shared machine)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
     if args.threads:
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
     makers = {"fastdiff": fastdiff_unet, "diffusers": diffusers_unet,
               "diffusers-noattn": lambda g: diffusers_unet(g, attention=False)}
     results = {"config": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
                "machine": platform.processor() or platform.machine(),
                "loadavg_start": os.getloadavg(), "models": {}}
     for name in args.models.split(","):
         model, shape = makers[name](gen)
+        model = model.to(DEVICE)
         print(f"[{name}] {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
               f"input {shape}", flush=True)
         results["models"][name] = bench_model(name, model, shape, args, gen)
         results["loadavg_end"] = os.getloadavg()
         _print_table(results, args)
         if args.json:  # after every model: a long run keeps what it measured
-            _atomic_write(args.json, json.dumps(results, indent=2))
+            atomic_write_text(json.dumps(results, indent=2), args.json)
             print(f"wrote {args.json}", flush=True)
 
 

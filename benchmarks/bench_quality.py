@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -84,11 +83,9 @@ def plot_curves(curves: dict, path: str) -> None:
         ax.set_xlabel("t (of 1000)")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = path + ".tmp"
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    from fastdiff._files import atomic_open
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
 
 
 def main(argv=None) -> int:
@@ -133,10 +130,8 @@ def main(argv=None) -> int:
         print(f"| {name} | {method} | " + " | ".join(f"{v:.4g}" for v in parts) + " |")
     if args.json:
         out = {"rows": rows, "lipschitz": summary, "n": n}
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(tmp, args.json)
+        from fastdiff._files import atomic_write_text
+        atomic_write_text(json.dumps(out, indent=1), args.json)
     return 0
 
 

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 
@@ -35,6 +33,7 @@ import torch
 
 import diffusers
 import fastdiff
+from fastdiff._files import atomic_write_text
 from fastdiff.samplers import Sampler
 
 SCHEDULERS = {
@@ -137,6 +136,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
     shape = tuple(int(v) for v in args.shape.split(","))
     names = [n.strip() for n in args.samplers.split(",") if n.strip()]
     for n in names:
@@ -190,12 +191,7 @@ def main(argv=None) -> int:
     print("Medians of microseconds per step outside the model call; speed-up: diffusers' time "
           "over fastdiff's.")
     if args.json:
-        folder = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".json", dir=folder)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"config": vars(args), "results": rows}, f, indent=2)
-        os.replace(tmp, args.json)
+        atomic_write_text(json.dumps({"config": vars(args), "results": rows}, indent=2), args.json)
         print(f"wrote {args.json}")
     return 0
 

@@ -25,8 +25,12 @@ On a machine shared with other busy processes, multi-threaded timings are domina
 OpenMP threads waiting for a core (medians in multiples of the 4 ms scheduler tick);
 ``--threads 1`` then gives the meaningful comparison.
 
+On a GPU (``--device cuda``) the same columns are timed with CUDA events, and the Triton
+kernel of the step (``fastdiff.triton``, compiled for the device) gets columns of its own
+next to the CUDA kernel; %copy is then against the device's own copy bandwidth.
+
     python benchmarks/bench_step.py [--quick] [--json PATH] [--no-compile] [--threads N]
-                                    [--cold]
+                                    [--cold] [--device cpu|cuda]
 """
 from __future__ import annotations
 
@@ -36,7 +40,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
@@ -49,18 +52,19 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 QUICK = [((1, 4, 64, 64), "fp32"), ((16, 4, 128, 128), "fp32"), ((4, 4, 512, 512), "fp32")]
 
 
-_SCRATCH = None
+_SCRATCH = {}
 
 
-def flush_caches():
-    """Write 64 MiB (twice the last-level cache here): the next call starts cold."""
-    global _SCRATCH
-    if _SCRATCH is None:
-        _SCRATCH = torch.zeros(16 << 20)
-    _SCRATCH.add_(1.0)
+def flush_caches(device="cpu"):
+    """Write 64 MiB on the CPU (twice the last-level cache here) or 512 MiB on a GPU (several
+    times an H100/H200's L2): the next call starts cold."""
+    dev = torch.device(device)
+    if dev.type not in _SCRATCH:
+        _SCRATCH[dev.type] = torch.zeros((16 if dev.type == "cpu" else 128) << 20, device=dev)
+    _SCRATCH[dev.type].add_(1.0)
 
 
-def race(fns, cold=False, min_time=1.0, min_rounds=15, max_rounds=2000, warmup=3):
+def race(fns, cold=False, min_time=1.0, min_rounds=15, max_rounds=2000, warmup=3, device="cpu"):
     """Seconds per call of each fn in ``fns`` (a dict) as (median, min).
 
     Round-robin (every round times each fn once, so a change in machine load mid-run hits
@@ -69,7 +73,10 @@ def race(fns, cold=False, min_time=1.0, min_rounds=15, max_rounds=2000, warmup=3
     as they fit). ``cold``: each timed call follows flush_caches() instead, as a sampler
     step follows the model's forward pass. A value may be a pair (prepare, fn): prepare()
     runs untimed before each timed fn() instead (an in-place fn restores its inputs).
+    On a GPU each call is timed by a pair of CUDA events on the current stream (what the
+    device spends between them, launch gaps included), read once per round.
     """
+    on_gpu = torch.device(device).type == "cuda"
     pairs = {k: v if isinstance(v, tuple) else (v, v) for k, v in fns.items()}
     for prep, fn in pairs.values():
         for _ in range(warmup):
@@ -79,14 +86,26 @@ def race(fns, cold=False, min_time=1.0, min_rounds=15, max_rounds=2000, warmup=3
     start = time.perf_counter()
     rounds = 0
     while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < min_time):
+        events = []
         for k, (prep, fn) in pairs.items():
             if not cold or prep is not fn:
                 prep()
             if cold:
-                flush_caches()
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+                flush_caches(device)
+            if on_gpu:
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                fn()
+                e1.record()
+                events.append((k, e0, e1))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+        if on_gpu:
+            torch.cuda.synchronize()
+            for k, e0, e1 in events:
+                times[k].append(e0.elapsed_time(e1) * 1e-3)
         rounds += 1
     return {k: (statistics.median(v), min(v)) for k, v in times.items()}
 
@@ -135,17 +154,17 @@ def eager_update_(x, eps, x0_prev, p_x: float, p_m: float, c_x: float, c_d: floa
     x0_prev.copy_(x0)
 
 
-def bench_one(shape, dtype_name, use_compile, compiled, cold=False):
+def bench_one(shape, dtype_name, use_compile, compiled, cold=False, device="cpu"):
     from diffusers import DPMSolverMultistepScheduler
 
     dtype = DTYPES[dtype_name]
     gen = torch.Generator().manual_seed(0)
-    x0_in = torch.randn(shape, generator=gen).to(dtype)
-    eps0 = torch.randn(shape, generator=gen).to(dtype)
-    eps1 = torch.randn(shape, generator=gen).to(dtype)
+    x0_in = torch.randn(shape, generator=gen).to(device, dtype)
+    eps0 = torch.randn(shape, generator=gen).to(device, dtype)
+    eps1 = torch.randn(shape, generator=gen).to(device, dtype)
 
     sched = DPMSolverMultistepScheduler()  # dpmsolver++, order 2, midpoint, eps-prediction
-    sched.set_timesteps(20)
+    sched.set_timesteps(20, device=device)
     x1 = sched.step(eps0, sched.timesteps[0], x0_in).prev_sample  # first-order warm-up step
     saved_outputs = list(sched.model_outputs)
     x0_prev = saved_outputs[-1]
@@ -160,7 +179,7 @@ def bench_one(shape, dtype_name, use_compile, compiled, cold=False):
         return sched.step(eps1, t1, x1).prev_sample
 
     scal = dpmpp_2m_scalars(*sigmas)
-    ct = make_coeffs(sigmas)
+    ct = make_coeffs(sigmas, device)
     step_op = resolve("sampler_step", x1.device)  # what Sampler.step calls
     step_out = resolve("sampler_step.out", x1.device)
     xi, hi = x1.clone(), x0_prev.clone()  # the in-place candidates' state and history
@@ -176,7 +195,7 @@ def bench_one(shape, dtype_name, use_compile, compiled, cold=False):
         step_out(xi, None, eps1, None, [hi], None, ct, False, out=[xi, hi])
 
     def coeffs_only():
-        return make_coeffs(sigmas)
+        return make_coeffs(sigmas, device)
 
     def eager():
         return eager_update(x1, eps1, x0_prev, *scal)
@@ -196,12 +215,23 @@ def bench_one(shape, dtype_name, use_compile, compiled, cold=False):
     torch.testing.assert_close(eager()[0].float(), ref.float(), **tol_eager)
 
     nbytes = 5 * x1.numel() * x1.element_size()  # x, eps, x0_prev read; x_next, x0 written
-    src = torch.randn(nbytes // 2 // 4)
+    src = torch.randn(nbytes // 2 // 4, device=device)
     dst = torch.empty_like(src)
     fns = {"diffusers": diffusers_step, "eager": eager, "fastdiff": fused,
            "fastdiff_inplace": (restore, fused_), "coeffs": coeffs_only,
            "copy": lambda: dst.copy_(src)}
-    res = {"shape": list(shape), "dtype": dtype_name, "threads": torch.get_num_threads()}
+    res = {"shape": list(shape), "dtype": dtype_name, "threads": torch.get_num_threads(),
+           "device": str(device)}
+    if torch.device(device).type == "cuda":
+        # The Triton kernel next to the CUDA kernel, on the same inputs.
+        from fastdiff._ops import triton_fn
+        tri, tri_out = triton_fn("sampler_step"), triton_fn("sampler_step.out")
+        xt, x0t = tri(x1, None, eps1, None, [x0_prev], None, ct, False, 2)
+        torch.testing.assert_close(xt.float(), xf.float(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x0t.float(), x0f.float(), rtol=1e-5, atol=1e-5)
+        fns["triton"] = lambda: tri(x1, None, eps1, None, [x0_prev], None, ct, False, 2)
+        fns["triton_inplace"] = (restore, lambda: tri_out(xi, None, eps1, None, [hi], None, ct,
+                                                           False, out=[xi, hi]))
     if use_compile:
         if dtype_name not in compiled:
             compiled[dtype_name] = (torch.compile(eager_update, fullgraph=True),
@@ -216,12 +246,13 @@ def bench_one(shape, dtype_name, use_compile, compiled, cold=False):
         torch.testing.assert_close(xi.float(), ref.float(), **tol_eager)
         fns["compile"] = lambda: fn(x1, eps1, x0_prev, *scal)
         fns["compile_inplace"] = (restore, lambda: fn_(xi, eps1, hi, *scal))
-    for k, (med, best) in race(fns, cold=cold).items():
+    for k, (med, best) in race(fns, cold=cold, device=device).items():
         res[f"{k}_s"] = med
         res[f"{k}_min_s"] = best
     res["bytes"] = nbytes
-    for k in ("fastdiff", "fastdiff_inplace", "copy"):
-        res[f"{k}_GBps"] = nbytes / res[f"{k}_s"] / 1e9
+    for k in ("fastdiff", "fastdiff_inplace", "copy", "triton", "triton_inplace"):
+        if f"{k}_s" in res:
+            res[f"{k}_GBps"] = nbytes / res[f"{k}_s"] / 1e9
     return res
 
 
@@ -249,14 +280,23 @@ def print_table(rows):
           "update (new tensors, or in place). coeffs: building one row on the fly (scalars + "
           "StepCoeffs + tensor). GB/s: (3 reads +\n2 writes) / fastdiff's new-tensor time; "
           "copy: Tensor.copy_ on the same bytes; %copy: fastdiff's byte rate as % of copy's.")
+    tri = [r for r in rows if "triton_s" in r]
+    if tri:
+        print(f"\n{'shape':>17} {'dtype':>5} {'CUDA':>8} {'Triton':>8} {'T/C':>5} {'CUDA ip':>8} "
+              f"{'Triton ip':>9} {'CUDA %copy':>10} {'Triton %copy':>12}")
+        for r in tri:
+            print(f"{str(tuple(r['shape'])):>17} {r['dtype']:>5} {r['fastdiff_s'] * 1e3:>8.4f} "
+                  f"{r['triton_s'] * 1e3:>8.4f} {r['triton_s'] / r['fastdiff_s']:>5.2f} "
+                  f"{r['fastdiff_inplace_s'] * 1e3:>8.4f} {r['triton_inplace_s'] * 1e3:>9.4f} "
+                  f"{100 * r['fastdiff_GBps'] / r['copy_GBps']:>9.0f}% "
+                  f"{100 * r['triton_GBps'] / r['copy_GBps']:>11.0f}%")
+        print("CUDA: fastdiff's CUDA kernel; Triton: its Triton kernel (ip: in place); T/C: Triton "
+              "time / CUDA time; %copy: against the device's copy of the same bytes.")
 
 
 def write_json(path, payload):
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    from fastdiff._files import atomic_write_text
+    atomic_write_text(json.dumps(payload, indent=2), path)
 
 
 def main(argv=None):
@@ -268,29 +308,35 @@ def main(argv=None):
                     help="flush the caches before every timed call (default: warm)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's choice, one per core)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda: CUDA events, Triton columns)")
     args = ap.parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
     import fastdiff
     info = fastdiff.backends()
-    if not info["cpu_kernels"]:
-        print(f"warning: fastdiff's compiled kernels are not loaded ({info['load_error']}); "
-              "timing the reference", file=sys.stderr)
+    kernels = info["cuda_kernels"] if torch.device(args.device).type == "cuda" else info["cpu_kernels"]
+    if not kernels:
+        print(f"warning: fastdiff's compiled kernels for {args.device} are not loaded "
+              f"({info['load_error']}); timing the reference", file=sys.stderr)
     load0 = os.getloadavg()[0]
     configs = QUICK if args.quick else [(s, d) for d in DTYPES for s in SHAPES]
     compiled = {}
     rows = []
     with torch.inference_mode():
         for shape, dname in configs:
-            rows.append(bench_one(shape, dname, not args.no_compile, compiled, args.cold))
+            rows.append(bench_one(shape, dname, not args.no_compile, compiled, args.cold, args.device))
             print(f"done {shape} {dname}", file=sys.stderr, flush=True)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    where = torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else "CPU"
+    print(f"{where}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{'cold' if args.cold else 'warm'} caches, load average "
           f"{load0:.1f} at start, {os.getloadavg()[0]:.1f} at end (all processes on this machine)")
     print_table(rows)
     if args.json:
         write_json(args.json, {"benchmark": "dpmpp_2m_step", "torch": torch.__version__,
+                               "device": where,
                                "threads": torch.get_num_threads(), "cold": args.cold,
                                "load_average": [load0, os.getloadavg()[0]], "results": rows})
 

@@ -11,6 +11,7 @@ from .probes import LipschitzResult, lipschitz_t, lipschitz_x
 from .samplers import SAMPLERS, Sampler, sample
 from .nets import UNet
 from .pretrained import pretrained
+from .model_io import load_model, save_model
 from .train import diffusion_loss
 
 __version__ = "0.1.0"
@@ -18,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = ["backends", "get_backend", "set_backend", "timestep_embedding",
            "SinusoidalEmbedding", "patch_time_embedding", "NoiseSchedule", "TimeSharing", "ETSDM", "etsdm",
            "lipschitz_t", "lipschitz_x", "LipschitzResult", "sample", "Sampler", "SAMPLERS",
-           "UNet", "pretrained", "diffusion_loss",
+           "UNet", "pretrained", "load_model", "save_model", "diffusion_loss",
            "__version__"]

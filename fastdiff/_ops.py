@@ -152,7 +152,7 @@ def embedding_ref(t, freqs, table, dim, flip_sin_to_cos, scale, share_width, sha
         if table is not None and not t.is_floating_point():
             rows = table.shape[0]
             inside = (t >= 0) & (t < rows)
-            gathered = table.index_select(0, t.clamp(0, rows - 1).long())
+            gathered = table.index_select(0, t.long().clamp(0, rows - 1))
             full = torch.cat([second, first] if flip_sin_to_cos else [first, second], dim=-1)
             if dim % 2:
                 full = torch.nn.functional.pad(full, (0, 1))

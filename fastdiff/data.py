@@ -8,12 +8,13 @@ never trained on.
 from __future__ import annotations
 
 import os
-import tempfile
 from functools import lru_cache
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ._files import atomic_open
 
 __all__ = ["load_digits", "digits_dataset", "to_pixels", "save_grid", "DIGITS_MAX",
            "SPLITS"]
@@ -30,8 +31,8 @@ def _raw_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits as _sk_load
         from sklearn.model_selection import train_test_split
-    except ImportError as e:  # pragma: no cover - sklearn is a test / data extra
-        raise ImportError("fastdiff.data needs scikit-learn (pip install 'fastdiff[data]')") from e
+    except ImportError as e:  # a default dependency; only a broken environment lacks it
+        raise ImportError("fastdiff.data needs scikit-learn (pip install scikit-learn)") from e
     d = _sk_load()
     images = d.images.astype(np.float32)  # [1797, 8, 8] in 0..16
     labels = d.target.astype(np.int64)
@@ -97,15 +98,6 @@ def save_grid(x: torch.Tensor, path: str, *, nrow: int = 10, scale: int = 4) -> 
         grid[pad + r * (h + pad): pad + r * (h + pad) + h,
              pad + c * (w + pad): pad + c * (w + pad) + w] = p[i]
     grid = grid.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".png")
-    os.close(fd)
-    try:
-        plt.imsave(tmp, grid.numpy(), cmap="gray_r", vmin=0.0, vmax=1.0, format="png")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_open(path, "wb") as f:
+        plt.imsave(f, grid.numpy(), cmap="gray_r", vmin=0.0, vmax=1.0, format="png")
     return path

@@ -229,6 +229,10 @@ def patch_time_embedding(unet: nn.Module, sharing: TimeSharing | None = None) ->
     (dim, flip_sin_to_cos, downscale_freq_shift, scale). With ``sharing=None`` the UNet's
     output is unchanged; with sharing it equals the original UNet called with f(t).
     Returns the same ``unet`` object (no weights copied).
+
+    The sharing is also recorded in the diffusers config (key ``_fastdiff_time_sharing``),
+    so ``unet.save_pretrained(path)`` keeps it: ``fastdiff.load_model(path)`` restores the
+    patched embedding; diffusers' own ``from_pretrained`` loads a plain UNet.
     """
     proj = getattr(unet, "time_proj", None)
     if proj is None:
@@ -236,7 +240,7 @@ def patch_time_embedding(unet: nn.Module, sharing: TimeSharing | None = None) ->
                         "expected a diffusers UNet2DModel / UNet2DConditionModel")
     if isinstance(proj, SinusoidalEmbedding):
         proj.sharing = sharing
-        return unet
+        return _record_sharing(unet, sharing)
     needed = ("num_channels", "flip_sin_to_cos", "downscale_freq_shift")
     if not all(hasattr(proj, a) for a in needed):
         raise TypeError(f"patch_time_embedding: unet.time_proj is a {type(proj).__name__}, "
@@ -245,4 +249,13 @@ def patch_time_embedding(unet: nn.Module, sharing: TimeSharing | None = None) ->
     unet.time_proj = SinusoidalEmbedding(proj.num_channels, proj.flip_sin_to_cos,
                                          proj.downscale_freq_shift, getattr(proj, "scale", 1),
                                          sharing=sharing)
+    return _record_sharing(unet, sharing)
+
+
+def _record_sharing(unet: nn.Module, sharing: TimeSharing | None) -> nn.Module:
+    # In the diffusers config, so save_pretrained writes it and fastdiff.load_model
+    # patches it in again (diffusers' own from_pretrained ignores the private key).
+    if hasattr(unet, "register_to_config"):
+        from .model_io import DIFFUSERS_SHARING_KEY, sharing_to_dict
+        unet.register_to_config(**{DIFFUSERS_SHARING_KEY: sharing_to_dict(sharing)})
     return unet

@@ -18,11 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DigitsClassifier", "frechet_distance", "digits_fd", "classify",
+from .model_io import load_weights
+
+__all__ = ["DigitsClassifier", "frechet_distance", "digits_fd", "digits_fd_sharded", "sharded_moments", "classify",
+           "digits_features", "feature_moments", "frechet_from_moments",
            "load_classifier", "train_classifier", "classifier_accuracy", "CLASSIFIER_FILE"]
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
-CLASSIFIER_FILE = os.path.join(ASSETS, "digits_classifier.pt")
+CLASSIFIER_FILE = os.path.join(ASSETS, "digits_classifier.safetensors")
 CLASSIFIER_INFO = os.path.join(ASSETS, "digits_classifier.json")
 
 
@@ -121,13 +124,13 @@ _CLASSIFIER: DigitsClassifier | None = None
 
 
 def load_classifier() -> DigitsClassifier:
-    """The shipped classifier (eval mode, cached; ``weights_only=True`` load)."""
+    """The shipped classifier (eval mode, cached; safetensors: nothing is unpickled)."""
     global _CLASSIFIER
     if _CLASSIFIER is None:
         if not os.path.exists(CLASSIFIER_FILE):
             raise FileNotFoundError(f"{CLASSIFIER_FILE} is missing; run `python -m fastdiff.metrics`")
         model = DigitsClassifier()
-        model.load_state_dict(torch.load(CLASSIFIER_FILE, map_location="cpu", weights_only=True))
+        model.load_state_dict(load_weights(CLASSIFIER_FILE))
         _CLASSIFIER = model.eval().requires_grad_(False)
     return _CLASSIFIER
 
@@ -183,6 +186,39 @@ def frechet_distance(feats_a, feats_b, *, use_scipy: bool = False) -> float:
     return float((mu_a - mu_b).pow(2).sum() + torch.trace(s_a) + torch.trace(s_b) - 2.0 * tr)
 
 
+def feature_moments(feats) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(n, sum f [D], sum f f^T [D, D]) of features [n, D] in float64: what ranks add up
+    (``fastdiff.distributed.all_reduce_sum``) to get the statistics of all samples, as
+    EDM's fid.py does."""
+    f = feats.detach().to("cpu", torch.float64)
+    if f.dim() != 2:
+        raise ValueError(f"feature_moments: expected features [n, D], got {tuple(f.shape)}")
+    return f.shape[0], f.sum(0), f.T @ f
+
+
+def frechet_from_moments(n: int, s: torch.Tensor, ss: torch.Tensor, feats_b,
+                         *, use_scipy: bool = False) -> float:
+    """:func:`frechet_distance` of the features whose :func:`feature_moments` are
+    (n, s, ss) against ``feats_b`` [N_b, D]: mean s / n, unbiased covariance
+    (ss - n mu mu^T) / (n - 1). Equal to the direct formula up to float64 rounding."""
+    if n < 2:
+        raise ValueError(f"frechet_from_moments: need n >= 2 samples, got {n}")
+    b = _as_f64_2d(feats_b, "feats_b")
+    mu_a = s / n
+    s_a = (ss - n * torch.outer(mu_a, mu_a)) / (n - 1)
+    s_a = (s_a + s_a.T) / 2
+    mu_b, s_b = b.mean(0), torch.cov(b.T).reshape(b.shape[1], -1)
+    tr = _trace_sqrt_product(s_a, s_b, use_scipy)
+    return float((mu_a - mu_b).pow(2).sum() + torch.trace(s_a) + torch.trace(s_b) - 2.0 * tr)
+
+
+@torch.no_grad()
+def digits_features(samples: torch.Tensor) -> torch.Tensor:
+    """The shipped classifier's penultimate features [N, D] of images [N, 1, 8, 8] in
+    [-1, 1] (clamped): the space :func:`digits_fd` measures in."""
+    return load_classifier().features(samples.float().clamp(-1, 1))
+
+
 @torch.no_grad()
 def classify(samples: torch.Tensor) -> torch.Tensor:
     """Predicted digit labels int64 [B] of images [B, 1, 8, 8] in [-1, 1]."""
@@ -199,21 +235,57 @@ def digits_fd(samples: torch.Tensor, *, reference: str = "test") -> float:
     """
     from .data import load_digits
 
-    clf = load_classifier()
     real, _ = load_digits(reference)
-    fs = clf.features(samples.float().clamp(-1, 1))
-    fr = clf.features(real)
-    return frechet_distance(fs, fr)
+    return frechet_distance(digits_features(samples), digits_features(real))
+
+
+@torch.no_grad()
+def sharded_moments(parts) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """:func:`feature_moments` of the digits features of every rank's samples, summed
+    over the ranks of torch.distributed (a single process: its own).
+
+    parts: this rank's samples as a list of [n_i, 1, 8, 8] tensors in [-1, 1] (e.g. one
+    per shard file). Features are computed part by part: a network's output depends on
+    its batch's composition in the last bits, so parts that do not depend on the world
+    size give features that do not either. The moments are then equal for every world
+    size up to float64 rounding (only the order of the additions differs).
+    """
+    from .distributed import all_reduce_sum
+
+    if isinstance(parts, torch.Tensor):
+        parts = [parts]
+    D = load_classifier().features(torch.zeros(1, 1, 8, 8)).shape[1]
+    n, s, ss = 0, torch.zeros(D, dtype=torch.float64), torch.zeros(D, D, dtype=torch.float64)
+    for x in parts:
+        if x.shape[0]:
+            ni, si, ssi = feature_moments(digits_features(x))
+            n, s, ss = n + ni, s + si, ss + ssi
+    packed = all_reduce_sum(torch.cat([torch.tensor([float(n)], dtype=torch.float64), s, ss.reshape(-1)]))
+    return int(packed[0].item()), packed[1:1 + D], packed[1 + D:].reshape(D, D)
+
+
+@torch.no_grad()
+def digits_fd_sharded(parts, *, reference: str = "test") -> float:
+    """:func:`digits_fd` of the union of every rank's ``parts`` (see
+    :func:`sharded_moments`). With fewer samples than feature dimensions the sample
+    covariance is singular and the square root in the FD turns float64 rounding of its
+    zero eigenvalues into ~1e-8 relative differences; the moments themselves agree to
+    rounding."""
+    from .data import load_digits
+
+    real, _ = load_digits(reference)
+    return frechet_from_moments(*sharded_moments(parts), digits_features(real))
 
 
 def _main() -> int:  # python -m fastdiff.metrics: retrain and ship the classifier
     import time
 
-    from .train import atomic_write_text, atomic_save
+    from ._files import atomic_write_text
+    from .model_io import save_weights
 
     t0 = time.time()
     model, acc = train_classifier()
-    atomic_save(model.state_dict(), CLASSIFIER_FILE)
+    save_weights(model.state_dict(), CLASSIFIER_FILE)
     info = {"command": "python -m fastdiff.metrics", "heldout_accuracy": acc,
             "train_time_s": round(time.time() - t0, 1), "torch": torch.__version__}
     atomic_write_text(json.dumps(info, indent=2) + "\n", CLASSIFIER_INFO)

@@ -106,7 +106,8 @@ class UNet(nn.Module):
         heads, groups, dropout: attention heads, GroupNorm groups, ResBlock dropout.
         prediction_type: what the output means: "epsilon", "v_prediction" or "sample".
         time_sharing: E-TSDM sharing the weights were trained with (metadata for the
-            samplers; the forward pass itself does NOT apply it).
+            samplers; the forward pass itself does NOT apply it): a TimeSharing, its
+            ``{"t_tilde", "n"}`` dict (as in ``config``), or None.
         sample_size: the training resolution (metadata).
 
     ``forward``: x [B, C, H, W] (H, W divisible by 2**(levels-1)); t a number, a 0-d
@@ -124,9 +125,6 @@ class UNet(nn.Module):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"UNet: prediction_type must be one of {PREDICTION_TYPES}, "
                              f"got {prediction_type!r}")
-        if time_sharing is not None and not isinstance(time_sharing, TimeSharing):
-            raise TypeError(f"UNet: time_sharing must be a fastdiff.TimeSharing or None, "
-                            f"got {type(time_sharing).__name__}")
         if num_classes is not None and (isinstance(num_classes, bool) or num_classes < 1):
             raise ValueError(f"UNet: num_classes must be None or a positive int, got {num_classes!r}")
         channel_mult = tuple(int(m) for m in channel_mult)
@@ -141,7 +139,7 @@ class UNet(nn.Module):
                            num_classes=num_classes, heads=heads, groups=groups, dropout=dropout,
                            prediction_type=prediction_type, sample_size=sample_size)
         self.prediction_type = prediction_type
-        self.time_sharing = time_sharing
+        self.time_sharing = time_sharing  # also recorded in self.config (see the setter)
         self.num_classes = num_classes
         self.sample_size = sample_size
         self.levels = len(channel_mult)
@@ -186,6 +184,21 @@ class UNet(nn.Module):
                 ch = co
         self.norm_out = _norm(ch, groups)
         self.conv_out = _zero(nn.Conv2d(ch, out_channels, 3, padding=1))
+
+    @property
+    def time_sharing(self) -> TimeSharing | None:
+        return self._time_sharing
+
+    @time_sharing.setter
+    def time_sharing(self, sharing) -> None:
+        # Kept in ``config`` so that ``UNet(**model.config)`` rebuilds the same model.
+        from .model_io import sharing_from_dict, sharing_to_dict
+
+        if not isinstance(sharing, (TimeSharing, dict, type(None))):
+            raise TypeError(f"UNet: time_sharing must be a fastdiff.TimeSharing or None, "
+                            f"got {type(sharing).__name__}")
+        self._time_sharing = sharing_from_dict(sharing, "UNet: time_sharing")
+        self.config["time_sharing"] = sharing_to_dict(self._time_sharing)
 
     @property
     def null_class(self) -> int | None:

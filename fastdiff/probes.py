@@ -28,8 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -39,6 +38,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import _ops
+from ._files import atomic_write_text
 from .schedules import NoiseSchedule, TimeSharing
 from .wrappers import ETSDM, model_output
 
@@ -46,6 +46,7 @@ __all__ = ["lipschitz_t", "lipschitz_x", "LipschitzResult", "METHODS"]
 
 METHODS = ("auto", "jvp", "fd", "vjp")
 _STATS = ("mean", "median", "max", "min")
+_PLOT_GID = "fastdiff.LipschitzResult"  # marks the curves plot() drew on an Axes
 _DEFAULT_BATCH = 128  # (sample, t) pairs per model call: large enough to keep a CPU busy
 
 
@@ -115,7 +116,7 @@ class LipschitzResult:
 
     def to_json(self, path) -> str:
         """Write :meth:`to_dict` as JSON (atomically). Returns ``path``."""
-        return _atomic_write(path, json.dumps(self.to_dict()))
+        return atomic_write_text(json.dumps(self.to_dict()), path)
 
     @classmethod
     def from_json(cls, path) -> "LipschitzResult":
@@ -129,21 +130,29 @@ class LipschitzResult:
         cols = torch.cat([self.timesteps[:, None]] + [getattr(self, s)[:, None] for s in _STATS]
                          + [self.values], dim=1)
         lines = [",".join(head)] + [",".join(repr(v) for v in row) for row in cols.tolist()]
-        return _atomic_write(path, "\n".join(lines) + "\n")
+        return atomic_write_text("\n".join(lines) + "\n", path)
 
     # -- plot ----------------------------------------------------------------------------
     def plot(self, ax=None, label: str | None = None, stat: str = "mean",
              band: str | None = "quartiles"):
-        """Draw K(t) against t on a log y-axis, like Fig. 1b of Yang et al.
+        """Add K(t) against t to ``ax`` on a log y-axis, like Fig. 1b of Yang et al.
+
+        Overlaying results is one call each: ``ax = a.plot(label="baseline");
+        b.plot(ax=ax, label="E-TSDM"); ax.figure.savefig("k.png")`` (with ``ax=None`` the
+        curves go to pyplot's current axes, as ``plt.plot`` does).
 
         Args:
-            ax: a matplotlib Axes (several results can share one); None makes a figure.
+            ax: a matplotlib Axes; None: ``plt.gca()`` (a new figure if there is none).
             label: legend entry (default: the method).
             stat: the curve, one of "mean", "median", "max", "min".
             band: shaded spread over samples: "quartiles", "minmax" or None.
 
-        Exact zeros (a jvp inside an E-TSDM sub-interval) cannot sit on a log axis: they
-        leave gaps; isolated nonzero points are drawn as dots. Returns ``ax``.
+        Every call refreshes the legend; a figure without a layout engine gets the
+        constrained one, so labels and legend are not clipped. Exact zeros (E-TSDM's
+        shared sub-intervals probed by jvp) have no place on a log axis: once any curve
+        of ``ax`` has one, the y-axis is symlog, linear from 0 up to a decade below the
+        smallest nonzero value drawn, and the zeros sit on its 0 line (the y-label
+        says so). Returns ``ax``.
         """
         if stat not in _STATS:
             raise ValueError(f"plot: stat must be one of {_STATS}, got {stat!r}")
@@ -151,40 +160,43 @@ class LipschitzResult:
             raise ValueError(f"plot: band must be 'quartiles', 'minmax' or None, got {band!r}")
         if ax is None:
             import matplotlib.pyplot as plt
-            _, ax = plt.subplots(figsize=(6, 4))
+            ax = plt.gca()
+        fig = ax.figure
+        if getattr(fig, "get_layout_engine", None) and fig.get_layout_engine() is None \
+                and hasattr(fig, "set_layout_engine"):
+            fig.set_layout_engine("constrained")
         order = torch.argsort(self.timesteps)
         t = self.timesteps[order].numpy()
-
-        def positive(y):
-            y = y[order]
-            return torch.where(y > 0, y, torch.full_like(y, float("nan"))).numpy()
-
-        (line,) = ax.plot(t, positive(getattr(self, stat)), marker="." if len(t) <= 400 else None,
-                          markersize=3, label=label if label is not None else self.method)
+        y = getattr(self, stat)[order]
+        lo = hi = None
         if band is not None:
             lo, hi = ((self.quantile(0.25), self.quantile(0.75)) if band == "quartiles"
                       else (self.min, self.max))
-            ax.fill_between(t, positive(lo), positive(hi), color=line.get_color(), alpha=0.2,
+            lo, hi = lo[order], hi[order]
+        (line,) = ax.plot(t, y.numpy(), marker="." if len(t) <= 400 else None, markersize=3,
+                          label=label if label is not None else self.method, gid=_PLOT_GID)
+        if band is not None:
+            ax.fill_between(t, lo.numpy(), hi.numpy(), color=line.get_color(), alpha=0.2,
                             linewidth=0)
-        ax.set_yscale("log")
+        drawn = [torch.as_tensor(ln.get_ydata(), dtype=torch.float64) for ln in ax.get_lines()
+                 if ln.get_gid() == _PLOT_GID]  # not the user's own lines (axvline: 0..1)
+        drawn += [lo] if lo is not None else []
+        values = torch.cat([d.reshape(-1) for d in drawn])
+        values = values[torch.isfinite(values)]
+        ylabel = r"$\|\partial \epsilon_\theta(x_t, t) / \partial t\|_2$"
+        if ax.get_yscale() == "symlog" or bool((values == 0).any()):
+            pos = values[values > 0]
+            thresh = 10.0 ** math.floor(math.log10(pos.min().item())) if pos.numel() else 1.0
+            ax.set_yscale("symlog", linthresh=thresh, linscale=0.5)
+            # a little room below 0, so zeros are not hidden by the axis line
+            ax.set_ylim(bottom=-0.3 * thresh, top=None if pos.numel() else 10 * thresh)
+            ylabel += f"\n(symlog: linear below {thresh:.0e}; exact zeros on the 0 line)"
+        else:
+            ax.set_yscale("log")
         ax.set_xlabel("t")
-        ax.set_ylabel(r"$\|\partial \epsilon_\theta(x_t, t) / \partial t\|_2$")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
         return ax
-
-
-def _atomic_write(path, text: str) -> str:
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 # ---------------------------------------------------------------------------------------
@@ -431,7 +443,7 @@ def lipschitz_t(model, x0: torch.Tensor, schedule, timesteps, *, method: str = "
                 noise: torch.Tensor | None = None, batch_size: int | None = None,
                 time_sharing: TimeSharing | None = None,
                 generator: torch.Generator | None = None, progress: bool = True,
-                model_kwargs: dict | None = None) -> LipschitzResult:
+                model_kwargs: dict | None = None, distributed: bool | None = None) -> LipschitzResult:
     """Lipschitz constant of ``eps_theta`` in its time input: K(t) per timestep and sample.
 
     For each timestep t and sample b, ``x_t = alpha_t x0[b] + sigma_t noise[b]`` is held
@@ -458,6 +470,12 @@ def lipschitz_t(model, x0: torch.Tensor, schedule, timesteps, *, method: str = "
             :func:`fastdiff.etsdm`); its exact derivative is 0 inside shared sub-intervals.
         generator: for the noise.
         progress: tqdm bar over chunks.
+        distributed: split the work over the ranks of the initialized torch.distributed
+            process group (None: when there is one with more than one rank). Every rank
+            must call with the same arguments (and the same ``noise``, or the same
+            ``generator`` state); the chunks of (timestep, sample) pairs are dealt
+            round-robin, each rank computes its own, and every rank gets the whole result,
+            bit-identical to one process's.
         model_kwargs: extra model arguments; tensors whose first dim is B are per-sample
             (e.g. ``class_labels``) and follow their sample, anything else is shared.
 
@@ -500,7 +518,12 @@ def lipschitz_t(model, x0: torch.Tensor, schedule, timesteps, *, method: str = "
 
     def eps(x, t, b):
         kw = {**shared_kw, **{k: v[b.to(v.device)] for k, v in rows_kw.items()}}
-        return model_output(net(x, t, **kw))
+        out = model_output(net(x, t, **kw))
+        if out.dim() < 1 or out.shape[0] != x.shape[0]:
+            # a batch-1 output would broadcast one value to every (t, sample)
+            raise ValueError(f"lipschitz_t: the model returned shape {tuple(out.shape)} for "
+                             f"{x.shape[0]} input rows; it must return one row per row of x")
+        return out
 
     N = K * B
     chunk = batch_size or _DEFAULT_BATCH
@@ -509,7 +532,15 @@ def lipschitz_t(model, x0: torch.Tensor, schedule, timesteps, *, method: str = "
     bar = tqdm(range(0, N, chunk), desc=f"lipschitz_t ({method})", disable=not progress,
                unit="chunk", leave=False)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    values = torch.empty(N, dtype=acc, device=dev)  # filled on the device: no sync per chunk
+    from . import distributed as dist
+    shard = dist.world_size() > 1 if distributed is None else bool(distributed)
+    starts = list(range(0, N, chunk))
+    if shard:  # the same chunks as one process, dealt to the ranks: the same bits
+        starts = starts[dist.rank()::dist.world_size()]
+        bar = tqdm(starts, desc=f"lipschitz_t ({method})", disable=not progress or dist.rank() != 0,
+                   unit="chunk", leave=False)
+    # filled on the device (no sync per chunk); zeros where other ranks' chunks go
+    values = (torch.zeros if shard else torch.empty)(N, dtype=acc, device=dev)
     # fd differentiates nothing: it runs the model exactly as given.
     with contextlib.nullcontext() if method == "fd" else _math_attention():
         # Flat index i = k * B + b: timestep k, sample b.
@@ -532,6 +563,8 @@ def lipschitz_t(model, x0: torch.Tensor, schedule, timesteps, *, method: str = "
                 k_t = torch.linalg.vector_norm(jv.reshape(jv.shape[0], -1).to(acc), dim=1)
             values[start:start + idx.numel()] = k_t.detach().to(acc)
             bar.set_postfix(method=used)
+    if shard:  # each entry is written by one rank, the others add exact zeros
+        values = dist.all_reduce_sum(values)
     meta = {"schedule": repr(sched), "requested_method": method, "samples": B,
             "time_sharing": None if time_sharing is None else
             {"t_tilde": time_sharing.t_tilde, "n": time_sharing.n}}

@@ -117,6 +117,8 @@ _SPACINGS = ("leading", "linspace", "trailing")
 _FLAVORS = ("ddim", "dpmsolver", "euler")
 _DIFFUSERS_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 _REAL = (int, float, np.integer, np.floating)
+# Discrete kinds whose constructor rebuilds the tables from the stored params alone.
+_RECIPES = ("linear", "scaled_linear", "cosine")
 
 
 def _check_int(name, value, lo, hi=None):
@@ -597,11 +599,31 @@ class NoiseSchedule:
             d["alphas_cumprod"] = self._ac.tolist()
         return d
 
+    def to_recipe(self) -> dict:
+        """Compact JSON-safe dict (no tables) when a constructor rebuilds this schedule bit
+        for bit from its parameters (linear, scaled_linear, cosine, continuous); else
+        ``to_dict()``. ``from_dict`` reads both."""
+        d = {"format": 1, "kind": self._kind, "continuous": self._continuous,
+             "params": dict(self._params)}
+        if self._continuous or (self._kind in _RECIPES and self.from_dict(d) == self):
+            return d
+        return self.to_dict()
+
     @classmethod
     def from_dict(cls, d: dict) -> "NoiseSchedule":
-        """Inverse of ``to_dict``."""
+        """Inverse of ``to_dict`` and ``to_recipe``; also reads the flat form
+        ``{"kind": "linear", "T": ..., "beta_start": ..., ...}`` of earlier model.json files."""
         if not isinstance(d, dict):
             raise TypeError(f"from_dict expects a dict, got {type(d).__name__}")
+        if d.get("kind") in _RECIPES and "params" not in d and "T" in d:
+            d = {"kind": d["kind"], "continuous": False,
+                 "params": {k: v for k, v in d.items() if k != "kind"}}
+        if (not d.get("continuous") and d.get("kind") in _RECIPES and "params" in d
+                and "betas" not in d):
+            try:
+                return getattr(cls, d["kind"])(**d.get("params", {}))
+            except TypeError as e:
+                raise ValueError(f"bad {d['kind']} schedule parameters {d.get('params')!r}: {e}") from None
         missing = {"kind", "continuous", "params"} - set(d)
         if missing:
             raise ValueError(f"schedule dict is missing keys {sorted(missing)}")

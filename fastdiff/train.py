@@ -7,18 +7,22 @@ the TRUE timestep t, the network is conditioned on the shared time f(t):
 
 ``train`` runs AdamW with EMA weights, gradient clipping, a tqdm bar, a JSON-lines loss
 log and atomic checkpoints, and resumes exactly: N steps straight and k steps + resume to
-N give bit-identical weights. Under ``torchrun`` it trains data-parallel
+N give bit-identical weights, dropout included (the global RNG the model draws from is
+private to the run and saved in every checkpoint). Under ``torchrun`` it trains data-parallel
 (DistributedDataParallel + DistributedSampler). Every random draw of a step (t, noise,
 label dropout) is made for the GLOBAL batch from one seeded generator and each rank
 takes its own rows, so the result does not depend on the number of processes (up to
-float summation order).
+float summation order); dropout inside the model is drawn per rank and is the exception.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import json
+import math
+import operator
 import os
-import tempfile
 import time
 from typing import Iterable
 
@@ -27,17 +31,22 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ._files import atomic_save, atomic_write_text, remove_stale_temps
+from .checkpoint import load_checkpoint, save_checkpoint as _write_checkpoint
+from .model_io import CONFIG as FINAL_CONFIG, WEIGHTS as FINAL_WEIGHTS, save_model
 from .nets import PREDICTION_TYPES
 from .schedules import NoiseSchedule, TimeSharing
+from .wrappers import model_output
 
 __all__ = ["diffusion_loss", "train", "ema_update", "ema_decay_at", "atomic_save",
            "atomic_write_text", "load_checkpoint", "CHECKPOINT", "LOG", "FINAL_WEIGHTS",
            "FINAL_CONFIG"]
 
-CHECKPOINT = "checkpoint.pt"   # full training state (resume)
+CHECKPOINT = "checkpoint.pt"   # full training state (resume), with a sha256
 LOG = "log.jsonl"              # one JSON object per logged step
-FINAL_WEIGHTS = "model.pt"     # plain EMA state_dict (what fastdiff/assets ships)
-FINAL_CONFIG = "model.json"    # UNet config, sharing, schedule, training summary
+# The final EMA model in fastdiff's format (fastdiff.save_model): FINAL_WEIGHTS
+# (model.safetensors) and FINAL_CONFIG (model.json: config, sharing, schedule, summary).
+RESUME_HINT = "delete it or pass resume=False (CLI: --no-resume) to start over"
 
 
 def _check_schedule(schedule) -> NoiseSchedule:
@@ -83,10 +92,19 @@ def diffusion_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, *,
     if not isinstance(x0, torch.Tensor) or x0.dim() < 2 or not x0.is_floating_point():
         raise ValueError("x0 must be a floating tensor [B, ...]")
     B, dev = x0.shape[0], x0.device
+    if B < 1:
+        raise ValueError(f"x0 must hold at least one sample, got shape {tuple(x0.shape)}")
+    for name, v in (("t", t), ("noise", noise), ("cond", cond)):
+        if v is not None and not isinstance(v, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(v).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if cond is not None and (cond.dim() < 1 or cond.shape[0] != B):
+        raise ValueError(f"cond must have one row per sample [{B}, ...], got {tuple(cond.shape)}")
     gdev = generator.device if generator is not None else dev
     if t is None:
         t = torch.randint(0, schedule.T, (B,), generator=generator, device=gdev).to(dev)
-    elif t.shape != (B,) or t.is_floating_point():
+    elif t.shape != (B,) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise ValueError(f"t must be integer timesteps of shape [{B}], got {t.dtype} {tuple(t.shape)}")
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, device=gdev, dtype=x0.dtype).to(dev)
@@ -98,7 +116,11 @@ def diffusion_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, *,
     sigma = schedule.sigma(t).to(dev, x0.dtype).reshape(bshape)
     x_t = alpha * x0 + sigma * noise
     t_net = time_sharing(t) if time_sharing is not None else t
-    out = model(x_t, t_net) if cond is None else model(x_t, t_net, class_labels=cond)
+    out = model_output(model(x_t, t_net) if cond is None else model(x_t, t_net, class_labels=cond))
+    if out.shape != x0.shape:
+        # mse_loss would broadcast a [1, ...] output against every sample's target
+        raise ValueError(f"model output has shape {tuple(out.shape)}, expected x0's shape "
+                         f"{tuple(x0.shape)}")
     if prediction == "epsilon":
         target = noise
     elif prediction == "v_prediction":
@@ -127,48 +149,6 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     torch._foreach_lerp_(e_params, m_params, 1.0 - decay)
     for eb, mb in zip(ema.buffers(), model.buffers()):
         eb.copy_(mb)
-
-
-def atomic_save(obj, path: str) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace``.
-
-    A crash at any point leaves either the previous file or the new one, never a torn one.
-    """
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are shipped / shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_text(text: str, path: str) -> None:
-    """Text counterpart of :func:`atomic_save` (temp file, fsync, ``os.replace``)."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """A training checkpoint (``weights_only=True``: plain tensors and containers only)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def _as_dataset(data) -> torch.utils.data.Dataset:
@@ -205,6 +185,61 @@ def _trim_log(path: str, last_step: int) -> None:
     atomic_write_text("".join(keep), path)
 
 
+def _check_int(name: str, v, lo: int, hi: int | None = None) -> int:
+    if isinstance(v, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        v = operator.index(v)  # Python and numpy integers
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}") from None
+    if v < lo or (hi is not None and v > hi):
+        raise ValueError(f"{name} must be an int in [{lo}, {'inf' if hi is None else hi}], got {v}")
+    return v
+
+
+def _check_float(name: str, v, ok, expected: str) -> float:
+    """``float(v)`` if v is a real number with ``ok(v)``; ``expected`` says which in errors."""
+    import numbers
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {type(v).__name__}")
+    v = float(v)
+    if not (math.isfinite(v) and ok(v)):
+        raise ValueError(f"{name} must be {expected}, got {v!r}")
+    return v
+
+
+@contextlib.contextmanager
+def _run_rng(device: torch.device, seed: int, rank: int, state: dict | None):
+    """The global RNG the model draws from while training (dropout, any ``torch.rand`` in
+    its forward), private to the run: forked from the caller's and restored afterwards,
+    seeded by (seed, rank), or set from a checkpoint's state on resume. Nothing else may
+    draw from it inside the run (the DataLoader has its own generator): that is what
+    makes k steps + resume equal N steps straight."""
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        if state is None:
+            # a different stream from the caller's usual torch.manual_seed(seed) (model init)
+            digest = hashlib.blake2b(f"fastdiff.train.rng:{seed}:{rank}".encode(), digest_size=8)
+            s = int.from_bytes(digest.digest(), "little") >> 1
+            torch.default_generator.manual_seed(s)
+            if cuda:
+                torch.cuda.default_generators[device.index or 0].manual_seed(s)
+        else:
+            torch.set_rng_state(state["torch"])
+            if cuda and "cuda" in state:
+                cs = state["cuda"]  # older checkpoints stored every device's state
+                torch.cuda.set_rng_state(cs[device.index or 0] if isinstance(cs, list) else cs,
+                                         device)
+        yield
+
+
+def _rng_state(device: torch.device) -> dict:
+    rng = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
 def train(model: nn.Module, data, schedule: NoiseSchedule, *, steps: int,
           batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.0,
           warmup: int = 200, ema_decay: float = 0.999, grad_clip: float | None = 1.0,
@@ -227,32 +262,43 @@ def train(model: nn.Module, data, schedule: NoiseSchedule, *, steps: int,
         lr, weight_decay, warmup: AdamW; lr ramps linearly over ``warmup`` steps, then
             stays constant.
         ema_decay: EMA decay (with the warm-up of :func:`ema_decay_at`).
-        grad_clip: max global grad norm (None: no clipping).
+        grad_clip: max global grad norm, > 0 (None: no clipping).
         prediction: "epsilon" | "v_prediction" | "sample"; default the model's
             ``prediction_type`` or "epsilon".
         time_sharing: E-TSDM sharing for the network's time input (None: baseline).
             Stored on the returned EMA model as ``time_sharing``.
         p_uncond: probability of replacing a label by the null class (classifier-free
             guidance training); ignored for unlabeled data.
-        out_dir: where ``checkpoint.pt``, ``log.jsonl``, ``model.pt`` (EMA state_dict)
-            and ``model.json`` go (None: nothing is written, no resume).
-        resume: continue from ``out_dir/checkpoint.pt`` if it exists.
+        out_dir: where ``checkpoint.pt``, ``log.jsonl`` and the EMA model
+            (``fastdiff.save_model``: ``model.safetensors`` + ``model.json``, read back by
+            ``fastdiff.load_model(out_dir)``) go (None: nothing is written, no resume).
+        resume: continue from ``out_dir/checkpoint.pt`` if it exists (it is verified
+            against its sha256; a damaged or foreign file raises ValueError).
         ckpt_every: checkpoint period in steps (and always at the end).
         log_every: log period in steps (loss averaged over ranks).
-        seed: seeds the data order and every per-step draw.
+        seed: seeds the data order and every per-step draw, including the model's own
+            (dropout): those come from the global RNG, which the run forks (the caller's
+            state is left as it was), seeds from (seed, rank) and checkpoints.
         device: default: cuda:<LOCAL_RANK> when CUDA is available, else cpu.
         extra_config: JSON-safe dict merged into ``model.json`` (e.g. the command line).
     """
     _check_schedule(schedule)
     _check_sharing(time_sharing)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
-    if not 0.0 <= p_uncond < 1.0:
-        raise ValueError(f"p_uncond must be in [0, 1), got {p_uncond}")
-    if not 0.0 <= ema_decay < 1.0:
-        raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-    if ckpt_every < 1 or log_every < 1:
-        raise ValueError("ckpt_every and log_every must be >= 1")
+    steps = _check_int("steps", steps, 0)
+    batch_size = _check_int("batch_size", batch_size, 1)
+    warmup = _check_int("warmup", warmup, 0)
+    ckpt_every = _check_int("ckpt_every", ckpt_every, 1)
+    log_every = _check_int("log_every", log_every, 1)
+    seed = _check_int("seed", seed, 0, 2 ** 63 - 1)
+    lr = _check_float("lr", lr, lambda v: v > 0, "a finite number > 0")
+    weight_decay = _check_float("weight_decay", weight_decay, lambda v: v >= 0,
+                                "a finite number >= 0")
+    p_uncond = _check_float("p_uncond", p_uncond, lambda v: 0 <= v < 1, "a number in [0, 1)")
+    ema_decay = _check_float("ema_decay", ema_decay, lambda v: 0 <= v < 1, "a number in [0, 1)")
+    if grad_clip is not None:
+        # a negative max norm would flip the gradients' sign, 0 would zero them
+        grad_clip = _check_float("grad_clip", grad_clip, lambda v: v > 0,
+                                 "None (no clipping) or a finite number > 0")
     prediction = prediction or getattr(model, "prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
         raise ValueError(f"prediction must be one of {PREDICTION_TYPES}, got {prediction!r}")
@@ -284,8 +330,10 @@ def train(model: nn.Module, data, schedule: NoiseSchedule, *, steps: int,
     # (seed, epoch): what makes resume exact. With world=1 it is a plain shuffle.
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank,
                                                   shuffle=True, seed=seed, drop_last=True)
+    # Its own generator: iter(loader) draws a seed, which must not come from the global RNG.
     loader = torch.utils.data.DataLoader(dataset, batch_size=local_b, sampler=sampler,
-                                         drop_last=True, num_workers=0)
+                                         drop_last=True, num_workers=0,
+                                         generator=torch.Generator().manual_seed(seed))
     per_epoch = len(loader)
     meta = _resumable_meta(batch_size=batch_size, seed=seed, p_uncond=p_uncond,
                            prediction=prediction, lr=lr, warmup=warmup, ema_decay=ema_decay,
@@ -293,21 +341,27 @@ def train(model: nn.Module, data, schedule: NoiseSchedule, *, steps: int,
                            time_sharing=None if time_sharing is None
                            else [time_sharing.t_tilde, time_sharing.n])
 
-    start = 0
+    start, rng_state = 0, None
     ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
     log_path = os.path.join(out_dir, LOG) if out_dir else None
+    if out_dir and rank == 0:
+        # Temp files of writes a kill interrupted; this run owns the folder.
+        for name in (CHECKPOINT, LOG, FINAL_WEIGHTS, FINAL_CONFIG):
+            remove_stale_temps(os.path.join(out_dir, name))
     if ckpt_path and resume and os.path.exists(ckpt_path):
-        ck = load_checkpoint(ckpt_path)
+        ck = load_checkpoint(ckpt_path, hint=RESUME_HINT)
         if ck["meta"] != meta:
             diff = {k: (ck["meta"].get(k), v) for k, v in meta.items() if ck["meta"].get(k) != v}
             raise ValueError(f"cannot resume {ckpt_path}: settings differ (checkpoint, now): {diff}")
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["optimizer"])
+        try:
+            model.load_state_dict(ck["model"])
+            ema.load_state_dict(ck["ema"])
+            opt.load_state_dict(ck["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ValueError(f"cannot resume {ckpt_path}: it holds another model "
+                             f"({str(e).splitlines()[0]}); {RESUME_HINT}") from None
         gen.set_state(ck["rng"]["generator"])
-        torch.set_rng_state(ck["rng"]["torch"])
-        if torch.cuda.is_available() and "cuda" in ck["rng"]:
-            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+        rng_state = ck["rng"]  # the global RNG's, applied inside the run's _run_rng
         start = int(ck["step"])
         if start > steps:
             raise ValueError(f"checkpoint is at step {start}, beyond steps={steps}")
@@ -324,11 +378,9 @@ def train(model: nn.Module, data, schedule: NoiseSchedule, *, steps: int,
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def save_checkpoint(step):
-        rng = {"generator": gen.get_state(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        atomic_save({"step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-                     "optimizer": opt.state_dict(), "rng": rng, "meta": meta}, ckpt_path)
+        rng = {"generator": gen.get_state(), **_rng_state(device)}
+        _write_checkpoint({"step": step, "model": model.state_dict(), "ema": ema.state_dict(),
+                           "optimizer": opt.state_dict(), "rng": rng, "meta": meta}, ckpt_path)
 
     from tqdm.auto import tqdm
     bar = tqdm(total=steps, initial=start, disable=not progress or rank != 0,
@@ -336,6 +388,8 @@ def train(model: nn.Module, data, schedule: NoiseSchedule, *, steps: int,
     log_f = open(log_path, "a") if log_path and rank == 0 else None
     t0, last_loss = time.time(), float("nan")
     batches: Iterable = iter(())
+    rng_scope = contextlib.ExitStack()
+    rng_scope.enter_context(_run_rng(device, seed, rank, rng_state))
     try:
         for step in range(start, steps):
             epoch, offset = divmod(step, per_epoch)
@@ -387,22 +441,18 @@ def train(model: nn.Module, data, schedule: NoiseSchedule, *, steps: int,
                 if distributed:
                     dist.barrier()
     finally:
+        rng_scope.close()
         bar.close()
         if log_f is not None:
             log_f.close()
 
     ema.time_sharing = time_sharing
     if out_dir and rank == 0:
-        atomic_save(ema.state_dict(), os.path.join(out_dir, FINAL_WEIGHTS))
-        summary = {"model": getattr(model, "config", None),
-                   "time_sharing": meta["time_sharing"] and {"t_tilde": time_sharing.t_tilde,
-                                                             "n": time_sharing.n},
-                   "schedule": {"kind": schedule.kind, **schedule.params},
-                   "train": {**meta, "steps": steps, "world_size": world,
-                             **_loss_summary(log_path, last_loss)},
-                   **(extra_config or {})}
-        atomic_write_text(json.dumps(summary, indent=2) + "\n",
-                           os.path.join(out_dir, FINAL_CONFIG))
+        save_model(ema, out_dir, schedule=schedule, time_sharing=time_sharing,
+                   prediction_type=prediction,
+                   extra={"train": {**meta, "steps": steps, "world_size": world,
+                                    **_loss_summary(log_path, last_loss)},
+                          **(extra_config or {})})
     return ema
 
 

@@ -1,6 +1,9 @@
-import os; os.environ["TRITON_INTERPRET"] = "1"  # noqa: E401,E702  (before anything imports triton)
+import os  # noqa: E401
 # Shared pytest set-up. TRITON_INTERPRET=1 must be set before triton is imported so that
-# the Triton kernels run on CPU tensors (interpreter mode) in the tests.
+# the Triton kernels run on CPU tensors (interpreter mode) in the tests. On a GPU machine
+# `make gpu-check` sets FASTDIFF_TRITON_INTERPRET=0 so that Triton compiles for the device.
+if os.environ.get("FASTDIFF_TRITON_INTERPRET", "1") == "1":
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -47,9 +50,16 @@ def gen():
 
 
 _triton_outcomes = {"passed": 0, "failed": 0, "skipped": 0}
+_cuda_outcomes = {"passed": 0, "failed": 0, "skipped": 0}
+_cuda_skip_reasons: set = set()
 
 
 def pytest_runtest_logreport(report):
+    if "cuda" in report.keywords and (report.when == "call" or report.outcome != "passed"):
+        _cuda_outcomes[report.outcome] = _cuda_outcomes.get(report.outcome, 0) + 1
+        if report.skipped and isinstance(report.longrepr, tuple):
+            _cuda_skip_reasons.add(report.longrepr[2].removeprefix("Skipped: "))
+        return
     # Tests that run a Triton kernel carry "triton" in their name (fixture triton_backend).
     if "triton" not in report.nodeid.lower():
         return
@@ -59,6 +69,11 @@ def pytest_runtest_logreport(report):
 
 def pytest_terminal_summary(terminalreporter):
     """One line in the CI log saying the Triton kernels really ran (interpreted on CPU)."""
+    c = _cuda_outcomes
+    if sum(c.values()):
+        why = f" ({'; '.join(sorted(_cuda_skip_reasons))})" if _cuda_skip_reasons else ""
+        terminalreporter.write_line(
+            f"CUDA device tests: {c['passed']} passed, {c['failed']} failed, {c['skipped']} skipped{why}")
     o = _triton_outcomes
     if sum(o.values()):
         terminalreporter.write_line(

@@ -155,8 +155,10 @@ def test_pretrained_unknown_name_lists_valid_ones():
 
 def test_pretrained_assets_are_plain_tensors():
     import os
+    from fastdiff.model_io import load_weights
     from fastdiff.pretrained import ASSETS, PRETRAINED
-    for fname, _ in PRETRAINED.values():
-        sd = torch.load(os.path.join(ASSETS, fname), weights_only=True)
+    for name in PRETRAINED:
+        path = os.path.join(ASSETS, name, "model.safetensors")
+        sd = load_weights(path)
         assert all(isinstance(v, torch.Tensor) for v in sd.values())
-        assert os.path.getsize(os.path.join(ASSETS, fname)) < 8 * 2 ** 20
+        assert os.path.getsize(path) < 8 * 2 ** 20

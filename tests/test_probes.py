@@ -452,12 +452,64 @@ def test_result_files_and_plot(tmp_path, gen):
     matplotlib.use("Agg")
     ax = plain.plot(label="plain")
     ax = shared.plot(ax=ax, label="E-TSDM", band="minmax", stat="max")
-    assert ax.get_yscale() == "log"
     assert [ln.get_label() for ln in ax.get_lines()] == ["plain", "E-TSDM"]
     y = ax.get_lines()[1].get_ydata()
-    assert math.isnan(y[0]) and y[9] > 0  # exact zeros leave gaps; the jump at t=9 shows
+    assert y[0] == 0 and y[9] > 0  # exact zeros are drawn (symlog axis); the jump at t=9
     with pytest.raises(ValueError, match="stat"):
         plain.plot(stat="p99")
+
+
+def test_plot_overlays_with_legend_layout_and_visible_zeros(tmp_path, gen):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+    ts = torch.arange(0, 40)
+    positive = LipschitzResult(ts, torch.rand(40, 5, generator=gen, dtype=F64) + 0.01, "jvp")
+    only_zeros = LipschitzResult(ts, torch.zeros(40, 5, dtype=F64), "jvp")
+    some = torch.rand(40, 5, generator=gen, dtype=F64) * 1e-3 + 1e-4
+    some[ts % 10 != 9] = 0  # E-TSDM by fd: nonzero only at sub-interval ends
+    etsdm = LipschitzResult(ts, some, "fd")
+
+    # all zeros (what jvp gives inside E-TSDM's sharing) used to raise "Data cannot be
+    # log-scaled" at savefig
+    fig = Figure()
+    ax = only_zeros.plot(ax=fig.add_subplot(), label="zeros")
+    fig.savefig(tmp_path / "zeros.png")
+    assert ax.get_yscale() == "symlog" and ax.get_ylim()[0] < 0 < ax.get_ylim()[1]
+
+    # overlay: one call per result on the same axes; the legend lists both
+    fig = Figure()
+    ax = positive.plot(ax=fig.add_subplot(), label="baseline")
+    assert ax.get_yscale() == "log"  # no zeros: a plain log axis
+    assert etsdm.plot(ax=ax, label="E-TSDM") is ax
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["baseline", "E-TSDM"]
+    assert ax.get_yscale() == "symlog"
+    # linear up to a decade below the smallest nonzero value: every nonzero point stays
+    # on the log part, the zeros on the 0 line, which is inside the view
+    thresh = ax.yaxis.get_transform().linthresh
+    assert thresh <= some[some > 0].min() < 10 * thresh and ax.get_ylim()[0] < 0
+    assert "exact zeros" in ax.get_ylabel() and f"{thresh:.0e}" in ax.get_ylabel()
+    ax.axvline(20)  # the user's own lines (y data 0..1) do not count as curves
+    assert positive.plot(ax=ax, label="again").yaxis.get_transform().linthresh == thresh
+    assert fig.get_layout_engine() is not None  # constrained: y-label and legend not clipped
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()  # runs the layout engine
+    renderer = canvas.get_renderer()
+    fb = fig.bbox
+    for artist in (ax.yaxis.label, ax.get_legend()):
+        bb = artist.get_window_extent(renderer)
+        assert fb.x0 <= bb.x0 and bb.x1 <= fb.x1 and fb.y0 <= bb.y0 and bb.y1 <= fb.y1
+
+    # ax=None: pyplot's current axes, so successive calls overlay as plt.plot does
+    plt.figure()
+    try:
+        ax1 = positive.plot(label="a")
+        ax2 = etsdm.plot(label="b")
+        assert ax1 is ax2 and len(ax1.get_lines()) == 2
+    finally:
+        plt.close("all")
 
 
 # ---------------------------------------------------------------------------------------

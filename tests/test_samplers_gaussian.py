@@ -105,7 +105,9 @@ ORDERS = [
 
 
 def _run(name, schedule, steps, model, x_T, **kw):
-    s = Sampler(name, schedule, steps, spacing="logSNR", final_sigmas_type="sigma_min", **kw)
+    # "logSNR_flat": every point uniform in lambda (singlestep DPM-Solver's "logSNR" spaces its
+    # solver steps instead, so a final Euler group spans a whole step: order 2 when steps % 3 == 1)
+    s = Sampler(name, schedule, steps, spacing="logSNR_flat", final_sigmas_type="sigma_min", **kw)
     x = s.init_noise(x_T)
     for t in s.timesteps:
         x = s.step(model(s.scale_model_input(x, t), t), t, x)

@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastdiff.train as ftrain
+from fastdiff.model_io import load_model, load_weights
 from fastdiff.nets import UNet
 from fastdiff.schedules import NoiseSchedule, TimeSharing
 from fastdiff.train import (atomic_save, diffusion_loss, ema_decay_at, ema_update,
@@ -141,10 +142,42 @@ def test_exact_resume_is_bit_identical(tmp_path):
     lb = [json.loads(s) for s in open(tmp_path / "b" / "log.jsonl")]
     assert [r["step"] for r in lb] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
-    # The final EMA weights are a plain state_dict loadable with weights_only.
-    sd = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
+    # The final EMA weights, in fastdiff's model format.
+    sd = load_model(tmp_path / "b")[0].state_dict()
     assert all(torch.equal(sd[k], v) for k, v in ema_b.state_dict().items())
     assert ema_b.time_sharing == TimeSharing(100, 5)
+
+
+def test_resume_with_dropout_is_bit_identical_and_leaves_the_callers_rng(tmp_path):
+    # Dropout draws from the global RNG: two resumes (one mid-epoch, one at an epoch
+    # start), with the caller's global RNG reseeded before each, still equal one straight run.
+    data = _toy_data()
+    s = NoiseSchedule.linear(1000)
+
+    def dropout_model(seed=0):
+        torch.manual_seed(seed)
+        return UNet(channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                    num_classes=3, heads=2, groups=4, dropout=0.3)
+
+    straight = dropout_model()
+    torch.manual_seed(1)
+    before = torch.get_rng_state()
+    ema_a = train(straight, data, s, steps=6, out_dir=str(tmp_path / "a"), **KW)
+    assert torch.equal(torch.get_rng_state(), before)  # the run's draws were its own
+    for caller_seed, steps in [(2, 3), (3, 4), (4, 6)]:
+        resumed = dropout_model(seed=0 if steps == 3 else 99)  # resumes: all from the checkpoint
+        torch.manual_seed(caller_seed)
+        ema_b = train(resumed, data, s, steps=steps, out_dir=str(tmp_path / "b"), **KW)
+    for name, a, b in [("model", straight, resumed), ("ema", ema_a, ema_b)]:
+        for (k, v1), v2 in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(v1, v2), (name, k, (v1 - v2).abs().max().item())
+    la = [json.loads(r)["loss"] for r in open(tmp_path / "a" / "log.jsonl")]
+    lb = [json.loads(r)["loss"] for r in open(tmp_path / "b" / "log.jsonl")]
+    assert la == lb and len(la) == 6
+    # dropout was really active: the same run without it ends elsewhere
+    no_drop = _tiny_model()
+    train(no_drop, data, s, steps=6, **KW)
+    assert any(not torch.equal(v, straight.state_dict()[k]) for k, v in no_drop.state_dict().items())
 
 
 def test_resume_with_different_settings_raises(tmp_path):
@@ -239,10 +272,12 @@ def test_cli_train_writes_weights_log_and_summary(tmp_path, flag, capsys):
                  "--channels", "8", "--t-tilde", "50", "--n", "5", "--no-progress",
                  "--out", str(out)]) == 0
     summary = json.loads((out / "model.json").read_text())
+    assert summary["command"].startswith(f"fastdiff train --data digits {flag} --steps 2 ")
     assert summary["time_sharing"] == ({"t_tilde": 50, "n": 5} if flag == "--etsdm" else None)
     assert summary["train"]["steps"] == 2 and summary["train"]["batch_size"] == 16
     assert [json.loads(s)["step"] for s in open(out / "log.jsonl")] == [1, 2]
-    sd = torch.load(out / "model.pt", weights_only=True)
-    model = UNet(**summary["model"])
-    model.load_state_dict(sd)
+    model = UNet(**summary["model"])  # the config alone rebuilds it, sharing included
+    assert model.time_sharing == load_model(out)[0].time_sharing
+    assert model.time_sharing == (TimeSharing(50, 5) if flag == "--etsdm" else None)
+    model.load_state_dict(load_weights(out / "model.safetensors"))
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["final_loss"] > 0

@@ -6,7 +6,9 @@ whole loop around a model; ``Sampler`` is the step-by-step object it is built on
 
 Families (one file each): ``ddim`` (DDPM, DDIM), ``pndm`` (PNDM, PLMS), ``dpm``
 (DPM-Solver / DPM-Solver++, multistep and singlestep, ODE and SDE), ``unipc``, ``euler``
-(Euler, Euler ancestral, Heun), ``lms``; ``grid`` builds the time grids,
+(Euler, Euler ancestral, Heun), ``lms``, ``deis``, ``sasolver`` (SA-Solver), ``kdpm2``
+(KDPM2, KDPM2 ancestral), ``dpmsde`` (DPM-Solver++ SDE, Brownian-tree noise from
+``brownian``), ``ipndm``, ``cosine`` (cosine DPM-Solver); ``grid`` builds the time grids,
 ``from_diffusers`` maps diffusers scheduler configs, ``sampler`` is the runtime.
 """
 from .loop import sample

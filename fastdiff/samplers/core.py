@@ -76,6 +76,9 @@ class Op:
     keep_x: remember the input state under this name (a reference, not a copy).
     noise: the op takes a fresh standard-normal tensor.
     clamp: the op clamps the data estimate (clip or dynamic thresholding).
+    brownian: (sa, sb) [R] each: the noise is the standardised increment of the plan's
+        Brownian paths between these levels (see ``fastdiff.samplers.brownian``), not a
+        fresh normal draw.
     """
     coeffs: Coeffs
     history: tuple = ()
@@ -84,6 +87,7 @@ class Op:
     keep_x: object = None
     noise: bool = False
     clamp: bool = False
+    brownian: tuple | None = None
 
 
 @dataclass
@@ -99,10 +103,15 @@ class Call:
 class Plan:
     """The whole run: ``calls`` in order; the state starts as ``x_T * init_scale``
     (None: x_T itself, VP samplers); ``sigma_space``: the state is x / alpha (k-diffusion
-    convention, Euler family)."""
+    convention, Euler family); ``brownian``: (lo [R], hi [R], seed or None), the range and
+    seed of the Brownian paths that ops with ``brownian`` spans draw from; ``grid``: the
+    grid the plan was built on when the family re-spaced the one it was given (singlestep
+    DPM-Solver's grouped logSNR grid)."""
     calls: list
     init_scale: np.ndarray | None = None
     sigma_space: bool = False
+    brownian: tuple | None = None
+    grid: object = None
 
 
 def data_eps(pred: str, a, s):

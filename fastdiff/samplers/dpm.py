@@ -22,7 +22,11 @@ from .grid import Grid
 __all__ = ["dpm_multistep", "dpm_singlestep", "singlestep_orders", "ALGORITHMS", "SOLVER_TYPES"]
 
 ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
-SOLVER_TYPES = ("midpoint", "heun")
+# "taylor" (the official DPM-Solver code's name) is the same algorithm as "heun" in every
+# update here; diffusers' "midpoint" is the official "dpmsolver" type except in singlestep
+# order 3, whose middle point the official code always takes with the phi_2 ("taylor")
+# weight (here, as in diffusers, with the group's own solver type).
+SOLVER_TYPES = ("midpoint", "heun", "taylor")
 
 
 def _check(grid, order, algorithm, solver_type):
@@ -157,10 +161,13 @@ def dpm_singlestep(grid: Grid, *, pred, clamp, order: int = 2, algorithm: str = 
     k-th order step from the group's first point (``x_base``) using the model outputs
     evaluated inside the group."""
     _check(grid, order, algorithm, solver_type)
+    orders = singlestep_orders(grid.n, order, lower_order_final, grid.final_zero)
+    if grid.spacing == "logSNR" and grid.from_lambda is not None:
+        grid = grouped_logsnr_grid(grid, orders)
     N, lam, a, s = grid.n, grid.lam, grid.alpha, grid.sigma
     data, sde = "++" in algorithm, algorithm.startswith("sde")
     calls, start = [], 0
-    for i, o in enumerate(singlestep_orders(N, order, lower_order_final, grid.final_zero)):
+    for i, o in enumerate(orders):
         o = min(o, i + 1)
         if o == 1:
             start = i
@@ -191,4 +198,21 @@ def dpm_singlestep(grid: Grid, *, pred, clamp, order: int = 2, algorithm: str = 
         calls.append(Call(grid.t[:, i], Op(
             c, history=history, outputs=("x", ("d", i)), noise=sde, clamp=clamped,
             keep_x=("xs", i) if o == 1 else None, x_base=("xs", b) if o > 1 else None)))
-    return Plan(calls)
+    return Plan(calls, grid=grid)
+
+
+def grouped_logsnr_grid(grid: Grid, orders) -> Grid:
+    """Singlestep DPM-Solver's "logSNR" grid as the official code builds it: the K solver
+    steps (groups of ``orders``) uniform in lambda, and inside each group its points
+    uniform in lambda. (Spacing all N points uniformly, "logSNR_flat", gives groups of
+    different orders different lambda spans.)"""
+    sizes = [o for k, o in enumerate(orders) if k + 1 == len(orders) or orders[k + 1] <= o]
+    l0, l1 = grid.lam_span
+    outer = np.linspace(l0, l1, len(sizes) + 1)
+    pts = [outer[g] + (outer[g + 1] - outer[g]) * j / o for g, o in enumerate(sizes) for j in range(o)]
+    t, a, s = grid.from_lambda(np.array(pts + [l1]))
+    if grid.final_zero:
+        a[-1], s[-1] = 1.0, 0.0
+    return Grid(t=t[None, :-1], alpha=a[None], sigma=s[None], t_integer=False, lookup=grid.lookup,
+                spacing="logSNR", t_end=np.array([np.nan if grid.final_zero else t[-1]]),
+                sk_to_t=grid.sk_to_t, from_lambda=grid.from_lambda, lam_span=grid.lam_span)

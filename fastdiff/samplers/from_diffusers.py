@@ -19,8 +19,7 @@ _SCHEDULE_KEYS = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedul
 _THRESHOLD_KEYS = {"thresholding", "dynamic_thresholding_ratio", "sample_max_value"}
 # Options whose only supported value is the default (diffusers' alternatives to Karras
 # sigmas, flow matching, dynamic shifting).
-_MUST_BE = {"use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
-            "use_flow_sigmas": False, "use_dynamic_shifting": False, "shift_terminal": None,
+_MUST_BE = {"use_flow_sigmas": False, "use_dynamic_shifting": False, "shift_terminal": None,
             "solver_p": None, "interpolation_type": "linear", "timestep_type": "discrete"}
 # Keys with no effect on the update (flow_shift only matters with flow sigmas).
 _IGNORED = {"flow_shift", "time_shift_type"}
@@ -158,17 +157,154 @@ def _euler_family(name, keys):
     return read
 
 
+# -- solvers: exponential / beta sigmas, lu lambdas, and the DEIS, IPNDM, KDPM2 classes --
+
+_SIGMA_KEYS = {"use_exponential_sigmas": "exponential_sigmas", "use_beta_sigmas": "beta_sigmas",
+               "use_lu_lambdas": "lu_lambdas"}
+
+
+def _sigma_kinds(cls, cfg, allowed=("use_exponential_sigmas", "use_beta_sigmas")):
+    """Sampler arguments of the noise-level options other than Karras; (kwargs, keys used)."""
+    kw = {}
+    for key, arg in _SIGMA_KEYS.items():
+        if cfg.get(key, False):
+            if key not in allowed:
+                raise _bad(cls, key, True)
+            kw[arg] = True
+    return kw, set(_SIGMA_KEYS)
+
+
+def _with_sigma_kinds(read, allowed=("use_exponential_sigmas", "use_beta_sigmas")):
+    def wrapped(cls, cfg, steps):
+        name, kw, used = read(cls, cfg, steps)
+        extra, keys = _sigma_kinds(cls, cfg, allowed)
+        if extra and cls == "UniPCMultistepScheduler" and kw.get("final_sigmas_type") == "sigma_min":
+            raise _bad(cls, "final_sigmas_type", "sigma_min", f"with {next(iter(extra))} diffusers repeats "
+                       "the last sigma as the final one (a zero-length last step)")
+        kw.update(extra)
+        return name, kw, used | keys
+    return wrapped
+
+
+def _deis(cls, cfg, steps):
+    if cfg.get("prediction_type") == "flow_prediction":
+        raise _bad(cls, "prediction_type", "flow_prediction")
+    algorithm, solver_type = cfg.get("algorithm_type", "deis"), cfg.get("solver_type", "logrho")
+    if algorithm != "deis":  # diffusers' __init__ registers "deis" for dpmsolver(++)
+        raise _bad(cls, "algorithm_type", algorithm)
+    if solver_type != "logrho":
+        raise _bad(cls, "solver_type", solver_type)
+    kw = dict(spacing=cfg.get("timestep_spacing", "linspace"), steps_offset=cfg.get("steps_offset", 0),
+              karras=bool(cfg.get("use_karras_sigmas", False)), order=cfg.get("solver_order", 2),
+              lower_order_final=cfg.get("lower_order_final", True), **_thresholds(cls, cfg))
+    extra, keys = _sigma_kinds(cls, cfg)
+    kw.update(extra)
+    # With any sigma grid diffusers' DEIS repeats the last sigma as the final level.
+    kw["final_sigmas_type"] = "last" if (extra or kw["karras"]) else "sigma_min"
+    return "deis", kw, keys | {"timestep_spacing", "steps_offset", "use_karras_sigmas", "solver_order",
+                               "lower_order_final", "algorithm_type", "solver_type", *_THRESHOLD_KEYS}
+
+
+def _sasolver(cls, cfg, steps):
+    if cfg.get("prediction_type") == "flow_prediction":
+        raise _bad(cls, "prediction_type", "flow_prediction")
+    vt = cfg.get("variance_type")
+    if vt not in (None, "learned", "learned_range"):
+        raise _bad(cls, "variance_type", vt)
+    algorithm = cfg.get("algorithm_type", "data_prediction")
+    if algorithm not in ("data_prediction", "noise_prediction"):
+        raise _bad(cls, "algorithm_type", algorithm)
+    kw = dict(spacing=cfg.get("timestep_spacing", "linspace"), steps_offset=cfg.get("steps_offset", 0),
+              karras=bool(cfg.get("use_karras_sigmas", False)),
+              lambda_min_clipped=cfg.get("lambda_min_clipped", -math.inf),
+              predictor_order=cfg.get("predictor_order", 2), corrector_order=cfg.get("corrector_order", 2),
+              tau=cfg.get("tau_func"), predict_x0=algorithm == "data_prediction",
+              lower_order_final=cfg.get("lower_order_final", True), **_thresholds(cls, cfg))
+    extra, keys = _sigma_kinds(cls, cfg)
+    kw.update(extra)
+    kw["final_sigmas_type"] = "last" if (extra or kw["karras"]) else "sigma_min"
+    return "sa-solver", kw, keys | {"timestep_spacing", "steps_offset", "use_karras_sigmas", "lambda_min_clipped",
+                                    "predictor_order", "corrector_order", "tau_func", "algorithm_type",
+                                    "lower_order_final", "variance_type", *_THRESHOLD_KEYS}
+
+
+def _cosine(cls, cfg, steps):
+    if cfg.get("rho", 7.0) != 7.0:
+        raise _bad(cls, "rho", cfg.get("rho"), "only rho = 7")
+    schedule = cfg.get("sigma_schedule", "exponential")
+    if schedule not in ("exponential", "karras"):
+        raise _bad(cls, "sigma_schedule", schedule)
+    st = cfg.get("solver_type", "midpoint")
+    kw = dict(sigma_min=cfg.get("sigma_min", 0.3), sigma_max=cfg.get("sigma_max", 500.0),
+              karras=schedule == "karras", exponential_sigmas=schedule == "exponential",
+              sigma_data=cfg.get("sigma_data", 1.0), order=cfg.get("solver_order", 2),
+              solver_type="midpoint" if st in ("logrho", "bh1", "bh2") else st,
+              lower_order_final=cfg.get("lower_order_final", True),
+              euler_at_final=cfg.get("euler_at_final", False),
+              final_sigmas_type=cfg.get("final_sigmas_type", "zero"),
+              prediction_type=_prediction(cls, cfg))
+    return "cosine-dpm", kw, {"sigma_min", "sigma_max", "sigma_data", "sigma_schedule", "rho", "solver_order",
+                              "solver_type", "lower_order_final", "euler_at_final", "final_sigmas_type"}
+
+
+def _ipndm(cls, cfg, steps):
+    if cfg.get("trained_betas") is not None:
+        raise _bad(cls, "trained_betas", "...", "IPNDM's trained_betas replace its per-step noise levels")
+    # The model output is read as v-prediction (diffusers: eps = sigma x + alpha v).
+    return "ipndm", dict(prediction_type="v_prediction"), set()
+
+
+def _kdpm2(name, keys=()):
+    def read(cls, cfg, steps):
+        pred = _prediction(cls, cfg)
+        if pred == "sample":
+            raise _bad(cls, "prediction_type", pred, "diffusers does not implement it for this class")
+        kw = dict(spacing=cfg.get("timestep_spacing", "linspace"), steps_offset=cfg.get("steps_offset", 0),
+                  init_noise_sigma="diffusers", karras=bool(cfg.get("use_karras_sigmas", False)))
+        if "noise_sampler_seed" in keys:
+            kw["noise_sampler_seed"] = cfg.get("noise_sampler_seed")
+        extra, used = _sigma_kinds(cls, cfg)
+        kw.update(extra)
+        return name, kw, used | set(keys) | {"timestep_spacing", "steps_offset", "use_karras_sigmas"}
+    return read
+
+
 SUPPORTED = {
     "DDIMScheduler": _ddim,
     "DDPMScheduler": _ddpm,
     "PNDMScheduler": _pndm,
-    "DPMSolverMultistepScheduler": _dpm_multistep,
-    "DPMSolverSinglestepScheduler": _dpm_singlestep,
-    "UniPCMultistepScheduler": _unipc,
-    "EulerDiscreteScheduler": _euler_family("euler", {"use_karras_sigmas", "sigma_min", "final_sigmas_type"}),
+    "DPMSolverMultistepScheduler": _with_sigma_kinds(_dpm_multistep, tuple(_SIGMA_KEYS)),
+    "DPMSolverSinglestepScheduler": _with_sigma_kinds(_dpm_singlestep),
+    "UniPCMultistepScheduler": _with_sigma_kinds(_unipc),
+    "EulerDiscreteScheduler": _with_sigma_kinds(
+        _euler_family("euler", {"use_karras_sigmas", "sigma_min", "final_sigmas_type"})),
     "EulerAncestralDiscreteScheduler": _euler_family("euler-ancestral", set()),
-    "HeunDiscreteScheduler": _euler_family("heun", {"use_karras_sigmas", "clip_sample"}),
-    "LMSDiscreteScheduler": _euler_family("lms", {"use_karras_sigmas"}),
+    "HeunDiscreteScheduler": _with_sigma_kinds(_euler_family("heun", {"use_karras_sigmas", "clip_sample"})),
+    "LMSDiscreteScheduler": _with_sigma_kinds(_euler_family("lms", {"use_karras_sigmas"})),
+    # -- solvers --
+    "DEISMultistepScheduler": _deis,
+    "SASolverScheduler": _sasolver,
+    "CosineDPMSolverMultistepScheduler": _cosine,
+    "IPNDMScheduler": _ipndm,
+    "KDPM2DiscreteScheduler": _kdpm2("kdpm2"),
+    "KDPM2AncestralDiscreteScheduler": _kdpm2("kdpm2-ancestral"),
+    "DPMSolverSDEScheduler": _kdpm2("dpm++sde", {"noise_sampler_seed"}),
+}
+
+
+# -- solvers: why the remaining diffusers classes are refused ------------------------------
+_TOKENS = "discrete-token (masked or categorical) diffusion, not a Gaussian state"
+_REFUSED = {
+    "AmusedScheduler": _TOKENS,
+    "VQDiffusionScheduler": _TOKENS,
+    "KarrasVeScheduler": "its churn and second-order correction are separate calls (step_correct) around "
+                         "the model, on a variance-exploding schedule",
+    "ScoreSdeVeScheduler": "a variance-exploding SDE with a separate Langevin corrector call (step_correct); "
+                           "fastdiff's schedules are variance preserving",
+    "RePaintScheduler": "inpainting with resampling jumps back in time (undo_step) and a known-region mask",
+    "UnCLIPScheduler": "its variance comes from the model's learned-range channels at every step",
+    "DDPMWuerstchenScheduler": "Wuerstchen's own continuous cosine schedule and time input (ratios), which "
+                               "NoiseSchedule does not have",
 }
 
 
@@ -177,7 +313,8 @@ def sampler_args(scheduler, steps):
     ``steps`` steps."""
     cls = type(scheduler).__name__
     if cls not in SUPPORTED:
-        raise ValueError(f"scheduler {cls} is not supported; supported: {', '.join(SUPPORTED)}")
+        why = _REFUSED.get(cls, "fastdiff has no sampler family whose fused step reproduces its update")
+        raise ValueError(f"scheduler {cls} is not supported: {why}. Supported: {', '.join(SUPPORTED)}")
     cfg = dict(scheduler.config)
     if steps is None:
         raise ValueError("from_diffusers needs steps (the scheduler's num_inference_steps)")
@@ -196,8 +333,10 @@ def sampler_args(scheduler, steps):
             continue
         raise _bad(cls, key, value, "unknown option with a non-default value")
     kw = {k: v for k, v in kw.items() if v is not None or k not in ("sigma_min", "sigma_max")}
-    kw.update(schedule=NoiseSchedule.from_diffusers(scheduler), steps=steps,
-              prediction_type=_prediction(cls, cfg))
+    kw.setdefault("prediction_type", _prediction(cls, cfg))
+    if cls not in ("IPNDMScheduler", "CosineDPMSolverMultistepScheduler"):  # own noise levels
+        kw["schedule"] = NoiseSchedule.from_diffusers(scheduler)
+    kw["steps"] = steps
     return name, kw
 
 

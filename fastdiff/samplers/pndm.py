@@ -77,8 +77,9 @@ def pndm(grid: Grid, *, pred, clamp, skip_prk_steps: bool = False) -> Plan:
         # Runge-Kutta over the first three intervals, 4 calls each, at p_j, mid, mid, p_j+1.
         for j in range(3):
             if rule is None:
-                mid_t = (t[:, j + 1] + (t[:, j] - t[:, j + 1]) // 2 if grid.t_integer
-                         else 0.5 * (t[:, j] + t[:, j + 1]))
+                # integer rows halve as diffusers' integer timesteps do, row by row
+                mid_t = np.where(grid.row_integer, t[:, j + 1] + (t[:, j] - t[:, j + 1]) // 2,
+                                 0.5 * (t[:, j] + t[:, j + 1]))
                 mid = level(mid_t)
                 evals = [t[:, j], mid_t, mid_t, t[:, j + 1]]
                 tos = [mid, mid, point(j + 1), point(j + 1)]

@@ -5,10 +5,16 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .ddim import ddim, ddpm
+from .deis import deis
+from .cosine import cosine_dpm
 from .dpm import dpm_multistep, dpm_singlestep
+from .dpmsde import dpmpp_sde
 from .euler import euler, euler_ancestral, heun
+from .ipndm import ipndm
+from .kdpm2 import kdpm2, kdpm2_ancestral
 from .lms import lms
 from .pndm import pndm
+from .sasolver import sa_solver
 from .unipc import unipc
 
 __all__ = ["Family", "FAMILIES", "SAMPLERS", "family"]
@@ -52,6 +58,15 @@ FAMILIES = {
     "euler-ancestral": Family(euler_ancestral, **_EULER),
     "heun": Family(heun, **_EULER),
     "lms": Family(lms, **_EULER),
+    # -- solvers (issue 12 part 2) --
+    "deis": Family(deis, "dpmsolver", {"order": 2}, final="sigma_min"),
+    "deis-3": Family(deis, "dpmsolver", {"order": 3}, final="sigma_min"),
+    "ipndm": Family(ipndm, "angle"),
+    "kdpm2": Family(kdpm2, "euler", karras_range="spaced"),
+    "kdpm2-ancestral": Family(kdpm2_ancestral, "euler", karras_range="spaced"),
+    "sa-solver": Family(sa_solver, "dpmsolver", final="sigma_min"),
+    "cosine-dpm": Family(cosine_dpm, "cosine"),
+    "dpm++sde": Family(dpmpp_sde, **{**_EULER, "flavor": "euler64"}),
 }
 
 SAMPLERS = tuple(FAMILIES)

@@ -126,6 +126,9 @@ class Sampler:
             (continuous schedules).
         steps_offset: added to "leading" timesteps.
         karras: Karras et al. noise levels (diffusers' ``use_karras_sigmas``).
+        exponential_sigmas, beta_sigmas, lu_lambdas: other noise-level grids instead of
+            the spacing (diffusers' ``use_exponential_sigmas``, ``use_beta_sigmas``,
+            ``use_lu_lambdas``; at most one of these and ``karras``).
         final_sigmas_type: "zero" or "sigma_min" (the default depends on the sampler, as
             in diffusers).
         prediction_type: what the model predicts: "epsilon", "v_prediction" or "sample".
@@ -158,7 +161,8 @@ class Sampler:
                  guidance_scale: float | None = None, time_sharing: TimeSharing | None = None,
                  generator=None, seeds=None, sigma_min: float | None = None,
                  sigma_max: float | None = None, lambda_min_clipped: float = -math.inf,
-                 diffusers_rule: bool = False, **options):
+                 diffusers_rule: bool = False, exponential_sigmas: bool = False,
+                 beta_sigmas: bool = False, lu_lambdas: bool = False, **options):
         args = {k: v for k, v in locals().items() if k in _INIT_ARGS}
         self._args = (args, dict(options))  # what to_dict and pickling rebuild it from
         fam = family(sampler)
@@ -188,9 +192,11 @@ class Sampler:
             self.schedule, steps, flavor=fam.flavor, timesteps=timesteps, spacing=spacing,
             steps_offset=steps_offset, karras=karras, final=final_sigmas_type or fam.final,
             karras_t=fam.karras_t, karras_range=fam.karras_range, sigma_min=sigma_min,
-            sigma_max=sigma_max, lambda_min_clipped=lambda_min_clipped, rule=diffusers_rule)
+            sigma_max=sigma_max, lambda_min_clipped=lambda_min_clipped, rule=diffusers_rule,
+            sigma_kind=_sigma_kind(exponential_sigmas, beta_sigmas, lu_lambdas))
         with np.errstate(all="ignore"):  # non-finite coefficients are refused in _finalize
             self.plan: Plan = fam.plan(self.grid, pred=prediction_type, clamp=self.clamp, **opts)
+        self.grid = self.plan.grid or self.grid
         self.guidance_scale = guidance_scale
         self.time_sharing = time_sharing
         self._seeds = None if seeds is None else _seed_list(seeds)
@@ -204,8 +210,10 @@ class Sampler:
     @classmethod
     def from_diffusers(cls, scheduler, steps: int | None = None, **overrides) -> "Sampler":
         """The fused equivalent of a diffusers scheduler instance (DDIM, DDPM, PNDM,
-        DPMSolverMultistep/Singlestep, UniPC, Euler, EulerAncestral, Heun, LMS), reading
-        its config; an option it cannot honour raises ValueError naming it."""
+        DPMSolverMultistep/Singlestep, UniPC, Euler, EulerAncestral, Heun, LMS, DEIS,
+        SASolver, KDPM2, KDPM2Ancestral, DPMSolverSDE, IPNDM, CosineDPMSolverMultistep;
+        ``fastdiff.samplers.from_diffusers.SUPPORTED``), reading its config; an option it
+        cannot honour raises ValueError naming it."""
         from .from_diffusers import sampler_args
         name, kwargs = sampler_args(scheduler, steps)
         kwargs.update(overrides)
@@ -495,7 +503,10 @@ class Sampler:
         coeffs = self._table(device, x.dtype)["coeffs"][k]
         if op.clamp and self.clamp.kind == "dynamic":
             coeffs = self._threshold(coeffs, x, model_out, model_out_cond)
-        z = self._noise(x, noise, generator) if op.noise else None
+        z = None
+        if op.noise:
+            z = self._noise(x, noise, generator) if op.brownian is None or noise is not None \
+                else self._brownian_noise(run, x, op, generator)
         store = run.store
         grad = torch.is_grad_enabled() and (
             run.grad or x.requires_grad or model_out.requires_grad or coeffs.requires_grad
@@ -676,6 +687,34 @@ class Sampler:
         g = generator if generator is not None else self.generator
         return randn(x.shape, g, x.device, x.dtype)
 
+    def _brownian_noise(self, run, x, op, generator):
+        """The standardised Brownian increment of this op (``fastdiff.samplers.brownian``).
+        The paths' seeds: the plan's own seed (one path for the batch), else one seed drawn
+        from each generator (a list, e.g. from ``seeds=``: one path per sample), else the
+        generators' initial seeds when the plan asks for them (diffusers' cosine DPM-Solver)."""
+        from .brownian import BrownianNoise
+        if run.brownian is None:
+            lo, hi, seed = self.plan.brownian
+            g = generator if generator is not None else self.generator
+            if seed == "generator":  # the generators' own seeds, as diffusers' cosine DPM-Solver
+                if g is None:
+                    seeds = int(torch.randint(0, 2 ** 63 - 1, ()))
+                else:
+                    seeds = [int(gi.initial_seed()) for gi in g] if isinstance(g, (list, tuple)) \
+                        else int(g.initial_seed())
+            elif seed is not None:
+                seeds = int(seed)
+            elif isinstance(g, (list, tuple)):
+                seeds = [int(torch.randint(0, 2 ** 63 - 1, (), generator=gi)) for gi in g]
+            else:
+                seeds = int(torch.randint(0, 2 ** 63 - 1, (), generator=g))
+            if self.grid.rows > 1 and not isinstance(seeds, list):
+                raise ValueError("Brownian-tree noise with per-sample timesteps needs one seed per sample "
+                                 "(seeds= or a list of generators)")
+            run.brownian = BrownianNoise(x, lo, hi, seeds)
+        sa, sb = op.brownian
+        return run.brownian(sa, sb).to(device=x.device, dtype=x.dtype)
+
     def _threshold(self, coeffs, x, m, mc):
         """Imagen dynamic thresholding: s = clamp(quantile(|x0|, ratio), 1, max) per sample,
         written into the coefficient columns (clamp limit and divisor), on the device."""
@@ -694,14 +733,22 @@ class Sampler:
         return c
 
 
+def _sigma_kind(exponential, beta, lu):
+    chosen = [k for k, on in (("exponential", exponential), ("beta", beta), ("lu", lu)) if on]
+    if len(chosen) > 1:
+        raise ValueError(f"choose at most one of exponential_sigmas, beta_sigmas, lu_lambdas; got {chosen}")
+    return chosen[0] if chosen else None
+
+
 _STEP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 class _Run:
     """The state of one sampling run: the index of the next model call, the named history
     tensors, which of them the run may overwrite, the folded next model input (with the
-    state it belongs to and that state's version counter), and whether autograd records."""
-    __slots__ = ("k", "store", "owned", "x_in", "grad")
+    state it belongs to and that state's version counter), whether autograd records, and
+    the Brownian paths of the run (made at its first noise draw)."""
+    __slots__ = ("k", "store", "owned", "x_in", "grad", "brownian")
 
     def __init__(self):
         self.k = 0
@@ -709,6 +756,7 @@ class _Run:
         self.owned = set()
         self.x_in = (None, None, None)
         self.grad = False
+        self.brownian = None
 
 
 def _span(t, nbytes):
@@ -733,7 +781,7 @@ _INIT_ARGS = ("sampler", "schedule", "steps", "timesteps", "spacing", "steps_off
               "final_sigmas_type", "prediction_type", "thresholding", "dynamic_thresholding_ratio",
               "sample_max_value", "clip_sample", "clip_sample_range", "guidance_scale",
               "time_sharing", "generator", "seeds", "sigma_min", "sigma_max", "lambda_min_clipped",
-              "diffusers_rule")
+              "diffusers_rule", "exponential_sigmas", "beta_sigmas", "lu_lambdas")
 
 
 def _init_defaults():
