@@ -21,6 +21,10 @@ the frequencies with inductor's exp, up to 1 ulp off eager torch.exp, so up to a
 
 With ``--device cuda`` the same comparison runs on the GPU (CUDA-event timing) and a
 ``triton`` column times fastdiff's Triton kernel next to its CUDA kernel.
+
+``--table-crossover`` instead times the op on integer t in [0, 1000) with the cached
+table (a row copy) and without it (sin/cos computed) for small batches: the batch size
+from which the table pays sets ``fastdiff.embedding.TABLE_MIN_ELEMENTS`` (B * dim).
 """
 from __future__ import annotations
 
@@ -162,6 +166,29 @@ def write_json(path: str, payload) -> None:
     atomic_write_text(json.dumps(payload, indent=2), path)
 
 
+CROSSOVER_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def table_crossover(dims=DIMS, batches=CROSSOVER_BATCHES, max_total_s: float = 0.3):
+    """Median us per raw-op call with and without the table, per (dim, B)."""
+    from fastdiff.embedding import TABLE_ROWS, embedding_frequencies
+
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    op = torch.ops.fastdiff.timestep_embedding
+    rows = []
+    for dim in dims:
+        freqs = embedding_frequencies(dim, 0.0)
+        table = op(torch.arange(TABLE_ROWS), freqs, None, dim, True, 1.0, 0.0, 0.0, False)
+        for B in batches:
+            t = torch.randint(0, TABLE_ROWS, (B,), generator=gen)
+            a = measure(lambda: op(t, freqs, None, dim, True, 1.0, 0.0, 0.0, False),
+                        max_total_s=max_total_s).us
+            b = measure(lambda: op(t, freqs, table, dim, True, 1.0, 0.0, 0.0, False),
+                        max_total_s=max_total_s).us
+            rows.append(dict(dim=dim, B=B, computed_us=a, table_us=b))
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help=f"B in {QUICK_BATCHES}, dim in {QUICK_DIMS}")
@@ -169,11 +196,20 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--table-crossover", action="store_true",
+                   help="time the integer-t table against computing, for small batches")
     args = p.parse_args(argv)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.table_crossover:
+        print(f"integer t, raw op, {torch.get_num_threads()} threads, median us per call")
+        print(f"{'dim':>6} {'B':>5} | {'computed':>9} {'table':>9} | {'saved us':>8}")
+        for r in table_crossover():
+            print(f"{r['dim']:>6} {r['B']:>5} | {r['computed_us']:>9.2f} {r['table_us']:>9.2f} | "
+                  f"{r['computed_us'] - r['table_us']:>8.2f}")
+        return 0
 
     import fastdiff
     batches, dims = (QUICK_BATCHES, QUICK_DIMS) if args.quick else (BATCHES, DIMS)

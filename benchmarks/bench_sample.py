@@ -41,6 +41,8 @@ SCHEDULERS = {
     "ddim": ("DDIMScheduler", {"clip_sample": False}),
     "euler": ("EulerDiscreteScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    # flow matching, the SD3 / Flux default (SD3's shift; no init_noise_sigma / scale_model_input)
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
 }
 
 
@@ -68,9 +70,10 @@ def diffusers_run(sched, steps, model, x_T):
     start = time.perf_counter()
     sched.set_timesteps(steps, device=x_T.device)
     setup = time.perf_counter() - start
-    x = x_T * sched.init_noise_sigma
+    x = x_T * getattr(sched, "init_noise_sigma", 1.0)
+    scale = getattr(sched, "scale_model_input", None)  # flow matching has none
     for t in sched.timesteps:
-        x = sched.step(model(sched.scale_model_input(x, t), t), t, x).prev_sample
+        x = sched.step(model(x if scale is None else scale(x, t), t), t, x).prev_sample
     return x, setup
 
 
@@ -156,7 +159,7 @@ def main(argv=None) -> int:
     print(f"fastdiff {fastdiff.__version__} | torch {torch.__version__} | diffusers {diffusers.__version__} | "
           f"device {device} | dtype {args.dtype} | shape {shape} | {args.steps} steps | "
           f"median of {args.repeats} (warm-up {args.warmup}) | backend {fastdiff.get_backend()}")
-    header = (f"{'sampler':<9} {'diffusers':>10} {'Sampler.step':>13} {'speed-up':>9} "
+    header = (f"{'sampler':<10} {'diffusers':>10} {'Sampler.step':>13} {'speed-up':>9} "
               f"{'fastdiff.sample':>16} {'speed-up':>9} {'fused MB/step':>14} "
               f"{'setup ms d/f':>14} {'max|diff|':>10}")
     print(header)
@@ -184,7 +187,7 @@ def main(argv=None) -> int:
                    "max_abs_diff": max((x_d.float() - x.float()).abs().max().item() for x in (x_f, x_s)),
                    "sample_scale": x_d.float().abs().max().item()}
             rows.append(row)
-            print(f"{name:<9} {row['diffusers_us_per_step']:>10.1f} {row['fastdiff_us_per_step']:>13.1f} "
+            print(f"{name:<10} {row['diffusers_us_per_step']:>10.1f} {row['fastdiff_us_per_step']:>13.1f} "
                   f"{row['speedup']:>8.2f}x {row['sample_us_per_step']:>16.1f} {row['sample_speedup']:>8.2f}x "
                   f"{nbytes / 1e6:>14.2f} {d_setup * 1e3:>6.2f}/{f_setup * 1e3:<7.2f} "
                   f"{row['max_abs_diff']:>10.2e}")

@@ -168,6 +168,71 @@ def _run_train(args) -> int:
     return 0
 
 
+def _add_fit_initial(sub):
+    p = sub.add_parser("fit-initial", help="train a SingDiffusion initial predictor (time-free "
+                       "UNet, MSE to E[x0 | c]); resumes if interrupted")
+    p.add_argument("--data", default="brightness",
+                   help="'brightness', 'digits', or a .pt file holding {'images': [N, C, H, W], "
+                        "'cond': labels [N] | vectors [N, D] | images [N, D, h, w]} (optional)")
+    p.add_argument("--steps", type=_COUNT, default=800)
+    p.add_argument("--batch-size", type=_POSITIVE_INT, default=128)
+    p.add_argument("--lr", type=_POSITIVE, default=1e-3)
+    p.add_argument("--ema-decay", type=_FRACTION, default=0.999)
+    p.add_argument("--p-uncond", type=_FRACTION, default=0.1, help="condition dropout (guidance)")
+    p.add_argument("--channels", type=_POSITIVE_INT, default=16, help="UNet base width")
+    p.add_argument("--seed", type=_SEED, default=0)
+    p.add_argument("--ckpt-every", type=_POSITIVE_INT, default=200)
+    p.add_argument("--threads", type=_POSITIVE_INT, default=None, help="torch.set_num_threads")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-resume", dest="resume", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--out", required=True,
+                   help="output folder (checkpoint, log, model.safetensors + model.json)")
+    p.set_defaults(run=_run_fit_initial)
+
+
+def _run_fit_initial(args) -> int:
+    import os
+
+    import torch
+
+    from . import singular
+    from .data import load_brightness, load_digits
+
+    _check_output_dir(args.out, "--out")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.data == "brightness":
+        images, cond = load_brightness("train")
+    elif args.data == "digits":
+        images, cond = load_digits("train")
+    elif args.data.endswith(".pt") and os.path.isfile(args.data):
+        d = torch.load(args.data, map_location="cpu", weights_only=True)
+        if not isinstance(d, dict) or not isinstance(d.get("images"), torch.Tensor):
+            raise ValueError(f"--data {args.data}: expected a dict with an 'images' tensor")
+        images, cond = d["images"], d.get("cond")
+    else:
+        raise ValueError(f"--data must be 'brightness', 'digits' or an existing .pt file, "
+                         f"got {args.data!r}")
+    kind = {}
+    if cond is not None and not cond.is_floating_point():
+        kind = {"num_classes": int(cond.max()) + 1}
+    elif cond is not None:
+        kind = {"cond_channels": int(cond.shape[1])}
+    torch.manual_seed(args.seed)
+    model = singular.InitialPredictor(images.shape[1], channels=args.channels, channel_mult=(1, 2),
+                                      num_res_blocks=1, attention_levels=(), mid_attention=False,
+                                      **kind)
+    data = images if cond is None else (images, cond)
+    singular.fit_initial_predictor(
+        model, data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        ema_decay=args.ema_decay, p_uncond=args.p_uncond, out_dir=args.out, resume=args.resume,
+        ckpt_every=args.ckpt_every, progress=args.progress, seed=args.seed, device=args.device,
+        extra_config={"command": "fastdiff " + " ".join(args.argv), "data": args.data})
+    print(json.dumps({"out": args.out}))
+    return 0
+
+
 # Shipped models `fastdiff sample --model` can draw from; any folder written by
 # `fastdiff train` / fastdiff.save_model works too.
 SAMPLE_MODELS = ("digits", "digits-baseline", "gaussian-mixture")
@@ -672,7 +737,7 @@ def _run_fd(args) -> int:
     return 0
 
 
-COMMANDS = [_add_info, _add_train, _add_sample, _add_lipschitz, _add_fd]
+COMMANDS = [_add_info, _add_train, _add_sample, _add_lipschitz, _add_fd, _add_fit_initial]
 
 # import name -> pip name, of what a command needs beyond torch (all in the default
 # install; checked before the work starts, so a broken environment fails in a second).
@@ -680,7 +745,7 @@ _PIP = {"sklearn": "scikit-learn", "matplotlib": "matplotlib", "safetensors": "s
 
 
 def _needs(args) -> list[str]:
-    if args.command == "train":
+    if args.command in ("train", "fit-initial"):
         return ["sklearn", "safetensors"]
     if args.command == "sample":
         return ["matplotlib", "safetensors"] + ([] if args.model == "gaussian-mixture" else ["sklearn"])

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from ._files import atomic_open
 
-__all__ = ["load_digits", "digits_dataset", "to_pixels", "save_grid", "DIGITS_MAX",
+__all__ = ["load_digits", "digits_dataset", "load_brightness", "BRIGHTNESS_CLASSES",
+           "to_pixels", "save_grid", "DIGITS_MAX",
            "SPLITS"]
 
 DIGITS_MAX = 16.0  # sklearn's digits are integer gray levels 0..16
@@ -101,3 +102,34 @@ def save_grid(x: torch.Tensor, path: str, *, nrow: int = 10, scale: int = 4) -> 
     with atomic_open(path, "wb") as f:
         plt.imsave(f, grid.numpy(), cmap="gray_r", vmin=0.0, vmax=1.0, format="png")
     return path
+
+
+BRIGHTNESS_CLASSES = tuple(f"digit {i}" for i in range(10)) + (
+    "inverted digits", "near-solid black", "near-solid white")
+
+
+def load_brightness(split: str = "train", *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A class-conditional set with the brightness extremes diffusion models miss.
+
+    Classes (13): 0..9 the digits of :func:`load_digits` (dark background, mean pixel
+    about -0.39), 10 the same digits inverted (``-x``, bright background, about +0.39),
+    11 near-solid black and 12 near-solid white images: a per-image level drawn
+    uniformly from [-1, -0.6] (resp. [0.6, 1]) plus per-pixel N(0, 0.03^2) noise,
+    clipped to [-1, 1]. The digits split is ``load_digits``'s; each solid class has half
+    as many images as the inverted class and is drawn from ``seed`` and the split, so
+    the set is the same on every machine.
+
+    Returns:
+        (images [N, 1, 8, 8] float32 in [-1, 1], labels [N] int64 in 0..12).
+    """
+    x, y = load_digits(split)
+    n = x.shape[0]
+    g = torch.Generator().manual_seed(seed * 3 + SPLITS.index(split))
+    m = n // 2
+    level = torch.rand(2, m, 1, 1, 1, generator=g) * 0.4 + 0.6
+    noise = torch.randn(2, m, 1, 8, 8, generator=g) * 0.03
+    black = (-level[0] + noise[0]).clamp(-1.0, 1.0)
+    white = (level[1] + noise[1]).clamp(-1.0, 1.0)
+    images = torch.cat([x, -x, black, white])
+    labels = torch.cat([y, torch.full((n,), 10), torch.full((m,), 11), torch.full((m,), 12)])
+    return images.contiguous(), labels

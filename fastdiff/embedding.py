@@ -8,13 +8,16 @@ It is differentiable in t (backward, forward-AD for ``torch.func.jvp``) and vmap
 from __future__ import annotations
 
 import math
+import numbers
+from collections import OrderedDict
 from functools import lru_cache
 
+import numpy as np
 import torch
 from torch import nn
 
 from . import _ops
-from .schedules import TimeSharing
+from .schedules import TimeSharing, _check_bool, _check_real
 
 __all__ = ["timestep_embedding", "SinusoidalEmbedding", "patch_time_embedding",
            "embedding_frequencies"]
@@ -22,6 +25,38 @@ __all__ = ["timestep_embedding", "SinusoidalEmbedding", "patch_time_embedding",
 # Integer timesteps below this are served from a cached table (a plain row copy);
 # others are computed. 1000 covers the usual DDPM training range.
 TABLE_ROWS = 1000
+# Calls with fewer than this many output elements (B * dim) compute their rows: the row
+# copy saves about 2.3e-4 us per element on one CPU core, so below this it saves under
+# ~2 us a call (under half of the call's fixed cost) while a table costs TABLE_ROWS rows
+# of memory (benchmarks/bench_embedding.py --table-crossover).
+TABLE_MIN_ELEMENTS = 8192
+# All cached tables together hold at most this many bytes (least recently used evicted
+# first); a single table larger than this is never built.
+TABLE_CACHE_BYTES = 64 * 2 ** 20
+
+
+def _check_dim(dim, where: str) -> int:
+    """dim as an int >= 1 (numpy integers accepted, bools refused)."""
+    if isinstance(dim, (bool, np.bool_)) or not isinstance(dim, numbers.Integral):
+        raise TypeError(f"{where}: dim must be a positive int, got {type(dim).__name__}")
+    if dim < 1:
+        raise ValueError(f"{where}: dim must be a positive int, got {dim!r}")
+    return int(dim)
+
+
+@lru_cache(maxsize=256, typed=True)  # typed: True and 1.0 are not the int 1 here
+def _check_options(where, dim, downscale_freq_shift, max_period, scale=1.0):
+    """Validated (dim, shift, max_period, scale) of the embedding's numeric options
+    (cached: the checks cost about a microsecond, as much as a small call)."""
+    dim = _check_dim(dim, where)
+    shift = _check_real(f"{where}: downscale_freq_shift", downscale_freq_shift)
+    mp = _check_real(f"{where}: max_period", max_period, positive=True)
+    scale = _check_real(f"{where}: scale", scale)
+    half = dim // 2
+    if half > 0 and half - shift == 0:
+        raise ValueError(f"{where}: dim // 2 ({half}) must differ from "
+                         f"downscale_freq_shift ({shift:g})")
+    return dim, shift, mp, scale
 
 
 def embedding_frequencies(dim: int, downscale_freq_shift: float = 1.0,
@@ -32,6 +67,11 @@ def embedding_frequencies(dim: int, downscale_freq_shift: float = 1.0,
     Computed by the same torch ops as ``diffusers.models.embeddings.get_timestep_embedding``
     so that the kernel's products ``t * freq`` round identically.
     """
+    dim, downscale_freq_shift, max_period, _ = _check_options(
+        "embedding_frequencies", dim, downscale_freq_shift, max_period)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"embedding_frequencies: dtype must be a floating torch.dtype, "
+                        f"got {dtype!r}")
     half = dim // 2
     exponent = -math.log(max_period) * torch.arange(0, half, dtype=torch.float32, device=device)
     exponent = exponent / (half - downscale_freq_shift)
@@ -44,18 +84,38 @@ def _cached_freqs(dim, shift, max_period, device, dtype):
     return embedding_frequencies(dim, shift, max_period, device, dtype)
 
 
-@torch.compiler.assume_constant_result
+@_ops.constant_result
 def _constant_freqs(dim, shift, max_period, device, dtype):
     # Under torch.compile the frequencies must still come from eager torch.exp: inductor's
     # exp differs by 1 ulp for some entries, which t ~ 1000 amplifies to ~1e-4.
     return _cached_freqs(dim, shift, max_period, device, dtype)
 
 
-@lru_cache(maxsize=64)
+_tables: OrderedDict = OrderedDict()
+_tables_bytes = 0
+
+
 def _cached_table(dim, flip, shift, scale, max_period, width, end, device, dtype):
+    """The [TABLE_ROWS, dim] embedding of t = 0, 1, ..., or None when it would exceed
+    TABLE_CACHE_BYTES; an LRU cache bounded by the bytes of all tables together."""
+    global _tables_bytes
+    key = (dim, flip, shift, scale, max_period, width, end, device, dtype)
+    table = _tables.get(key)
+    if table is not None:
+        _tables.move_to_end(key)
+        return table
+    nbytes = TABLE_ROWS * dim * torch.finfo(dtype).bits // 8
+    if nbytes > TABLE_CACHE_BYTES:
+        return None
+    while _tables and _tables_bytes + nbytes > TABLE_CACHE_BYTES:
+        _, old = _tables.popitem(last=False)
+        _tables_bytes -= old.numel() * old.element_size()
     freqs = _cached_freqs(dim, shift, max_period, device, dtype)
     t = torch.arange(TABLE_ROWS, device=device)
-    return _dispatch(t, freqs, None, dim, flip, scale, width, end, False)
+    table = _dispatch(t, freqs, None, dim, flip, scale, width, end, False)
+    _tables[key] = table
+    _tables_bytes += nbytes
+    return table
 
 
 def _dispatch(t, freqs, table, dim, flip, scale, width, end, derivative):
@@ -164,23 +224,22 @@ def timestep_embedding(t, dim: int, *, flip_sin_to_cos: bool = False,
         derivative is zero inside shared sub-intervals.
     """
     t = _check_t(t)
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"timestep_embedding: dim must be a positive int, got {dim!r}")
+    compiling = torch.compiler.is_compiling()
+    # Dynamo traces the checks themselves (it would warn that it ignores the cache).
+    check = _check_options.__wrapped__ if compiling else _check_options
+    dim, shift, mp, scale = check("timestep_embedding", dim, downscale_freq_shift, max_period,
+                                  scale)
+    flip = _check_bool("timestep_embedding: flip_sin_to_cos", flip_sin_to_cos)
     if sharing is not None and not isinstance(sharing, TimeSharing):
         raise TypeError(f"timestep_embedding: sharing must be a fastdiff.TimeSharing or None, "
                         f"got {type(sharing).__name__}")
-    half = dim // 2
-    if half > 0 and half - downscale_freq_shift == 0:
-        raise ValueError(f"timestep_embedding: dim // 2 ({half}) must differ from "
-                         f"downscale_freq_shift ({downscale_freq_shift})")
     width = float(sharing.width) if sharing is not None else 0.0
     end = float(sharing.t_tilde) if sharing is not None else 0.0
     out_dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
-    flip, shift, scale, mp = bool(flip_sin_to_cos), float(downscale_freq_shift), float(scale), float(max_period)
-    compiling = torch.compiler.is_compiling()
     freqs = (_constant_freqs if compiling else _cached_freqs)(dim, shift, mp, t.device, out_dtype)
     table = None
-    if not t.is_floating_point() and not compiling and not _ops.use_reference():
+    if (not t.is_floating_point() and t.shape[0] * dim >= TABLE_MIN_ELEMENTS and not compiling
+            and not _ops.use_reference()):
         table = _cached_table(dim, flip, shift, scale, mp, width, end, t.device, out_dtype)
     if compiling or (t.is_floating_point() and (t.requires_grad or _is_functorch_wrapped(t))):
         return _Embedding.apply(t, freqs, table, dim, flip, scale, width, end)
@@ -203,6 +262,12 @@ class SinusoidalEmbedding(nn.Module):
                  scale: float = 1.0, max_period: float = 10000.0,
                  sharing: TimeSharing | None = None):
         super().__init__()
+        dim, downscale_freq_shift, max_period, scale = _check_options(
+            "SinusoidalEmbedding", dim, downscale_freq_shift, max_period, scale)
+        flip_sin_to_cos = _check_bool("SinusoidalEmbedding: flip_sin_to_cos", flip_sin_to_cos)
+        if sharing is not None and not isinstance(sharing, TimeSharing):
+            raise TypeError(f"SinusoidalEmbedding: sharing must be a fastdiff.TimeSharing or "
+                            f"None, got {type(sharing).__name__}")
         self.num_channels = dim  # diffusers' Timesteps attribute name
         self.flip_sin_to_cos = flip_sin_to_cos
         self.downscale_freq_shift = downscale_freq_shift

@@ -21,7 +21,7 @@ from torch import nn
 
 __all__ = ["GaussianData", "GaussianMixture", "ClosedFormModel", "sliced_wasserstein"]
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
 
 
 def _scales(alpha, sigma, x):
@@ -197,9 +197,11 @@ class ClosedFormModel(nn.Module):
     """A closed-form data model as a network ``model(x, t) -> prediction``.
 
     t: the schedule's native time ([B] or a number: a timestep index for a discrete
-    schedule, t in [0, 1] for a continuous one); alpha_t, sigma_t come from ``schedule``.
-    ``prediction_type``: "epsilon", "v_prediction" (alpha eps - sigma x0) or "sample"
-    (x0). Has no parameters.
+    schedule, t in [0, 1] for a continuous one, s * T for a flow-matching one); alpha_t,
+    sigma_t come from ``schedule`` (any path x = alpha x0 + sigma eps: the formulas here
+    do not assume alpha^2 + sigma^2 = 1). ``prediction_type``: "epsilon",
+    "v_prediction" (alpha eps - sigma x0), "sample" (x0) or "flow_prediction" (the
+    velocity eps - x0). Has no parameters.
     """
 
     def __init__(self, data, schedule, prediction_type: str = "epsilon"):
@@ -223,6 +225,8 @@ class ClosedFormModel(nn.Module):
         x0 = self.data.x0(x, a, s)
         if self.prediction_type == "sample":
             return x0
+        if self.prediction_type == "flow_prediction":
+            return self.data.eps(x, a, s) - x0
         view = (-1,) + (1,) * (x.dim() - 1)
         return a.view(view) * self.data.eps(x, a, s) - s.view(view) * x0
 

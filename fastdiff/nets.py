@@ -45,14 +45,16 @@ def _zero(module: nn.Module) -> nn.Module:
 class ResBlock(nn.Module):
     """GN-SiLU-conv, + Linear(emb), GN-SiLU-dropout-conv(zero init), + skip.
 
-    ``forward(x [B, C_in, H, W], emb [B, E]) -> [B, C_out, H, W]``.
+    ``forward(x [B, C_in, H, W], emb [B, E] or None) -> [B, C_out, H, W]``; with
+    ``emb_dim=None`` the block has no embedding input (``emb`` must be None).
     """
 
-    def __init__(self, c_in: int, c_out: int, emb_dim: int, groups: int = 8, dropout: float = 0.0):
+    def __init__(self, c_in: int, c_out: int, emb_dim: int | None, groups: int = 8,
+                 dropout: float = 0.0):
         super().__init__()
         self.norm1 = _norm(c_in, groups)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, c_out)
+        self.emb = nn.Linear(emb_dim, c_out) if emb_dim else None
         self.norm2 = _norm(c_out, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _zero(nn.Conv2d(c_out, c_out, 3, padding=1))
@@ -60,7 +62,8 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb(F.silu(emb))[:, :, None, None]
+        if self.emb is not None:
+            h = h + self.emb(F.silu(emb))[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.skip(x) + h
 
@@ -109,6 +112,11 @@ class UNet(nn.Module):
             samplers; the forward pass itself does NOT apply it): a TimeSharing, its
             ``{"t_tilde", "n"}`` dict (as in ``config``), or None.
         sample_size: the training resolution (metadata).
+        time_embedding: False builds the net without a time path (no time embedding,
+            no time MLP; ResBlocks see only the class embedding, or nothing): the
+            time-free network of SingDiffusion's initial predictor
+            (:class:`fastdiff.singular.InitialPredictor`). ``t`` is then ignored (may
+            be None).
 
     ``forward``: x [B, C, H, W] (H, W divisible by 2**(levels-1)); t a number, a 0-d
     tensor, or [B] integer / floating timesteps in schedule units (0..T-1); class_labels
@@ -120,7 +128,8 @@ class UNet(nn.Module):
                  attention_levels: Sequence[int] = (1,), mid_attention: bool = True,
                  num_classes: int | None = None, heads: int = 4, groups: int = 8,
                  dropout: float = 0.0, prediction_type: str = "epsilon",
-                 time_sharing: TimeSharing | None = None, sample_size: int = 8):
+                 time_sharing: TimeSharing | None = None, sample_size: int = 8,
+                 time_embedding: bool = True):
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"UNet: prediction_type must be one of {PREDICTION_TYPES}, "
@@ -138,16 +147,21 @@ class UNet(nn.Module):
                            attention_levels=list(attention_levels), mid_attention=mid_attention,
                            num_classes=num_classes, heads=heads, groups=groups, dropout=dropout,
                            prediction_type=prediction_type, sample_size=sample_size)
+        if not time_embedding:  # only when off: the shipped models' configs stay as they are
+            self.config["time_embedding"] = False
         self.prediction_type = prediction_type
         self.time_sharing = time_sharing  # also recorded in self.config (see the setter)
         self.num_classes = num_classes
         self.sample_size = sample_size
         self.levels = len(channel_mult)
 
-        emb_dim = 4 * channels
-        self.time_proj = SinusoidalEmbedding(channels, flip_sin_to_cos=True, downscale_freq_shift=0.0)
-        self.time_mlp = nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(),
-                                      nn.Linear(emb_dim, emb_dim))
+        emb_dim = 4 * channels if time_embedding or num_classes else None
+        self.time_proj = self.time_mlp = None
+        if time_embedding:
+            self.time_proj = SinusoidalEmbedding(channels, flip_sin_to_cos=True,
+                                                 downscale_freq_shift=0.0)
+            self.time_mlp = nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(),
+                                          nn.Linear(emb_dim, emb_dim))
         self.class_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
 
         def block(ci, co):
@@ -226,14 +240,17 @@ class UNet(nn.Module):
         f = 2 ** (self.levels - 1)
         if x.shape[-1] % f or x.shape[-2] % f:
             raise ValueError(f"UNet: H and W must be divisible by {f}, got {tuple(x.shape[-2:])}")
-        emb = self.time_mlp(self.time_proj(self._time(t, B, x.device)).to(x.dtype))
+        emb = None
+        if self.time_mlp is not None:
+            emb = self.time_mlp(self.time_proj(self._time(t, B, x.device)).to(x.dtype))
         if self.class_emb is not None:
             if class_labels is None:
                 class_labels = torch.full((B,), self.num_classes, dtype=torch.long, device=x.device)
             elif class_labels.dim() != 1 or class_labels.shape[0] != B:
                 raise ValueError(f"UNet: class_labels must have shape [{B}], "
                                  f"got {tuple(class_labels.shape)}")
-            emb = emb + self.class_emb(class_labels)
+            c = self.class_emb(class_labels)
+            emb = c if emb is None else emb + c
         elif class_labels is not None:
             raise ValueError("UNet: class_labels given but the model is unconditional "
                              "(num_classes=None)")

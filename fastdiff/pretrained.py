@@ -22,6 +22,11 @@ ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 PRETRAINED = {
     "digits": "class-conditional 8x8 digits UNet trained with E-TSDM (t~=100, n=5, linear T=1000)",
     "digits-baseline": "the same UNet and recipe without time sharing",
+    "brightness": "class-conditional 8x8 UNet on fastdiff.data.load_brightness (digits, inverted "
+                  "digits, near-solid black / white), eps, SD's scaled_linear schedule "
+                  "(non-zero terminal SNR)",
+    "brightness-zsnr": "the same UNet and data, v-prediction on the zero-terminal-SNR rescale "
+                       "of that schedule",
 }
 
 
@@ -30,8 +35,9 @@ def pretrained(name: str = "digits", *, device: str | torch.device = "cpu"
     """Load an embedded model, or a saved one (the same as ``fastdiff.load_model``).
 
     Args:
-        name: "digits" (E-TSDM), "digits-baseline", or a folder written by
-            ``fastdiff.save_model`` / ``fastdiff train --out``.
+        name: "digits" (E-TSDM), "digits-baseline", the brightness benchmark's
+            "brightness" / "brightness-zsnr" (docs/singdiffusion.md), or a folder
+            written by ``fastdiff.save_model`` / ``fastdiff train --out``.
         device: where the weights go.
 
     Returns:

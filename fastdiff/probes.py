@@ -161,10 +161,10 @@ class LipschitzResult:
         if ax is None:
             import matplotlib.pyplot as plt
             ax = plt.gca()
-        fig = ax.figure
-        if getattr(fig, "get_layout_engine", None) and fig.get_layout_engine() is None \
-                and hasattr(fig, "set_layout_engine"):
+        fig = ax.figure.figure  # the root figure, also for an Axes in a SubFigure
+        if fig.get_layout_engine() is None:
             fig.set_layout_engine("constrained")
+        ax.autoscale(True, axis="y")  # an earlier call's zero floor fixed the limits
         order = torch.argsort(self.timesteps)
         t = self.timesteps[order].numpy()
         y = getattr(self, stat)[order]
@@ -190,6 +190,7 @@ class LipschitzResult:
             ax.set_yscale("symlog", linthresh=thresh, linscale=0.5)
             # a little room below 0, so zeros are not hidden by the axis line
             ax.set_ylim(bottom=-0.3 * thresh, top=None if pos.numel() else 10 * thresh)
+            # (top=None: autoscaled over every curve and band of ax)
             ylabel += f"\n(symlog: linear below {thresh:.0e}; exact zeros on the 0 line)"
         else:
             ax.set_yscale("log")

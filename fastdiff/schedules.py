@@ -36,10 +36,14 @@ class TimeSharing:
     n: int = 5
 
     def __post_init__(self):
-        if isinstance(self.n, bool) or not isinstance(self.n, int):
+        if isinstance(self.n, (bool, np.bool_)) or not isinstance(self.n, (int, np.integer)):
             raise TypeError(f"TimeSharing: n must be an int, got {type(self.n).__name__}")
-        if isinstance(self.t_tilde, bool) or not isinstance(self.t_tilde, (int, float)):
+        if isinstance(self.t_tilde, (bool, np.bool_)) or not isinstance(self.t_tilde, _REAL):
             raise TypeError(f"TimeSharing: t_tilde must be a number, got {type(self.t_tilde).__name__}")
+        # numpy scalars become Python ones (a numpy integer t_tilde stays discrete).
+        object.__setattr__(self, "n", int(self.n))
+        object.__setattr__(self, "t_tilde", int(self.t_tilde) if isinstance(
+            self.t_tilde, (int, np.integer)) else float(self.t_tilde))
         if not math.isfinite(self.t_tilde) or self.t_tilde <= 0:
             raise ValueError(f"TimeSharing: t_tilde must be a positive finite number, got {self.t_tilde}")
         if self.n < 1:
@@ -97,8 +101,10 @@ def share_tensor(t: torch.Tensor, width: float, end: float) -> torch.Tensor:
     if not t.is_floating_point():
         if t.is_complex() or t.dtype == torch.bool:
             raise TypeError(f"time sharing expects integer or floating timesteps, got {t.dtype}")
+        # Unshared t is returned as is: a round trip through float64 would change int64
+        # t above 2^53 (and overflow at INT64_MAX).
         td = t.double()
-        return torch.where(td < end, torch.floor(td / width) * width, td).to(t.dtype)
+        return torch.where(td < end, (torch.floor(td / width) * width).to(t.dtype), t)
     op = torch.float64 if t.dtype == torch.float64 else torch.float32
     tf = t.to(op)
     w = torch.tensor(width, dtype=op)
@@ -145,9 +151,10 @@ def _check_real(name, value, positive=False):
 
 
 def _check_bool(name, value):
-    if not isinstance(value, bool):
+    # Only real booleans: a truthy string such as "no" must not read as True.
+    if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
+    return bool(value)
 
 
 def _as_values(t, name):
@@ -441,6 +448,8 @@ class NoiseSchedule:
         at ``max_beta``; float64 formula stored as float32 like diffusers)."""
         T = _check_int("T", T, 1)
         mb = _check_real("max_beta", max_beta)
+        if not 0 < mb <= 1:
+            raise ValueError(f"max_beta must lie in (0, 1] (the cap on each beta), got {mb}")
         rescale = _check_bool("rescale_zero_terminal_snr", rescale_zero_terminal_snr)
         return cls._discrete("cosine", {"T": T, "max_beta": mb},
                              _diffusers_betas(T, 0.0, 0.0, "squaredcos_cap_v2", mb), rescale)
@@ -507,6 +516,26 @@ class NoiseSchedule:
         else:
             params = {"T": T, "beta_start": bs, "beta_end": be}
         return cls._discrete(kind, params, _diffusers_betas(T, bs, be, sched), rescale)
+
+    @classmethod
+    def flow(cls, T: int = 1000, **options):
+        """Flow matching / rectified flow, ``x_s = (1 - s) x0 + s eps`` (SD3, Flux), model
+        time ``s * T``: a :class:`fastdiff.schedule_families.FlowSchedule`. Options are
+        diffusers' FlowMatchEulerDiscreteScheduler config: ``shift``,
+        ``use_dynamic_shifting`` (then pass ``mu`` to the sampler), ``time_shift_type``,
+        ``base_shift``, ``max_shift``, ``base_image_seq_len``, ``max_image_seq_len``,
+        ``shift_terminal``, ``invert_sigmas``, ``sigma_spacing`` ("karras",
+        "exponential", "beta")."""
+        from .schedule_families import FlowSchedule
+        return FlowSchedule(T, **options)
+
+    @classmethod
+    def edm(cls, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+            sigma_schedule: str = "karras"):
+        """EDM's variance-exploding schedule (Karras et al. 2022), model time
+        ``0.25 log sigma``: a :class:`fastdiff.schedule_families.EDMSchedule`."""
+        from .schedule_families import EDMSchedule
+        return EDMSchedule(sigma_min, sigma_max, rho, sigma_schedule)
 
     @classmethod
     def vp_linear(cls, beta_0: float = 0.1, beta_1: float = 20.0) -> "NoiseSchedule":
@@ -628,6 +657,9 @@ class NoiseSchedule:
         if missing:
             raise ValueError(f"schedule dict is missing keys {sorted(missing)}")
         params = dict(d["params"])
+        if d["kind"] in ("flow", "edm"):
+            from .schedule_families import EDMSchedule, FlowSchedule
+            return (FlowSchedule if d["kind"] == "flow" else EDMSchedule).from_dict(d)
         if d["continuous"]:
             if d["kind"] == "vp_linear":
                 return cls.vp_linear(params["beta_0"], params["beta_1"])

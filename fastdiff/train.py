@@ -216,20 +216,20 @@ def _run_rng(device: torch.device, seed: int, rank: int, state: dict | None):
     draw from it inside the run (the DataLoader has its own generator): that is what
     makes k steps + resume equal N steps straight."""
     cuda = device.type == "cuda"
-    with torch.random.fork_rng(devices=[device] if cuda else []):
+    index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else 0
+    with torch.random.fork_rng(devices=[index] if cuda else []):
         if state is None:
             # a different stream from the caller's usual torch.manual_seed(seed) (model init)
             digest = hashlib.blake2b(f"fastdiff.train.rng:{seed}:{rank}".encode(), digest_size=8)
             s = int.from_bytes(digest.digest(), "little") >> 1
             torch.default_generator.manual_seed(s)
             if cuda:
-                torch.cuda.default_generators[device.index or 0].manual_seed(s)
+                torch.cuda.default_generators[index].manual_seed(s)
         else:
             torch.set_rng_state(state["torch"])
             if cuda and "cuda" in state:
                 cs = state["cuda"]  # older checkpoints stored every device's state
-                torch.cuda.set_rng_state(cs[device.index or 0] if isinstance(cs, list) else cs,
-                                         device)
+                torch.cuda.set_rng_state(cs[index] if isinstance(cs, list) else cs, index)
         yield
 
 
@@ -246,8 +246,8 @@ def train(model: nn.Module, data, schedule: NoiseSchedule, *, steps: int,
           prediction: str | None = None, time_sharing: TimeSharing | None = None,
           p_uncond: float = 0.1, out_dir: str | None = None, resume: bool = True,
           ckpt_every: int = 500, log_every: int = 1, progress: bool = True, seed: int = 0,
-          device: str | torch.device | None = None, extra_config: dict | None = None
-          ) -> nn.Module:
+          device: str | torch.device | None = None, extra_config: dict | None = None,
+          loss_fn=None) -> nn.Module:
     """Train ``model`` in place and return its EMA copy (eval mode).
 
     Args:
@@ -281,8 +281,14 @@ def train(model: nn.Module, data, schedule: NoiseSchedule, *, steps: int,
             state is left as it was), seeds from (seed, rank) and checkpoints.
         device: default: cuda:<LOCAL_RANK> when CUDA is available, else cpu.
         extra_config: JSON-safe dict merged into ``model.json`` (e.g. the command line).
+        loss_fn: ``loss_fn(model, x0, t, noise, cond) -> scalar`` instead of
+            :func:`diffusion_loss` (``t``, ``noise`` and the dropped-out ``cond`` are the
+            step's seeded draws, so resume stays exact); ``schedule`` may then be None
+            (``t`` is zeros). Its ``__name__`` is part of the resume check.
+            ``fastdiff.singular.fit_initial_predictor`` trains through this.
     """
-    _check_schedule(schedule)
+    if loss_fn is None or schedule is not None:
+        _check_schedule(schedule)
     _check_sharing(time_sharing)
     steps = _check_int("steps", steps, 0)
     batch_size = _check_int("batch_size", batch_size, 1)
@@ -340,6 +346,8 @@ def train(model: nn.Module, data, schedule: NoiseSchedule, *, steps: int,
                            weight_decay=weight_decay, grad_clip=grad_clip,
                            time_sharing=None if time_sharing is None
                            else [time_sharing.t_tilde, time_sharing.n])
+    if loss_fn is not None:
+        meta["loss"] = getattr(loss_fn, "__name__", type(loss_fn).__name__)
 
     start, rng_state = 0, None
     ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
@@ -402,7 +410,8 @@ def train(model: nn.Module, data, schedule: NoiseSchedule, *, steps: int,
             x0 = (item[0] if isinstance(item, (tuple, list)) else item).to(device)
             # Global draws, then this rank's rows: the DistributedSampler gives rank r the
             # global batch positions r, r + world, r + 2 * world, ...
-            t_g = torch.randint(0, schedule.T, (batch_size,), generator=gen)
+            t_g = (torch.randint(0, schedule.T, (batch_size,), generator=gen) if schedule is not None
+                   else torch.zeros(batch_size, dtype=torch.long))
             noise_g = torch.randn((batch_size,) + tuple(x0.shape[1:]), generator=gen)
             drop_g = torch.rand(batch_size, generator=gen) < p_uncond
             t = t_g[rank::world].to(device)
@@ -410,11 +419,14 @@ def train(model: nn.Module, data, schedule: NoiseSchedule, *, steps: int,
             cond = None
             if labeled:
                 y = item[1].to(device)
-                cond = torch.where(drop_g[rank::world].to(device), torch.full_like(y, null), y)
+                cond = _drop_cond(y, null, drop_g[rank::world].to(device))
             for g in opt.param_groups:
                 g["lr"] = lr * min(1.0, (step + 1) / warmup) if warmup > 0 else lr
-            loss = diffusion_loss(ddp, x0, schedule, prediction=prediction,
-                                  time_sharing=time_sharing, cond=cond, t=t, noise=noise)
+            if loss_fn is None:
+                loss = diffusion_loss(ddp, x0, schedule, prediction=prediction,
+                                      time_sharing=time_sharing, cond=cond, t=t, noise=noise)
+            else:
+                loss = loss_fn(ddp, x0, t, noise, cond)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip is not None:
@@ -454,6 +466,15 @@ def train(model: nn.Module, data, schedule: NoiseSchedule, *, steps: int,
                                     **_loss_summary(log_path, last_loss)},
                           **(extra_config or {})})
     return ema
+
+
+def _drop_cond(y: torch.Tensor, null, drop: torch.Tensor) -> torch.Tensor:
+    """Condition dropout: rows of ``y`` where ``drop`` is set become ``null``, a label
+    (int) or a tensor broadcastable to one row of ``y`` (e.g. a zero embedding / image)."""
+    if isinstance(null, torch.Tensor):
+        mask = drop.view((-1,) + (1,) * (y.dim() - 1))
+        return torch.where(mask, null.to(y.device, y.dtype), y)
+    return torch.where(drop, torch.full_like(y, null), y)
 
 
 def _loss_summary(log_path: str | None, last_loss: float) -> dict:

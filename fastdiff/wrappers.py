@@ -56,10 +56,10 @@ class ETSDM(nn.Module):
 
 def _shared(sharing: TimeSharing, t):
     if isinstance(t, torch.Tensor) and t.is_floating_point():
-        # f(t) = t + (f(t) - t).detach(): the value of f, the derivative of f (0 inside
-        # shared sub-intervals, 1 elsewhere) under autograd and forward-AD alike.
-        inside = (t < sharing.t_tilde).to(t.dtype)
-        return t * (1 - inside) + sharing(t.detach()) * inside
+        # The value of f, and f's derivative (0 inside shared sub-intervals, 1 elsewhere)
+        # under autograd and forward-AD alike; a select, not a blend, so that t = +-inf
+        # maps to +-inf as TimeSharing does (inf * 0 would be NaN).
+        return torch.where(sharing.is_shared(t), sharing(t.detach()), t)
     return sharing(t)
 
 

@@ -21,7 +21,7 @@ def test_test_dependencies_present():
     # The suite needs the [test] extra (as `make test` and CI install it); a missing
     # package is named here rather than as a collection error elsewhere.
     import importlib.util
-    for mod in ("triton", "diffusers", "scipy", "sklearn", "matplotlib"):
+    for mod in ("triton", "diffusers", "scipy", "sklearn", "matplotlib", "hypothesis"):
         assert importlib.util.find_spec(mod) is not None, (
             f"{mod} is missing: install the test extra (pip install -e '.[test]')")
     assert fastdiff.backends()["triton"]

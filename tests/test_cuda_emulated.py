@@ -29,8 +29,8 @@ from test_step_op import TOL, make_case  # noqa: E402
 needs_kernel = pytest.mark.usefixtures("compiled_kernels")
 CODES = harness.dtype_codes()
 DT = {torch.int64: "kI64", torch.int32: "kI32", torch.int16: "kI16", torch.int8: "kI8",
-      torch.uint8: "kU8", torch.float16: "kF16", torch.bfloat16: "kBF16", torch.float32: "kF32",
-      torch.float64: "kF64"}
+      torch.uint8: "kU8", torch.uint16: "kU16", torch.uint32: "kU32", torch.uint64: "kU64",
+      torch.float16: "kF16", torch.bfloat16: "kBF16", torch.float32: "kF32", torch.float64: "kF64"}
 GUARD = 67  # elements of NaN on each side of every output
 # (max grid x, max grid y, reverse thread order): the kernels' own grids, then grids
 # small enough that every grid-stride loop takes several trips.
@@ -212,8 +212,8 @@ def _times(dtype, B, gen):
 
 
 EMB_CASES = list(itertools.product(
-    [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.float16, torch.bfloat16,
-     torch.float32, torch.float64],
+    [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32,
+     torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64],
     [(1, 7, False), (37, 320, True), (300, 33, False)],   # (B, dim, flip)
 ))
 
@@ -238,6 +238,27 @@ def test_embedding_kernel(emu, gen, out_dtype, derivative, t_dtype, bdf):
     tol = dict(rtol=1e-12, atol=1e-12) if out_dtype == torch.float64 else dict(rtol=1e-5, atol=2e-6)
     torch.testing.assert_close(got, ref, **tol)
     assert torch.equal(got, cpu), "emulated CUDA differs from the C++ CPU kernel"
+
+
+@needs_kernel
+@pytest.mark.parametrize("t_dtype", [torch.int64, torch.uint64, torch.float32, torch.float64],
+                         ids=str)
+def test_embedding_kernel_large_arguments(emu, gen, t_dtype):
+    # t * freq far beyond the fast sin/cos range (csrc/kernels/embedding.h), up to the
+    # dtype's extremes: the device code takes the full range reduction, like the CPU.
+    mag = 10.0 ** (torch.rand(40, generator=gen, dtype=torch.float64) * 12 + 6)
+    if t_dtype.is_floating_point:
+        t = torch.cat([mag, torch.tensor([1e30, -1e20])]).to(t_dtype)
+    else:
+        t = torch.cat([mag.to(torch.int64), torch.tensor([2 ** 63 - 1])]).to(t_dtype)
+    out_dtype = torch.float64 if t_dtype == torch.float64 else torch.float32
+    freqs = torch.exp(-torch.arange(16, dtype=torch.float64) * (9.21 / 16)).to(out_dtype)
+    for derivative in ([False, True] if t_dtype.is_floating_point else [False]):
+        args = (t, freqs, None, 32, True, 1.5, 0.0, 0.0, derivative)
+        got = run_embedding(emu, *args)
+        atol = 1e-14 if out_dtype == torch.float64 else 1.5 * 3e-7
+        torch.testing.assert_close(got, embedding_ref(*args), atol=atol, rtol=0)
+        assert torch.equal(got, torch.ops.fastdiff.timestep_embedding(*args))
 
 
 # ---- mutation tests: the emulated runs above must catch real kernel bugs ----

@@ -502,6 +502,12 @@ def test_plot_overlays_with_legend_layout_and_visible_zeros(tmp_path, gen):
         bb = artist.get_window_extent(renderer)
         assert fb.x0 <= bb.x0 and bb.x1 <= fb.x1 and fb.y0 <= bb.y0 and bb.y1 <= fb.y1
 
+    # the other order: the larger curve added after the zero floor is set still fits
+    fig = Figure()
+    ax = etsdm.plot(ax=fig.add_subplot(), label="E-TSDM")
+    positive.plot(ax=ax, label="baseline")
+    assert ax.get_ylim()[1] >= positive.values.max() and ax.get_ylim()[0] < 0
+
     # ax=None: pyplot's current axes, so successive calls overlay as plt.plot does
     plt.figure()
     try:

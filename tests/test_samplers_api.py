@@ -11,6 +11,7 @@ import diffusers
 import fastdiff
 from fastdiff import SAMPLERS, Sampler, TimeSharing, sample
 from fastdiff.gaussian import GaussianData
+from fastdiff.samplers.registry import OWN_SCHEDULE, default_schedule, family
 from fastdiff.schedules import NoiseSchedule
 
 F64 = torch.float64
@@ -192,16 +193,28 @@ def test_continuous_schedule_spacings(spacing, gen):
 
 # -- the Sampler object -----------------------------------------------------------------------
 
+def _schedule_for(name, vp):
+    """The VP test schedule, or the flow / EDM one the sampler runs on."""
+    return vp if family(name).flavor not in OWN_SCHEDULE else default_schedule(name)
+
+
+def _model_for(g, schedule):
+    """The closed-form model; a velocity model on a flow schedule (epsilon is undefined at s = 1)."""
+    return g.as_model(schedule, "flow_prediction" if schedule.kind == "flow" else "epsilon")
+
+
 def test_step_api_equals_sample_and_restarts(schedule, gen):
     g = _gaussian(gen)
     model = g.as_model(schedule)
     x_T = torch.randn(2, 6, generator=gen, dtype=F64)
     for name in SAMPLERS:
-        s = Sampler(name, schedule, 6, generator=torch.Generator().manual_seed(1))
+        sch = _schedule_for(name, schedule)
+        model = _model_for(g, sch)
+        s = Sampler(name, sch, 6, generator=torch.Generator().manual_seed(1), prediction_type=model.prediction_type)
         first = _loop(s, model, x_T)
         s.generator = torch.Generator().manual_seed(1)
         again = _loop(s, model, x_T)  # reusable: restarted after the last step
-        ref = sample(model, x_T=x_T, schedule=schedule, sampler=name, steps=6, progress=False,
+        ref = sample(model, x_T=x_T, schedule=sch, sampler=name, steps=6, progress=False,
                      generator=torch.Generator().manual_seed(1))
         assert torch.equal(first, again) and torch.equal(first, ref), name
 
@@ -228,7 +241,9 @@ def test_donated_steps_update_in_place_and_equal_fresh_ones(schedule, gen):
     x_T = torch.randn(2, 6, generator=gen, dtype=F64)
     keep = x_T.clone()
     for name in SAMPLERS:
-        s = Sampler(name, schedule, 6)
+        sch = _schedule_for(name, schedule)
+        model = _model_for(g, sch)
+        s = Sampler(name, sch, 6, prediction_type=model.prediction_type)
         fresh = _loop(s, model, x_T, generator=torch.Generator().manual_seed(3))
         noise = torch.Generator().manual_seed(3)
         x, ptrs = s.init_noise(x_T), set()
@@ -299,9 +314,10 @@ def test_one_fused_call_per_model_call(schedule, gen, monkeypatch):
     for name in SAMPLERS:
         count.clear()
         calls = []
-        model = g.as_model(schedule)
-        sample(lambda x, t: calls.append(1) or model(x, t), (2, 6), schedule=schedule, sampler=name,
-               steps=6, progress=False)
+        sch = _schedule_for(name, schedule)
+        model = _model_for(g, sch)
+        sample(lambda x, t: calls.append(1) or model(x, t), (2, 6), schedule=sch, sampler=name,
+               steps=6, progress=False, prediction_type=model.prediction_type)
         assert len(count) == len(calls), name
 
 
@@ -418,8 +434,9 @@ def test_bad_arguments_raise_clear_errors(schedule, gen):
 
 
 @pytest.mark.parametrize("cls,config,key", [
-    ("DPMSolverMultistepScheduler", {"prediction_type": "flow_prediction", "use_flow_sigmas": True},
-     "prediction_type|use_flow_sigmas"),
+    ("DPMSolverMultistepScheduler", {"prediction_type": "flow_prediction", "use_flow_sigmas": True,
+                                     "use_karras_sigmas": True}, "use_karras_sigmas"),
+    ("DPMSolverMultistepScheduler", {"prediction_type": "flow_prediction"}, "prediction_type"),
     ("DDPMScheduler", {"variance_type": "learned_range"}, "variance_type"),
     ("EulerDiscreteScheduler", {"interpolation_type": "log_linear"}, "interpolation_type"),
     ("EulerDiscreteScheduler", {"timestep_type": "continuous"}, "timestep_type"),

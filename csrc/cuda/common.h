@@ -17,6 +17,9 @@ inline DType to_dtype(at::ScalarType s) {
     case at::kShort: return DType::kI16;
     case at::kChar: return DType::kI8;
     case at::kByte: return DType::kU8;
+    case at::kUInt16: return DType::kU16;
+    case at::kUInt32: return DType::kU32;
+    case at::kUInt64: return DType::kU64;
     case at::kHalf: return DType::kF16;
     case at::kBFloat16: return DType::kBF16;
     case at::kFloat: return DType::kF32;

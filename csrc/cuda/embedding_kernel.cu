@@ -49,15 +49,25 @@ __global__ void embedding_kernel(const T* __restrict__ t, const acc* __restrict_
     tv = to_float(t[b]);
   }
   if constexpr (kInt) {
-    const int64_t ti = static_cast<int64_t>(t[b]);
+    const int64_t ti = static_cast<int64_t>(t[b]);  // a uint64 t > INT64_MAX turns negative
     if (table != nullptr && !derivative && ti >= 0 && ti < rows) {
       row[L.sin_off + k] = table[ti * dim + L.sin_off + k];
       row[L.cos_off + k] = table[ti * dim + L.cos_off + k];
       return;
     }
   }
-  const map_t ts = round_to<T, map_t>(embedding::share<map_t>(tv, (map_t)width, (map_t)end));
-  const acc slope = (acc)embedding::share_slope<map_t>(tv, (map_t)end);
+  const bool shared = embedding::is_shared<map_t>(tv, (map_t)end);
+  // Unshared t converts straight to acc (like torch's .to(float32)): going through double
+  // would round int64 t twice, and back to T would overflow at INT64_MAX.
+  acc ts;
+  if constexpr (kInt) {
+    ts = shared ? (acc)round_to<T, map_t>(embedding::share<map_t>(tv, (map_t)width, (map_t)end))
+                : (acc)t[b];
+  } else {
+    ts = shared ? (acc)round_to<T, map_t>(embedding::share<map_t>(tv, (map_t)width, (map_t)end))
+                : (acc)tv;
+  }
+  const acc slope = shared ? acc(0) : acc(1);
   embedding::pair<acc>((acc)ts, slope, freqs[k], scale, derivative, row + L.sin_off + k,
                        row + L.cos_off + k);
 }
@@ -80,6 +90,9 @@ cudaError_t launch_typed(const void* t, DType tt, const acc* freqs, const acc* t
     case DType::kI16: FASTDIFF_LAUNCH(int16_t); break;
     case DType::kI8: FASTDIFF_LAUNCH(int8_t); break;
     case DType::kU8: FASTDIFF_LAUNCH(uint8_t); break;
+    case DType::kU16: FASTDIFF_LAUNCH(uint16_t); break;
+    case DType::kU32: FASTDIFF_LAUNCH(uint32_t); break;
+    case DType::kU64: FASTDIFF_LAUNCH(uint64_t); break;
     case DType::kF16: FASTDIFF_LAUNCH(__half); break;
     case DType::kBF16: FASTDIFF_LAUNCH(__nv_bfloat16); break;
     case DType::kF32: FASTDIFF_LAUNCH(float); break;

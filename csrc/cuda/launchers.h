@@ -10,7 +10,7 @@
 namespace fastdiff {
 namespace cuda {
 
-enum class DType : int { kI64, kI32, kI16, kI8, kU8, kF16, kBF16, kF32, kF64 };
+enum class DType : int { kI64, kI32, kI16, kI8, kU8, kU16, kU32, kU64, kF16, kBF16, kF32, kF64 };
 
 // fastdiff::timestep_embedding. t: [B] of t_type; freqs: [dim/2] and out: [B, dim] of
 // out_type (kF32 or kF64); table: [rows, dim] of out_type or null.

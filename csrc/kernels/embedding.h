@@ -13,21 +13,30 @@ namespace embedding {
 // E-TSDM sharing map f(t) (docs/etsdm.md): left end of t's sub-interval of
 // [0, end); identity at and beyond end, and when sharing is off (end <= 0).
 template <typename acc>
+FASTDIFF_HOST_DEVICE bool is_shared(acc t, acc end) {
+  return end > acc(0) && t < end;
+}
+
+template <typename acc>
 FASTDIFF_HOST_DEVICE acc share(acc t, acc width, acc end) {
-  return (end > acc(0) && t < end) ? floor(t / width) * width : t;
+  return is_shared(t, end) ? floor(t / width) * width : t;
 }
 
 // d f / d t: 0 inside shared sub-intervals, 1 elsewhere.
 template <typename acc>
 FASTDIFF_HOST_DEVICE acc share_slope(acc t, acc end) {
-  return (end > acc(0) && t < end) ? acc(0) : acc(1);
+  return is_shared(t, end) ? acc(0) : acc(1);
 }
 
-// sin and cos of one float32 argument, sharing one range reduction. Branch-free so that
-// the compiler vectorizes the CPU loop; about 1 ulp on [-1e6, 1e6]. The reduction
-// x - j * pi/2 is done in double (j * PIO2_HI is exact) to stay accurate for the large
-// arguments timestep embeddings see (t * freq up to ~1e3 or more).
-FASTDIFF_HOST_DEVICE void sincos_f32(float x, float* s_out, float* c_out) {
+// Below this |x| the fast range reduction of sincos_f32_fast is exact to well under an
+// ulp: j = round(x * 2/pi) stays below 2^20, so j * kPio2Hi (33 bits) is exact.
+constexpr float kFastSincosMax = 1048576.0f;  // 2^20
+
+// sin and cos of one float32 argument |x| < kFastSincosMax, sharing one range reduction.
+// Branch-free so that the compiler vectorizes the CPU loop; about 1 ulp. The reduction
+// x - j * pi/2 is done in double to stay accurate for the large arguments timestep
+// embeddings see (t * freq up to ~1e3 or more).
+FASTDIFF_HOST_DEVICE void sincos_f32_fast(float x, float* s_out, float* c_out) {
   const double xd = (double)x;
   const double kShift = 6755399441055744.0;  // 1.5 * 2^52: adding it rounds to integer
   const double jd = (xd * 0.63661977236758134308 + kShift) - kShift;
@@ -45,7 +54,26 @@ FASTDIFF_HOST_DEVICE void sincos_f32(float x, float* s_out, float* c_out) {
   *c_out = ((q + 1) & 2) ? -c0 : c0;
 }
 
-FASTDIFF_HOST_DEVICE void sincos_acc(float x, float* s, float* c) { sincos_f32(x, s, c); }
+// sin and cos of any float32: large, infinite and NaN arguments go to the double libm
+// (a full range reduction on host and device; a float is exact in double, so the
+// result is the correctly reduced value rounded once), as torch.sin / torch.cos give.
+FASTDIFF_HOST_DEVICE void sincos_f32(float x, float* s_out, float* c_out) {
+  if (fabsf(x) < kFastSincosMax) {
+    sincos_f32_fast(x, s_out, c_out);
+  } else {
+    const double xd = (double)x;
+    *s_out = (float)sin(xd);
+    *c_out = (float)cos(xd);
+  }
+}
+
+// kFast: the caller guarantees |x| < kFastSincosMax (the vectorizable CPU path).
+template <bool kFast>
+FASTDIFF_HOST_DEVICE void sincos_acc(float x, float* s, float* c) {
+  if (kFast) sincos_f32_fast(x, s, c);
+  else sincos_f32(x, s, c);
+}
+template <bool kFast>
 FASTDIFF_HOST_DEVICE void sincos_acc(double x, double* s, double* c) {
   *s = sin(x);
   *c = cos(x);
@@ -54,12 +82,13 @@ FASTDIFF_HOST_DEVICE void sincos_acc(double x, double* s, double* c) {
 // One frequency k of one row: writes the sin column and the cos column.
 // value mode:      sin(a), cos(a)                       with a = scale * (ts * freq)
 // derivative mode: cos(a) * kf, -sin(a) * kf            with kf = scale * freq * slope
-template <typename acc>
+// kFast: |a| < kFastSincosMax is known (see sincos_acc).
+template <typename acc, bool kFast = false>
 FASTDIFF_HOST_DEVICE void pair(acc ts, acc slope, acc freq, acc scale, bool derivative,
                                acc* sin_col, acc* cos_col) {
   const acc a = scale * (ts * freq);
   acc s, c;
-  sincos_acc(a, &s, &c);
+  sincos_acc<kFast>(a, &s, &c);
   if (derivative) {
     const acc kf = (scale * freq) * slope;
     *sin_col = c * kf;

@@ -21,9 +21,30 @@ import torch
 from .._ops import STEP_HEAD
 from ..step import StepCoeffs
 
-__all__ = ["Op", "Call", "Plan", "Clamp", "Coeffs", "convert", "Terms", "PREDICTIONS"]
+__all__ = ["Op", "Call", "Plan", "Clamp", "Coeffs", "convert", "Terms", "PREDICTIONS", "EDMPrecond"]
 
-PREDICTIONS = ("epsilon", "v_prediction", "sample")
+PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow_prediction")
+
+
+@dataclass(frozen=True)
+class EDMPrecond:
+    """EDM's preconditioned network (Karras et al. 2022) as a prediction type: the data
+    estimate is ``x0 = c_skip x_ve + c_out F`` with x_ve = x / alpha the variance-exploding
+    sample at level sk = sigma / alpha, ``c_skip = sd^2 / (sk^2 + sd^2)`` and
+    ``c_out = +-sk sd / sqrt(sk^2 + sd^2)`` (sign -1 for diffusers' "v_prediction"),
+    sd = ``sigma_data``. ``kind``: "epsilon" or "v_prediction" (diffusers' names).
+    ``sigma_min`` > 0: consistency models' boundary condition, sk - sigma_min in place of
+    sk in c_skip's denominator and c_out's numerator (x0 = x at sk = sigma_min)."""
+    kind: str = "epsilon"
+    sigma_data: float = 0.5
+    sigma_min: float = 0.0
+
+    def __post_init__(self):
+        if self.kind not in ("epsilon", "v_prediction"):
+            raise ValueError(f"EDM preconditioning supports prediction_type 'epsilon' or 'v_prediction', "
+                             f"got {self.kind!r}")
+        if not self.sigma_data > 0:
+            raise ValueError(f"sigma_data must be > 0, got {self.sigma_data}")
 
 
 class Clamp(NamedTuple):
@@ -114,10 +135,24 @@ class Plan:
     grid: object = None
 
 
-def data_eps(pred: str, a, s):
-    """Coefficients of the data and noise estimates from a model output m at a VP point
-    (alpha a, sigma s): ``x0 = px x + pm m``, ``eps = ex x + em m``."""
+def data_eps(pred, a, s):
+    """Coefficients of the data and noise estimates from a model output m at a point
+    x = a x0 + s eps (VP, flow or VE): ``x0 = px x + pm m``, ``eps = ex x + em m``.
+
+    "flow_prediction" is the velocity v = eps - x0 (rectified flow, diffusers' name);
+    then x0 = (x - s v) / (a + s), eps = (x + a v) / (a + s), i.e. x - s v and x + a v on
+    the flow path a = 1 - s. An :class:`EDMPrecond` reads the preconditioned output."""
     with np.errstate(divide="ignore", invalid="ignore"):
+        if isinstance(pred, EDMPrecond):
+            sk, sd = s / a, pred.sigma_data
+            off = sk - pred.sigma_min
+            c_skip = sd * sd / (off * off + sd * sd)
+            c_out = (1.0 if pred.kind == "epsilon" else -1.0) * off * sd / np.sqrt(sk * sk + sd * sd)
+            px, pm = c_skip / a, c_out + 0.0 * a
+            return (px, pm), ((1.0 - a * px) / s, -a * pm / s)
+        if pred == "flow_prediction":
+            n = a + s
+            return (1.0 / n, -s / n), (1.0 / n, a / n)
         if pred == "epsilon":
             return (1.0 / a, -s / a), (0.0 * a, 1.0 + 0.0 * a)
         if pred == "v_prediction":

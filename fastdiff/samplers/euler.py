@@ -13,10 +13,23 @@ import numbers
 
 import numpy as np
 
-from .core import Call, Coeffs, Op, Plan, Terms, convert
-from .grid import Grid
+from .core import Call, Coeffs, Op, Plan, Terms, convert, data_eps
+from .grid import Grid, _from_sk
 
-__all__ = ["euler", "euler_ancestral", "heun", "init_scale"]
+__all__ = ["euler", "euler_ancestral", "heun", "init_scale", "churn"]
+
+
+def churn(sk, n: int, s_churn: float, s_tmin: float, s_tmax: float, clamp=None):
+    """EDM's stochastic churn (Karras et al. 2022, diffusers' Euler ``step``): gamma =
+    min(s_churn / n, sqrt(2) - 1) where s_tmin <= sk <= s_tmax, else 0, n the number of
+    steps; returns (gamma [R], sk_hat = sk (1 + gamma) [R])."""
+    if not (s_churn >= 0 and s_tmin <= s_tmax):
+        raise ValueError(f"need s_churn >= 0 and s_tmin <= s_tmax, got {s_churn}, {s_tmin}, {s_tmax}")
+    if s_churn > 0 and clamp is not None:
+        raise ValueError("s_churn cannot be combined with clipping / thresholding (the data estimate "
+                         "would be taken from the state before the churn noise)")
+    gamma = np.where((s_tmin <= sk) & (sk <= s_tmax), min(s_churn / n, math.sqrt(2) - 1), 0.0)
+    return gamma, sk * (gamma + 1)
 
 
 def init_scale(grid: Grid, init_noise_sigma=None):
@@ -45,14 +58,31 @@ def derivative(c, grid: Grid, i: int, pred, clamp) -> bool:
     return convert(c, pred, a, s, scale=a, x=1.0 / sk, x0=-1.0 / sk, clamp=clamp)
 
 
-def euler(grid: Grid, *, pred, clamp, init_noise_sigma=None) -> Plan:
-    """Euler's method: z' = z + (sk' - sk) d."""
+def euler(grid: Grid, *, pred, clamp, init_noise_sigma=None, s_churn: float = 0.0, s_tmin: float = 0.0,
+          s_tmax: float = math.inf, s_noise: float = 1.0) -> Plan:
+    """Euler's method: z' = z + (sk' - sk) d.
+
+    With EDM's churn (``s_churn`` > 0, steps with s_tmin <= sk <= s_tmax), diffusers'
+    order: the state is noised up to sk_hat, z_hat = z + s_noise sqrt(sk_hat^2 - sk^2) n,
+    the model output read at sk_hat (epsilon) or sk (v, sample: diffusers' formulas),
+    and z' = z_hat + (sk' - sk_hat) d(z_hat); one fused call, the noise folded in linearly.
+    """
     sk, calls = grid.sk, []
     for i in range(grid.n):
+        gamma, sh = churn(sk[:, i], grid.n, s_churn, s_tmin, s_tmax, clamp)
         c = Coeffs(grid.rows, 1)
-        clamped = derivative(c, grid, i, pred, clamp)
-        c.out(0, x=1.0, d=sk[:, i + 1] - sk[:, i])
-        calls.append(Call(grid.t[:, i], Op(c, clamp=clamped), c_in=grid.alpha[:, i]))
+        if not (gamma > 0).any():
+            clamped = derivative(c, grid, i, pred, clamp)
+            c.out(0, x=1.0, d=sk[:, i + 1] - sk[:, i])
+            calls.append(Call(grid.t[:, i], Op(c, clamp=clamped), c_in=grid.alpha[:, i]))
+            continue
+        a, s = _from_sk(sh) if pred == "epsilon" else (grid.alpha[:, i], grid.sigma[:, i])
+        clamped = convert(c, pred, a, s, scale=a, x=1.0 / sh, x0=-1.0 / sh, clamp=clamp)
+        (px, _), _ = data_eps(pred, a, s)
+        dt = sk[:, i + 1] - sh
+        up = s_noise * np.sqrt(sh ** 2 - sk[:, i] ** 2)
+        c.out(0, x=1.0, d=dt, noise=up * (1.0 + dt * (1.0 - px * a) / sh))
+        calls.append(Call(grid.t[:, i], Op(c, noise=True, clamp=clamped), c_in=grid.alpha[:, i]))
     return Plan(calls, init_scale(grid, init_noise_sigma), sigma_space=True)
 
 

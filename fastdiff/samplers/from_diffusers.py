@@ -12,7 +12,7 @@ import math
 
 from ..schedules import NoiseSchedule
 
-__all__ = ["sampler_args", "SUPPORTED"]
+__all__ = ["sampler_args", "SUPPORTED", "DIFFUSERS_CLASSES", "DIFFUSERS_OPTIONS"]
 
 _SCHEDULE_KEYS = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                   "rescale_betas_zero_snr"}
@@ -33,7 +33,7 @@ def _bad(cls, key, value, why=""):
 def _prediction(cls, cfg):
     p = cfg.get("prediction_type", "epsilon")
     p = {"original_sample": "sample"}.get(p, p)
-    if p not in ("epsilon", "v_prediction", "sample"):
+    if p not in ("epsilon", "v_prediction", "sample", "flow_prediction"):
         raise _bad(cls, "prediction_type", p)
     return p
 
@@ -77,8 +77,6 @@ def _pndm(cls, cfg, steps):
 
 
 def _dpm_common(cls, cfg):
-    if cfg.get("prediction_type") == "flow_prediction":
-        raise _bad(cls, "prediction_type", "flow_prediction")
     vt = cfg.get("variance_type")
     if vt not in (None, "learned", "learned_range"):
         raise _bad(cls, "variance_type", vt)
@@ -91,7 +89,9 @@ def _dpm_common(cls, cfg):
     kw["algorithm"] = {"deis": "dpmsolver++"}.get(algorithm, algorithm)
     if kw["solver_type"] in ("logrho", "bh1", "bh2"):
         kw["solver_type"] = "midpoint"  # what diffusers' __init__ registers for these
-    return kw, {"use_karras_sigmas", "final_sigmas_type", "lambda_min_clipped", "solver_order",
+    flow_kw, flow_used = _flow_sigmas(cls, cfg)
+    kw.update(flow_kw)
+    return kw, flow_used | {"use_karras_sigmas", "final_sigmas_type", "lambda_min_clipped", "solver_order",
                 "solver_type", "lower_order_final", "algorithm_type", "variance_type", *_THRESHOLD_KEYS}
 
 
@@ -116,8 +116,7 @@ def _dpm_singlestep(cls, cfg, steps):
 
 
 def _unipc(cls, cfg, steps):
-    if cfg.get("prediction_type") == "flow_prediction":
-        raise _bad(cls, "prediction_type", "flow_prediction")
+    flow_kw, flow_used = _flow_sigmas(cls, cfg, shift_terminal=True)
     karras = bool(cfg.get("use_karras_sigmas", False))
     final = cfg.get("final_sigmas_type", "zero")
     if karras and final == "sigma_min":
@@ -130,8 +129,9 @@ def _unipc(cls, cfg, steps):
               lower_order_final=cfg.get("lower_order_final", True),
               predict_x0=cfg.get("predict_x0", True),
               disable_corrector=tuple(cfg.get("disable_corrector", ()) or ()),
-              sigma_min=cfg.get("sigma_min"), sigma_max=cfg.get("sigma_max"), **_thresholds(cls, cfg))
-    return "unipc", kw, {"timestep_spacing", "steps_offset", "use_karras_sigmas", "final_sigmas_type",
+              sigma_min=cfg.get("sigma_min"), sigma_max=cfg.get("sigma_max"), **_thresholds(cls, cfg),
+              **flow_kw)
+    return "unipc", kw, flow_used | {"timestep_spacing", "steps_offset", "use_karras_sigmas", "final_sigmas_type",
                          "solver_order", "solver_type", "lower_order_final", "predict_x0",
                          "disable_corrector", "sigma_min", "sigma_max", *_THRESHOLD_KEYS}
 
@@ -308,6 +308,170 @@ _REFUSED = {
 }
 
 
+# -- flow matching, EDM, consistency models, inversion, parallel -----------------------------
+
+def _flow_sigmas(cls, cfg, shift_terminal=False):
+    """DPM-Solver / UniPC ``use_flow_sigmas``: their flow grid on a flow schedule."""
+    if not cfg.get("use_flow_sigmas", False):
+        if _prediction(cls, cfg) == "flow_prediction":
+            raise _bad(cls, "prediction_type", "flow_prediction", "needs use_flow_sigmas=True")
+        return {}, set()
+    for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas"):
+        if cfg.get(key, False):
+            raise _bad(cls, key, True, "not combined with use_flow_sigmas")
+    if cfg.get("shift_terminal") and not shift_terminal:
+        raise _bad(cls, "shift_terminal", cfg["shift_terminal"])
+    sched = NoiseSchedule.flow(cfg.get("num_train_timesteps", 1000), shift=cfg.get("flow_shift", 1.0),
+                               use_dynamic_shifting=cfg.get("use_dynamic_shifting", False),
+                               time_shift_type=cfg.get("time_shift_type", "exponential"),
+                               shift_terminal=cfg.get("shift_terminal"))
+    return {"schedule": sched}, {"use_flow_sigmas", "flow_shift", "use_dynamic_shifting", "time_shift_type",
+                                 "shift_terminal"}
+
+
+_FLOW_KEYS = ("shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
+              "max_image_seq_len", "invert_sigmas", "shift_terminal", "time_shift_type")
+
+
+def _flow_match(name):
+    def read(cls, cfg, steps):
+        spacing = [k for k in ("karras", "exponential", "beta") if cfg.get(f"use_{k}_sigmas", False)]
+        opts = {k: cfg[k] for k in _FLOW_KEYS if k in cfg}
+        kw = dict(schedule=NoiseSchedule.flow(cfg.get("num_train_timesteps", 1000),
+                                              sigma_spacing=spacing[0] if spacing else None, **opts),
+                  prediction_type="flow_prediction")
+        if cfg.get("stochastic_sampling", False):
+            kw["stochastic_sampling"] = True
+        return name, kw, {*_FLOW_KEYS, "stochastic_sampling", "use_karras_sigmas", "use_exponential_sigmas",
+                          "use_beta_sigmas"}
+    return read
+
+
+def _edm(name):
+    def read(cls, cfg, steps):
+        kw = dict(schedule=NoiseSchedule.edm(cfg.get("sigma_min", 0.002), cfg.get("sigma_max", 80.0),
+                                             cfg.get("rho", 7.0), cfg.get("sigma_schedule", "karras")),
+                  sigma_data=cfg.get("sigma_data", 0.5), final_sigmas_type=cfg.get("final_sigmas_type", "zero"))
+        used = {"sigma_min", "sigma_max", "rho", "sigma_schedule", "sigma_data", "final_sigmas_type"}
+        if _prediction(cls, cfg) not in ("epsilon", "v_prediction"):
+            raise _bad(cls, "prediction_type", cfg.get("prediction_type"), "EDM preconditioning has "
+                       "epsilon and v_prediction forms only")
+        if name == "edm-dpm++2m":
+            kw.update(order=cfg.get("solver_order", 2), lower_order_final=cfg.get("lower_order_final", True),
+                      euler_at_final=cfg.get("euler_at_final", False), **_thresholds(cls, cfg))
+            st = cfg.get("solver_type", "midpoint")
+            kw["solver_type"] = "midpoint" if st in ("logrho", "bh1", "bh2") else st
+            algorithm = {"deis": "dpmsolver++"}.get(cfg.get("algorithm_type", "dpmsolver++"),
+                                                   cfg.get("algorithm_type", "dpmsolver++"))
+            if algorithm == "sde-dpmsolver++":
+                name_ = "edm-dpm++sde-2m"
+            elif algorithm == "dpmsolver++":
+                name_ = name
+            else:
+                raise _bad(cls, "algorithm_type", algorithm)
+            used |= {"solver_order", "lower_order_final", "euler_at_final", "solver_type", "algorithm_type",
+                     *_THRESHOLD_KEYS}
+            return name_, kw, used
+        return name, kw, used
+    return read
+
+
+def _cm(cls, cfg, steps):
+    from ..schedule_families import EDMSchedule
+    kw = dict(schedule=EDMSchedule(cfg.get("sigma_min", 0.002), cfg.get("sigma_max", 80.0), cfg.get("rho", 7.0),
+                                   "karras", T=cfg.get("num_train_timesteps", 40), time_scale=250.0),
+              sigma_data=cfg.get("sigma_data", 0.5), s_noise=cfg.get("s_noise", 1.0), prediction_type="epsilon")
+    if cfg.get("clip_denoised", True):
+        kw.update(clip_sample=True, clip_sample_range=1.0)
+    return "cm", kw, {"sigma_min", "sigma_max", "rho", "sigma_data", "s_noise", "clip_denoised"}
+
+
+def _lcm(name):
+    def read(cls, cfg, steps):
+        kw = dict(original_inference_steps=cfg.get("original_inference_steps", 50))
+        used = {"original_inference_steps", "set_alpha_to_one", "timestep_spacing", "steps_offset"}
+        if name == "lcm":  # TCD's step does not clamp: those keys then must keep their defaults
+            kw.update(timestep_scaling=cfg.get("timestep_scaling", 10.0), **_thresholds(cls, cfg))
+            used |= {"timestep_scaling", "clip_sample", "clip_sample_range", *_THRESHOLD_KEYS}
+        return name, kw, used  # (set_alpha_to_one, spacing: unused by their set_timesteps / step)
+    return read
+
+
+def _ddim_inverse(cls, cfg, steps):
+    kw = dict(spacing=cfg.get("timestep_spacing", "leading"), steps_offset=cfg.get("steps_offset", 0),
+              final_sigmas_type="zero" if cfg.get("set_alpha_to_one", True) else "sigma_min",
+              **_thresholds(cls, cfg, clip_default=True))
+    return "ddim-inverse", kw, {"timestep_spacing", "steps_offset", "set_alpha_to_one", "clip_sample",
+                                "clip_sample_range"}
+
+
+def _dpm_inverse(cls, cfg, steps):
+    for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas"):
+        if cfg.get(key, False):
+            raise _bad(cls, key, True, "inversion runs on the spaced timesteps only")
+    if cfg.get("lambda_min_clipped", -math.inf) != -math.inf:
+        raise _bad(cls, "lambda_min_clipped", cfg["lambda_min_clipped"])
+    kw, used = _dpm_common(cls, cfg)
+    del kw["final_sigmas_type"], kw["lambda_min_clipped"], kw["karras"]
+    kw.update(spacing=cfg.get("timestep_spacing", "linspace"), steps_offset=cfg.get("steps_offset", 0),
+              euler_at_final=cfg.get("euler_at_final", False))
+    name = {"dpmsolver++": "dpm++2m-inverse", "dpmsolver": "dpm-solver-inverse"}.get(kw["algorithm"])
+    if name is None:
+        raise _bad(cls, "algorithm_type", kw["algorithm"], "inversion is deterministic here")
+    return name, kw, used | {"timestep_spacing", "steps_offset", "euler_at_final", "lambda_min_clipped"}
+
+
+SUPPORTED.update({
+    "FlowMatchEulerDiscreteScheduler": _flow_match("flow-euler"),
+    "FlowMatchHeunDiscreteScheduler": _flow_match("flow-heun"),
+    "EDMEulerScheduler": _edm("edm-euler"),
+    "EDMDPMSolverMultistepScheduler": _edm("edm-dpm++2m"),
+    "CMStochasticIterativeScheduler": _cm,
+    "LCMScheduler": _lcm("lcm"),
+    "TCDScheduler": _lcm("tcd"),
+    "DDIMInverseScheduler": _ddim_inverse,
+    "DPMSolverMultistepInverseScheduler": _dpm_inverse,
+    # The parallel schedulers' step() is DDIM's / DDPM's; fastdiff batches per-sample
+    # timesteps itself (timesteps=[B, N]).
+    "DDIMParallelScheduler": _ddim,
+    "DDPMParallelScheduler": _ddpm,
+})
+
+
+# The diffusers scheduler (class, config overrides) each fused sampler reproduces, for
+# choosing a sampler by name on top of a diffusers config (fastdiff.FusedScheduler).
+DIFFUSERS_CLASSES = {
+    "ddpm": ("DDPMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": False}),
+    "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "dpm-solver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
+    "dpm-solver-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver"}),
+    "dpm-solver-single": ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver"}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpm++3m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3}),
+    "dpm++2s": ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpm++3s": ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3}),
+    "dpm++sde-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "unipc": ("UniPCMultistepScheduler", {"solver_type": "bh2"}),
+    "unipc-bh1": ("UniPCMultistepScheduler", {"solver_type": "bh1"}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "deis": ("DEISMultistepScheduler", {"solver_order": 2}),
+    "deis-3": ("DEISMultistepScheduler", {"solver_order": 3}),
+    "ipndm": ("IPNDMScheduler", {}),
+    "kdpm2": ("KDPM2DiscreteScheduler", {}),
+    "kdpm2-ancestral": ("KDPM2AncestralDiscreteScheduler", {}),
+    "sa-solver": ("SASolverScheduler", {}),
+    "cosine-dpm": ("CosineDPMSolverMultistepScheduler", {}),
+    "dpm++sde": ("DPMSolverSDEScheduler", {}),
+}
+# Sampler options a sampler alias may imply, as diffusers config keys.
+DIFFUSERS_OPTIONS = {"karras": "use_karras_sigmas"}
+
+
 def sampler_args(scheduler, steps):
     """(sampler name, Sampler keyword arguments) equivalent to ``scheduler`` run for
     ``steps`` steps."""
@@ -315,12 +479,15 @@ def sampler_args(scheduler, steps):
     if cls not in SUPPORTED:
         why = _REFUSED.get(cls, "fastdiff has no sampler family whose fused step reproduces its update")
         raise ValueError(f"scheduler {cls} is not supported: {why}. Supported: {', '.join(SUPPORTED)}")
-    cfg = dict(scheduler.config)
     if steps is None:
         raise ValueError("from_diffusers needs steps (the scheduler's num_inference_steps)")
+    params = inspect.signature(type(scheduler).__init__).parameters
+    # Only the keys the class itself takes: `from_config` of another class's config keeps
+    # that class's keys as hidden config entries (skip_prk_steps on a DDIM made from
+    # Stable Diffusion's PNDM config), which the scheduler ignores, and so does fastdiff.
+    cfg = {k: v for k, v in dict(scheduler.config).items() if k in params}
     name, kw, used = SUPPORTED[cls](cls, cfg, steps)
-    defaults = {k: p.default for k, p in inspect.signature(type(scheduler).__init__).parameters.items()
-                if p.default is not inspect.Parameter.empty}
+    defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
     for key, value in cfg.items():
         if key.startswith("_") or key in used or key in _SCHEDULE_KEYS or key in _IGNORED \
                 or key == "prediction_type":
@@ -334,8 +501,9 @@ def sampler_args(scheduler, steps):
         raise _bad(cls, key, value, "unknown option with a non-default value")
     kw = {k: v for k, v in kw.items() if v is not None or k not in ("sigma_min", "sigma_max")}
     kw.setdefault("prediction_type", _prediction(cls, cfg))
-    if cls not in ("IPNDMScheduler", "CosineDPMSolverMultistepScheduler"):  # own noise levels
-        kw["schedule"] = NoiseSchedule.from_diffusers(scheduler)
+    # flow-matching and EDM readers build their own schedule; IPNDM / cosine DPM have their own noise levels
+    if "schedule" not in kw and cls not in ("IPNDMScheduler", "CosineDPMSolverMultistepScheduler"):
+        kw["schedule"] = NoiseSchedule.from_diffusers(cfg)
     kw["steps"] = steps
     return name, kw
 

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..schedules import NoiseSchedule, diffusers_timesteps
+from ..schedules import _REAL, NoiseSchedule, diffusers_timesteps
 
 __all__ = ["Grid", "build_grid", "DISCRETE_SPACINGS", "CONTINUOUS_SPACINGS"]
 
@@ -162,7 +162,8 @@ def build_grid(schedule: NoiseSchedule, steps: int | None, *, flavor: str,
                karras: bool = False, final: str = "zero", karras_t: str = "round",
                karras_range: str = "table", sigma_min: float | None = None,
                sigma_max: float | None = None, lambda_min_clipped: float = -float("inf"),
-               rule: bool = False, sigma_kind: str | None = None) -> Grid:
+               rule: bool = False, sigma_kind: str | None = None, flow: str | None = None,
+               **family_options) -> Grid:
     """The grid of one sampling run.
 
     Args:
@@ -202,11 +203,25 @@ def build_grid(schedule: NoiseSchedule, steps: int | None, *, flavor: str,
             diffusers' use_lu_lambdas). Model times: as ``karras_t`` for "karras" and
             "lu"; fractional (Euler flavor) or truncated to an integer (others) for
             "exponential" and "beta", as diffusers casts them.
+        flow: the family's grid on a flow-matching schedule ("dpm" / "unipc": diffusers'
+            ``use_flow_sigmas`` of those schedulers; None: not defined there).
+        **family_options: ``mu``, ``original_inference_steps`` (see ``grid_families``).
     """
+    from .grid_families import family_grid  # flow / EDM / LCM / inversion grids
+    own = family_grid(schedule, steps, flavor=flavor, flow=flow, timesteps=timesteps, spacing=spacing,
+                      steps_offset=steps_offset, karras=karras, final=final, sigma_min=sigma_min,
+                      sigma_max=sigma_max, sigma_kind=sigma_kind, **family_options)
+    if own is not None:
+        return own
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule must be a fastdiff.schedules.NoiseSchedule, got {type(schedule).__name__}")
     if final not in FINAL_SIGMAS:
         raise ValueError(f"final_sigmas_type must be one of {FINAL_SIGMAS}, got {final!r}")
+    if isinstance(lambda_min_clipped, bool) or not isinstance(lambda_min_clipped, _REAL):
+        raise TypeError(f"lambda_min_clipped must be a real number (a log-SNR, -inf for no "
+                        f"clipping), got {type(lambda_min_clipped).__name__}")
+    if lambda_min_clipped != lambda_min_clipped:
+        raise ValueError("lambda_min_clipped must be a log-SNR or -inf (no clipping), got nan")
     kind = _sigma_kind(karras, sigma_kind)
     # "euler64": the Euler flavour with float64 "linspace" timesteps (DPMSolverSDEScheduler)
     f64, flavor = flavor == "euler64", "euler" if flavor == "euler64" else flavor

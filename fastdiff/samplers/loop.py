@@ -6,10 +6,12 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .. import singular
 from ..schedules import TimeSharing
 from ..wrappers import ETSDM, model_output
 from .core import PREDICTIONS
-from .sampler import Sampler, _Run, check_generator, check_guidance, make_generators, randn
+from .registry import diffusers_args
+from .sampler import DEFAULT_STEPS, Sampler, _Run, check_generator, check_guidance, make_generators, randn
 
 __all__ = ["sample"]
 
@@ -18,8 +20,9 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
            sampler: str | Sampler | None = None, steps: int | None = None, timesteps=None, scheduler=None,
            guidance_scale: float | None = None, cond=None, uncond=None, generator=None,
            seeds=None, time_sharing=None, progress: bool = True,
-           callback: Callable | None = None, prediction_type: str | None = None,
-           device=None, dtype=None, **options) -> torch.Tensor:
+           callback: Callable | None = None, callback_on_step_end: Callable | None = None,
+           prediction_type: str | None = None, device=None, dtype=None, initial: str | None = None,
+           initial_predictor=None, initial_guidance_scale: float | None = None, **options) -> torch.Tensor:
     """Draw samples from a diffusion model with a fused sampler.
 
     Args:
@@ -30,13 +33,16 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
         x_T: initial unit-variance noise [B, ...] (as a diffusers pipeline draws it,
             before ``init_noise_sigma``). Default: drawn from ``generator`` / ``seeds``.
         schedule: :class:`fastdiff.schedules.NoiseSchedule` (default DDPM linear).
-        sampler: a name from :data:`fastdiff.SAMPLERS` (default "dpm++2m"), or a
+        sampler: a name from :data:`fastdiff.SAMPLERS` (default "dpm++2m") or an alias
+            (``"DPM++ 2M Karras"``, ``"k_euler"``, ...), or a
             :class:`fastdiff.Sampler` built before (its steps, schedule, options,
             guidance scale and time sharing are used, not the model's attributes: to draw
             many batches without recomputing its coefficients; schedule, scheduler,
             timesteps, prediction_type, time_sharing and options must then not be given).
-        steps: number of steps (default 20; a prebuilt Sampler's own); ``timesteps``:
-            explicit model times [steps] or [B, steps] (per-sample grids).
+        steps: number of steps (default 20, or a prebuilt Sampler's own; diffusers'
+            ``num_inference_steps`` is the same, as are ``use_karras_sigmas`` /
+            ``timestep_spacing`` for ``karras`` / ``spacing``); ``timesteps``: explicit
+            model times [steps] or [B, steps] (per-sample grids).
         scheduler: a diffusers scheduler instance instead of ``sampler``/``schedule``: its
             config is read and the equivalent fused sampler runs (options it cannot
             honour raise ValueError).
@@ -46,7 +52,9 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
             a ``UNet2DModel``); a dict is passed as keyword arguments. With
             ``guidance_scale`` != 1 the model is called once per step on the batch
             [uncond; cond] (tensors concatenated along dim 0) and the fused step mixes
-            ``m_u + w (m_c - m_u)``; otherwise only ``cond`` is used.
+            ``m_u + w (m_c - m_u)``; otherwise only ``cond`` is used. An ``uncond``
+            with batch 1 (one negative prompt) is broadcast to ``cond``'s batch, as
+            diffusers pipelines do.
         generator, seeds: noise source: a ``torch.Generator``, a list of them (one per
             sample), or ``seeds`` (one seed per sample: sample i is then identical
             whatever the rest of the batch).
@@ -58,29 +66,51 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
             model call i with its model time t and the new state x. Without a callback
             the loop updates its state in place (``Sampler.step(..., donate=True)``), one
             memory pass per step fewer; with one, every state is a new tensor the callback
-            may keep.
+            may keep. callback_on_step_end: diffusers' form,
+            ``callback_on_step_end(None, i, t, {"latents": x})`` returning a dict whose
+            ``"latents"``, if present, replaces the state (give one of the two callbacks).
         prediction_type: "epsilon", "v_prediction" or "sample". Default: the model's
             ``prediction_type`` attribute if it has one (fastdiff's UNet), else "epsilon";
             with a ``scheduler`` its config decides.
         device, dtype: of the drawn x_T (default CPU float32).
-
-    The samples keep x_T's memory layout (a channels_last x_T gives channels_last
-    samples). With an x_T (or a model) that requires grad, the samples are
-    differentiable through every step (the loop then updates nothing in place). One
-    Sampler may serve calls from several threads at once: each call has its own run.
+        initial: None (start from x_T) or "singdiffusion": start from SingDiffusion's step
+            from t = 1, ``x_t1 = alpha_t1 y + sigma_t1 x_T`` with y =
+            ``initial_predictor.predict(x_T, cond)`` (the Euler family's state x / alpha
+            accordingly), then run the sampler unchanged (docs/singdiffusion.md).
+        initial_predictor: an object with ``predict(x1, cond) -> y`` shaped like x1, e.g.
+            ``fastdiff.singular.ClassMeans`` or a trained ``InitialPredictor``.
+        initial_guidance_scale: w of the predictor's normalized guidance
+            ``(y_u + w (y_c - y_u)) / w`` (applied when w > 1, with ``uncond``); separate
+            from ``guidance_scale``. Default None: y = the conditional prediction.
         **options: further :class:`Sampler` arguments (``spacing``, ``karras``, ``order``,
-            ``eta``, ``thresholding``, ...).
+            ``eta``, ``thresholding``, ``guidance_rescale``, ...).
 
     Returns:
         the samples [B, ...] (the final state; for the Euler family with a nonzero final
-        sigma it is in the k-diffusion scale x / alpha, as in diffusers).
+        sigma it is in the k-diffusion scale x / alpha, as in diffusers). They keep x_T's
+        memory layout (a channels_last x_T gives channels_last samples). With an x_T (or a
+        model) that requires grad, the samples are differentiable through every step (the
+        loop then updates nothing in place). One Sampler may serve calls from several
+        threads at once: each call has its own run.
     """
     if not callable(model):
         raise TypeError(f"model must be callable, got {type(model).__name__}")
+    steps = diffusers_args(options, steps=steps)["steps"]
+    if callback is not None and callback_on_step_end is not None:
+        raise ValueError("give either callback or callback_on_step_end (diffusers' form), not both")
+    if callback_on_step_end is not None and not callable(callback_on_step_end):
+        raise TypeError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}")
     if seeds is not None and generator is not None:
         raise ValueError("give either generator or seeds, not both")
     gens = make_generators(seeds) if seeds is not None else check_generator(generator)
     guidance_scale = check_guidance(guidance_scale)
+    if initial not in singular.INITIALS:
+        raise ValueError(f"initial must be one of {singular.INITIALS}, got {initial!r}")
+    if initial is None and (initial_predictor is not None or initial_guidance_scale is not None):
+        raise ValueError('initial_predictor / initial_guidance_scale need initial="singdiffusion"')
+    if initial is not None and initial_predictor is None:
+        raise ValueError(f'initial="{initial}" needs initial_predictor= (e.g. '
+                         'fastdiff.singular.ClassMeans(data) or a trained InitialPredictor)')
     if isinstance(sampler, Sampler):
         s = _prebuilt(sampler, steps, guidance_scale, schedule=schedule, scheduler=scheduler,
                       timesteps=timesteps, prediction_type=prediction_type,
@@ -93,12 +123,12 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
             raise ValueError("give either scheduler (diffusers) or sampler / schedule, not both")
         if prediction_type is not None:
             options["prediction_type"] = prediction_type
-        s = Sampler.from_diffusers(scheduler, 20 if steps is None else steps, timesteps=timesteps,
+        s = Sampler.from_diffusers(scheduler, DEFAULT_STEPS if steps is None else steps, timesteps=timesteps,
                                    guidance_scale=guidance_scale,
                                    time_sharing=_model_time_sharing(model, time_sharing),
                                    generator=gens, **options)
     else:
-        s = Sampler(sampler or "dpm++2m", schedule, 20 if steps is None else steps, timesteps=timesteps,
+        s = Sampler(sampler or "dpm++2m", schedule, DEFAULT_STEPS if steps is None else steps, timesteps=timesteps,
                     guidance_scale=guidance_scale, time_sharing=_model_time_sharing(model, time_sharing), generator=gens,
                     prediction_type=prediction_type or _model_prediction(model), **options)
     x_T = _initial_noise(shape, x_T, gens, device, dtype)
@@ -116,7 +146,10 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
     else:
         args, kwargs = args_c, kw_c
     run = _Run()  # this call's own: the Sampler may be running elsewhere at the same time
-    x = s._init_noise(x_T)
+    if initial is None:
+        x = s._init_noise(x_T)
+    else:
+        x = singular.initial_state(s, x_T, initial_predictor, cond, uncond, initial_guidance_scale)
     B = x.shape[0]
     shown_t = s.timesteps
     steps_iter = range(len(s))
@@ -126,13 +159,13 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
     for i in steps_iter:
         t = s._model_time(run, B, x.device, cfg)
         # Without a callback nobody else sees x, so it is unchanged since the step made it.
-        inp = s._model_input(run, x, trusted=callback is None)
+        inp = s._model_input(run, x, trusted=callback is None and callback_on_step_end is None)
         # The loop's own states (not the caller's x_T) are dead after the step unless a
         # callback may have kept them: donate them to the step (an in-place update).
         # `out` lives on until the next model call has made its output: freed before,
         # it let glibc trim the heap every step on CPU (page faults, and with several
         # threads TLB shoot-downs: 100-200 us per step measured by bench_sample.py).
-        donate = callback is None and x is not x_T
+        donate = callback is None and callback_on_step_end is None and x is not x_T
         if cfg:
             out = model_output(model(torch.cat([inp, inp]), t, *args, **kwargs))
             out_u, out_c = out.chunk(2)
@@ -142,7 +175,24 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
             x = s._step(run, out, None, x, generator=gens, donate=donate)
         if callback is not None:
             callback(i, shown_t[i], x)
+        elif callback_on_step_end is not None:
+            x = _on_step_end(callback_on_step_end, i, shown_t[i], x)
     return x
+
+
+def _on_step_end(fn, i, t, x):
+    out = fn(None, i, t, {"latents": x})
+    if out is None:
+        return x
+    if not isinstance(out, dict):
+        raise TypeError(f"callback_on_step_end must return a dict (diffusers' callback_kwargs), got "
+                        f"{type(out).__name__}")
+    new = out.get("latents", x)
+    if not isinstance(new, torch.Tensor) or new.shape != x.shape:
+        raise ValueError(f"callback_on_step_end returned latents of shape "
+                         f"{tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__}, "
+                         f"expected {tuple(x.shape)}")
+    return new
 
 
 def _prebuilt(s, steps, guidance_scale, **given):
@@ -217,6 +267,8 @@ def _conditioning(c, name):
 
 def _cat(u, c, what):
     if isinstance(u, torch.Tensor) and isinstance(c, torch.Tensor):
+        if u.dim() > 0 and u.shape[0] == 1 and c.dim() > 0 and c.shape[0] > 1 and u.shape[1:] == c.shape[1:]:
+            u = u.expand_as(c)  # one negative prompt for the batch (diffusers pipelines)
         if u.shape != c.shape:
             raise ValueError(f"uncond and cond {what} have shapes {tuple(u.shape)} and {tuple(c.shape)}")
         return torch.cat([u, c])

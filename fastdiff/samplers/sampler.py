@@ -15,6 +15,8 @@ the device too).
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import inspect
 import math
 import numbers
@@ -29,9 +31,13 @@ from ..step import dense_perm, differentiable_step, inverse_perm
 from ..wrappers import model_output
 from .core import PREDICTIONS, Clamp, Plan
 from .grid import build_grid
-from .registry import SAMPLERS, family
+from .grid_families import GRID_OPTIONS
+from .guidance import rescale_coeffs
+from .registry import SAMPLERS, default_schedule, diffusers_args, family, resolve
 
-__all__ = ["Sampler", "make_generators", "randn"]
+__all__ = ["Sampler", "make_generators", "randn", "DEFAULT_STEPS"]
+
+DEFAULT_STEPS = 20
 
 
 def _seed_list(seeds) -> list:
@@ -114,10 +120,15 @@ class Sampler:
     and picklable. ``init_noise`` (or ``reset``) starts a run; a step after its last raises.
 
     Args:
-        sampler: one of :data:`SAMPLERS` (``"ddim"``, ``"dpm++2m"``, ``"unipc"``, ...).
-        schedule: a :class:`fastdiff.schedules.NoiseSchedule` (default: DDPM linear, T=1000).
-        steps: number of steps (evaluation points); Heun and PNDM call the model more
-            often, ``len(sampler.timesteps)`` times.
+        sampler: one of :data:`SAMPLERS` (``"ddim"``, ``"dpm++2m"``, ``"unipc"``, ...) or
+            another program's name for it (``"DPM++ 2M Karras"``, ``"dpmpp_2m"``,
+            ``"k_euler"``: :data:`fastdiff.samplers.registry.ALIASES`).
+        schedule: a :class:`fastdiff.schedules.NoiseSchedule` (default: DDPM linear, T=1000;
+            ``NoiseSchedule.flow()`` / ``.edm()`` for the flow-matching / EDM samplers).
+        steps: number of steps (evaluation points, default 20); Heun and PNDM call the
+            model more often, ``len(sampler.timesteps)`` times. diffusers' names
+            ``num_inference_steps``, ``use_karras_sigmas`` and ``timestep_spacing`` are
+            accepted for ``steps``, ``karras`` and ``spacing``.
         timesteps: explicit model times instead of a spacing, [N] or [B, N] (one grid per
             sample: every coefficient is then computed from that sample's times); descending;
             ``steps`` is then ignored.
@@ -137,6 +148,10 @@ class Sampler:
         clip_sample, clip_sample_range: clamp the data estimate to [-range, range].
         guidance_scale: classifier-free guidance weight w (m_u + w (m_c - m_u)), used when
             ``step`` gets ``model_out_cond``.
+        guidance_rescale: phi of Lin et al.'s guidance rescale (diffusers' name), in
+            [0, 1]: the guided output is rescaled per sample to the conditional output's
+            std and mixed ``phi * rescaled + (1 - phi) * guided``, folded into the step's
+            coefficients (``fastdiff.samplers.guidance``). 0: off.
         time_sharing: a :class:`fastdiff.TimeSharing`: the network's time input is f(t)
             (E-TSDM); the update keeps the true schedule. Used by :meth:`model_time`.
         generator, seeds: noise source of stochastic samplers (a generator, a list with
@@ -153,8 +168,8 @@ class Sampler:
     """
 
     def __init__(self, sampler: str = "dpm++2m", schedule: NoiseSchedule | None = None,
-                 steps: int | None = 20, *, timesteps=None, spacing: str | None = None,
-                 steps_offset: int = 0, karras: bool = False, final_sigmas_type: str | None = None,
+                 steps: int | None = None, *, timesteps=None, spacing: str | None = None,
+                 steps_offset: int = 0, karras: bool | None = None, final_sigmas_type: str | None = None,
                  prediction_type: str = "epsilon", thresholding: bool = False,
                  dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
                  clip_sample: bool = False, clip_sample_range: float = 1.0,
@@ -162,12 +177,24 @@ class Sampler:
                  generator=None, seeds=None, sigma_min: float | None = None,
                  sigma_max: float | None = None, lambda_min_clipped: float = -math.inf,
                  diffusers_rule: bool = False, exponential_sigmas: bool = False,
-                 beta_sigmas: bool = False, lu_lambdas: bool = False, **options):
+                 beta_sigmas: bool = False, lu_lambdas: bool = False,
+                 guidance_rescale: float = 0.0, **options):
         args = {k: v for k, v in locals().items() if k in _INIT_ARGS}
         self._args = (args, dict(options))  # what to_dict and pickling rebuild it from
+        self._tails = ()  # tail() starts applied to this configuration, in order
+        named = diffusers_args(options, steps=steps, karras=karras, spacing=spacing)
+        steps, karras, spacing = named["steps"], named["karras"], named["spacing"]
+        sampler, implied = resolve(sampler)
+        if "karras" in implied:
+            if karras is False:
+                raise ValueError(f"the sampler name implies karras=True but karras={karras!r} was given")
+            karras = True
+        karras = bool(karras)
+        if steps is None:
+            steps = DEFAULT_STEPS
         fam = family(sampler)
         self.name = sampler
-        self.schedule = NoiseSchedule.linear() if schedule is None else schedule
+        self.schedule = default_schedule(sampler) if schedule is None else schedule
         if prediction_type not in PREDICTIONS:
             raise ValueError(f"prediction_type must be one of {PREDICTIONS}, got {prediction_type!r}")
         if timesteps is not None:
@@ -179,13 +206,21 @@ class Sampler:
         guidance_scale = check_guidance(guidance_scale)
         if time_sharing is not None and not isinstance(time_sharing, TimeSharing):
             raise TypeError(f"time_sharing must be a fastdiff.TimeSharing, got {type(time_sharing).__name__}")
+        if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)) \
+                or not 0 <= guidance_rescale <= 1:
+            raise ValueError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
+        if guidance_rescale and guidance_scale is None:
+            raise ValueError("guidance_rescale needs guidance_scale (it rescales the guided output)")
+        self.guidance_rescale = float(guidance_rescale)
         opts = {**fam.fixed, **options}
+        grid_opts = {k: opts.pop(k) for k in GRID_OPTIONS if k in opts}  # e.g. flow matching's mu
         params = inspect.signature(fam.plan).parameters
         unknown = sorted(set(opts) - set(params) - {"pred", "clamp"})
         if unknown:
             valid = sorted(k for k in params if k not in ("grid", "pred", "clamp"))
             raise TypeError(f"sampler {sampler!r} got unknown option(s) {unknown}; its options: {valid}")
         self.prediction_type = prediction_type
+        self._options = opts
         self.clamp = _clamp_spec(thresholding, dynamic_thresholding_ratio, sample_max_value,
                                  clip_sample, clip_sample_range)
         self.grid = build_grid(
@@ -193,7 +228,7 @@ class Sampler:
             steps_offset=steps_offset, karras=karras, final=final_sigmas_type or fam.final,
             karras_t=fam.karras_t, karras_range=fam.karras_range, sigma_min=sigma_min,
             sigma_max=sigma_max, lambda_min_clipped=lambda_min_clipped, rule=diffusers_rule,
-            sigma_kind=_sigma_kind(exponential_sigmas, beta_sigmas, lu_lambdas))
+            sigma_kind=_sigma_kind(exponential_sigmas, beta_sigmas, lu_lambdas), flow=fam.flow, **grid_opts)
         with np.errstate(all="ignore"):  # non-finite coefficients are refused in _finalize
             self.plan: Plan = fam.plan(self.grid, pred=prediction_type, clamp=self.clamp, **opts)
         self.grid = self.plan.grid or self.grid
@@ -213,10 +248,16 @@ class Sampler:
         DPMSolverMultistep/Singlestep, UniPC, Euler, EulerAncestral, Heun, LMS, DEIS,
         SASolver, KDPM2, KDPM2Ancestral, DPMSolverSDE, IPNDM, CosineDPMSolverMultistep;
         ``fastdiff.samplers.from_diffusers.SUPPORTED``), reading its config; an option it
-        cannot honour raises ValueError naming it."""
+        cannot honour raises ValueError naming it. ``steps`` (or ``num_inference_steps``):
+        the scheduler's number of inference steps; ``overrides``: Sampler arguments that
+        replace what the config gives."""
         from .from_diffusers import sampler_args
-        name, kwargs = sampler_args(scheduler, steps)
-        kwargs.update(overrides)
+        named = diffusers_args(overrides, steps=steps, karras=overrides.pop("karras", None),
+                               spacing=overrides.pop("spacing", None))
+        if named["steps"] is None and overrides.get("timesteps") is not None:
+            named["steps"] = DEFAULT_STEPS  # unused: explicit timesteps define the run
+        name, kwargs = sampler_args(scheduler, named.pop("steps"))
+        kwargs.update(overrides, **{k: v for k, v in named.items() if v is not None})
         return cls(name, **kwargs)
 
     # -- saving ------------------------------------------------------------------------
@@ -247,7 +288,7 @@ class Sampler:
         if d.get("format") != 1 or "sampler" not in d:
             raise ValueError("Sampler.from_dict: not a Sampler config (needs format 1 and 'sampler'); "
                              f"got keys {sorted(d)}")
-        kw = {k: v for k, v in d.items() if k not in ("format", "options")}
+        kw = {k: v for k, v in d.items() if k not in ("format", "options", "tail")}
         unknown = sorted(set(kw) - set(_INIT_ARGS))
         if unknown:
             raise ValueError(f"Sampler.from_dict: unknown keys {unknown}")
@@ -261,7 +302,13 @@ class Sampler:
         options = d.get("options", {})
         if not isinstance(options, dict):
             raise ValueError(f"Sampler.from_dict: options must be a dict, got {type(options).__name__}")
-        return cls(**kw, **options)
+        return cls(**kw, **options)._tailed(d.get("tail", ()))
+
+    def _tailed(self, starts):
+        s = self
+        for start in starts:
+            s = s.tail(start)
+        return s
 
     def _portable(self) -> dict:
         """to_dict without the noise source."""
@@ -274,6 +321,8 @@ class Sampler:
             d[k] = _to_json(k, v)
         if options:
             d["options"] = {k: _to_json(k, v) for k, v in options.items()}
+        if self._tails:
+            d["tail"] = list(self._tails)
         return d
 
     def __eq__(self, other):
@@ -298,13 +347,15 @@ class Sampler:
         args = dict(args)
         if self._seed_gens is None or self.generator is not self._seed_gens:
             args.update(generator=self.generator, seeds=None)
-        state = {"args": args, "options": options}
+        state = {"args": args, "options": options, "tails": self._tails}
         if self._seed_gens is not None and self.generator is self._seed_gens:
             state["seed_gens"] = self.generator  # the seeds' streams, where they are now
         return state
 
     def __setstate__(self, state):
         self.__init__(**state["args"], **state["options"])
+        if state.get("tails"):  # copy.copy (tail() itself) comes here too, without tails
+            self.__dict__.update(self._tailed(state["tails"]).__dict__)
         if "seed_gens" in state:
             self.generator = self._seed_gens = state["seed_gens"]
 
@@ -385,6 +436,50 @@ class Sampler:
     def __repr__(self):
         return (f"Sampler({self.name!r}, steps={self.steps}, calls={len(self)}, "
                 f"prediction_type={self.prediction_type!r}, schedule={self.schedule!r})")
+
+    # -- starting mid-schedule (img2img, inpainting) -------------------------------------
+
+    def tail(self, start: int) -> "Sampler":
+        """A new sampler for the rest of this run from grid point ``start`` (0 <= start <
+        steps): the same noise levels and options, but a fresh run: multistep samplers
+        warm up again from first order, as diffusers' multistep schedulers do when a
+        pipeline starts them mid-schedule."""
+        if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not 0 <= start < self.steps:
+            raise ValueError(f"start must be an int in [0, {self.steps}), got {start!r}")
+        g = self.grid
+        sub = copy.copy(self)
+        sub.grid = dataclasses.replace(g, t=g.t[:, start:], alpha=g.alpha[:, start:],
+                                       sigma=g.sigma[:, start:], t_end=g.t_end)
+        with np.errstate(all="ignore"):
+            sub.plan = family(self.name).plan(sub.grid, pred=self.prediction_type, clamp=self.clamp,
+                                              **self._options)
+        sub.grid = sub.plan.grid or sub.grid
+        sub.steps = sub.grid.n
+        sub._finalize()
+        sub._tails = self._tails + (int(start),)
+        return sub
+
+    def begin_at(self, k: int, like: torch.Tensor):
+        """Start a new run at model call ``k`` of this plan instead of 0, as if the calls
+        before it had output zeros: the history they would have left is zeros shaped like
+        ``like`` (how diffusers' LMS and stateless schedulers behave after
+        ``set_begin_index``; samplers whose later steps start from a kept state cannot
+        begin there and raise ValueError)."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k < len(self):
+            raise ValueError(f"k must be an int in [0, {len(self)}), got {k!r}")
+        calls = self.plan.calls
+        before = {n for c in calls[:k] for n in c.op.outputs} | {c.op.keep_x for c in calls[:k]}
+        run = _Run()
+        for c in calls[k:]:
+            if c.op.x_base is not None and c.op.x_base in before:
+                raise ValueError(f"sampler {self.name!r} cannot begin at call {k}: a later step "
+                                 "starts from a state kept before it")
+            for name in c.op.history:
+                if name in before and name not in run.store:
+                    run.store[name] = torch.zeros_like(like, memory_format=torch.contiguous_format)
+                    run.owned.add(name)
+        run.k = int(k)
+        self._local.run = run
 
     # -- the loop ------------------------------------------------------------------------
     # Nothing above is written after construction. What one run changes (the step index,
@@ -501,6 +596,8 @@ class Sampler:
             self._check_t(t, k, x.shape[0])
         device = x.device
         coeffs = self._table(device, x.dtype)["coeffs"][k]
+        if model_out_cond is not None and self.guidance_rescale:
+            coeffs = rescale_coeffs(coeffs, model_out, model_out_cond, self.guidance_rescale)
         if op.clamp and self.clamp.kind == "dynamic":
             coeffs = self._threshold(coeffs, x, model_out, model_out_cond)
         z = None
@@ -781,7 +878,7 @@ _INIT_ARGS = ("sampler", "schedule", "steps", "timesteps", "spacing", "steps_off
               "final_sigmas_type", "prediction_type", "thresholding", "dynamic_thresholding_ratio",
               "sample_max_value", "clip_sample", "clip_sample_range", "guidance_scale",
               "time_sharing", "generator", "seeds", "sigma_min", "sigma_max", "lambda_min_clipped",
-              "diffusers_rule", "exponential_sigmas", "beta_sigmas", "lu_lambdas")
+              "diffusers_rule", "exponential_sigmas", "beta_sigmas", "lu_lambdas", "guidance_rescale")
 
 
 def _init_defaults():
