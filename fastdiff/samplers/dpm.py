@@ -75,12 +75,13 @@ def _integrator(algorithm, h, at, st, ab, sb):
 
 
 def _stalled(h, ab, sb, at, st, data):
-    """Rows where a step has no length (h <= 0: the grid repeats a noise level, as a Karras
-    grid ending at sigma_min does; rounding can make h a hair negative). Returns (rows,
+    """Rows where a step has no length (|h| < 1e-6: the grid repeats a noise level, as a
+    Karras grid ending at sigma_min does, where rounding leaves h ~ 1e-8; an inverse run
+    has h < 0 throughout, which is not this). Returns (rows,
     h safe to divide by, x coefficient at h = 0): every step's limit as h -> 0 is
     x_t = (sigma_t / sigma_s) x_s (data prediction) or (alpha_t / alpha_s) x_s, the model
     and noise terms vanishing, which is what diffusers computes at h = 0 exactly."""
-    stall = h <= 0
+    stall = np.abs(h) < 1e-6
     return stall, np.where(stall, 1.0, h), (st / sb) if data else (at / ab)
 
 
