@@ -9,18 +9,19 @@ from .. import singular
 from ..schedules import TimeSharing
 from ..wrappers import ETSDM, model_output
 from .core import PREDICTIONS
-from .sampler import Sampler, make_generators, randn
+from .registry import diffusers_args
+from .sampler import DEFAULT_STEPS, Sampler, make_generators, randn
 
 __all__ = ["sample"]
 
 
 def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, schedule=None,
-           sampler: str | Sampler | None = None, steps: int | None = 20, timesteps=None, scheduler=None,
+           sampler: str | Sampler | None = None, steps: int | None = None, timesteps=None, scheduler=None,
            guidance_scale: float | None = None, cond=None, uncond=None, generator=None,
            seeds=None, time_sharing=None, progress: bool = True,
-           callback: Callable | None = None, prediction_type: str | None = None,
-           device=None, dtype=None, initial: str | None = None, initial_predictor=None,
-           initial_guidance_scale: float | None = None, **options) -> torch.Tensor:
+           callback: Callable | None = None, callback_on_step_end: Callable | None = None,
+           prediction_type: str | None = None, device=None, dtype=None, initial: str | None = None,
+           initial_predictor=None, initial_guidance_scale: float | None = None, **options) -> torch.Tensor:
     """Draw samples from a diffusion model with a fused sampler.
 
     Args:
@@ -31,13 +32,16 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
         x_T: initial unit-variance noise [B, ...] (as a diffusers pipeline draws it,
             before ``init_noise_sigma``). Default: drawn from ``generator`` / ``seeds``.
         schedule: :class:`fastdiff.schedules.NoiseSchedule` (default DDPM linear).
-        sampler: a name from :data:`fastdiff.SAMPLERS` (default "dpm++2m"), or a
+        sampler: a name from :data:`fastdiff.SAMPLERS` (default "dpm++2m") or an alias
+            (``"DPM++ 2M Karras"``, ``"k_euler"``, ...), or a
             :class:`fastdiff.Sampler` built before (its steps, schedule, options,
             guidance scale and time sharing are used, not the model's attributes: to draw
             many batches without recomputing its coefficients; schedule, scheduler,
             timesteps, prediction_type, time_sharing and options must then not be given).
-        steps: number of steps; ``timesteps``: explicit model times [steps] or
-            [B, steps] (per-sample grids).
+        steps: number of steps (default 20; diffusers' ``num_inference_steps`` is the
+            same, as are ``use_karras_sigmas`` / ``timestep_spacing`` for ``karras`` /
+            ``spacing``); ``timesteps``: explicit model times [steps] or [B, steps]
+            (per-sample grids).
         scheduler: a diffusers scheduler instance instead of ``sampler``/``schedule``: its
             config is read and the equivalent fused sampler runs (options it cannot
             honour raise ValueError).
@@ -47,7 +51,9 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
             a ``UNet2DModel``); a dict is passed as keyword arguments. With
             ``guidance_scale`` != 1 the model is called once per step on the batch
             [uncond; cond] (tensors concatenated along dim 0) and the fused step mixes
-            ``m_u + w (m_c - m_u)``; otherwise only ``cond`` is used.
+            ``m_u + w (m_c - m_u)``; otherwise only ``cond`` is used. An ``uncond``
+            with batch 1 (one negative prompt) is broadcast to ``cond``'s batch, as
+            diffusers pipelines do.
         generator, seeds: noise source: a ``torch.Generator``, a list of them (one per
             sample), or ``seeds`` (one seed per sample: sample i is then identical
             whatever the rest of the batch).
@@ -59,7 +65,9 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
             model call i with its model time t and the new state x. Without a callback
             the loop updates its state in place (``Sampler.step(..., donate=True)``), one
             memory pass per step fewer; with one, every state is a new tensor the callback
-            may keep.
+            may keep. callback_on_step_end: diffusers' form,
+            ``callback_on_step_end(None, i, t, {"latents": x})`` returning a dict whose
+            ``"latents"``, if present, replaces the state (give one of the two callbacks).
         prediction_type: "epsilon", "v_prediction" or "sample". Default: the model's
             ``prediction_type`` attribute if it has one (fastdiff's UNet), else "epsilon";
             with a ``scheduler`` its config decides.
@@ -82,6 +90,11 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
     """
     if not callable(model):
         raise TypeError(f"model must be callable, got {type(model).__name__}")
+    steps = diffusers_args(options, steps=steps)["steps"]
+    if callback is not None and callback_on_step_end is not None:
+        raise ValueError("give either callback or callback_on_step_end (diffusers' form), not both")
+    if callback_on_step_end is not None and not callable(callback_on_step_end):
+        raise TypeError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}")
     if seeds is not None and generator is not None:
         raise ValueError("give either generator or seeds, not both")
     gens = make_generators(seeds) if seeds is not None else generator
@@ -104,8 +117,8 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
             raise ValueError("give either scheduler (diffusers) or sampler / schedule, not both")
         if prediction_type is not None:
             options["prediction_type"] = prediction_type
-        s = Sampler.from_diffusers(scheduler, steps, timesteps=timesteps, guidance_scale=guidance_scale,
-                                   time_sharing=_model_time_sharing(model, time_sharing),
+        s = Sampler.from_diffusers(scheduler, DEFAULT_STEPS if steps is None else steps, timesteps=timesteps,
+                                   guidance_scale=guidance_scale, time_sharing=_model_time_sharing(model, time_sharing),
                                    generator=gens, **options)
     else:
         s = Sampler(sampler or "dpm++2m", schedule, steps, timesteps=timesteps, guidance_scale=guidance_scale,
@@ -143,7 +156,7 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
         # `out` lives on until the next model call has made its output: freed before,
         # it let glibc trim the heap every step on CPU (page faults, and with several
         # threads TLB shoot-downs: 100-200 us per step measured by bench_sample.py).
-        donate = callback is None and x is not x_T
+        donate = callback is None and callback_on_step_end is None and x is not x_T
         if cfg:
             out = model_output(model(torch.cat([inp, inp]), t, *args, **kwargs))
             out_u, out_c = out.chunk(2)
@@ -153,7 +166,24 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
             x = s.step(out, None, x, generator=gens, donate=donate)
         if callback is not None:
             callback(i, shown_t[i], x)
+        elif callback_on_step_end is not None:
+            x = _on_step_end(callback_on_step_end, i, shown_t[i], x)
     return x
+
+
+def _on_step_end(fn, i, t, x):
+    out = fn(None, i, t, {"latents": x})
+    if out is None:
+        return x
+    if not isinstance(out, dict):
+        raise TypeError(f"callback_on_step_end must return a dict (diffusers' callback_kwargs), got "
+                        f"{type(out).__name__}")
+    new = out.get("latents", x)
+    if not isinstance(new, torch.Tensor) or new.shape != x.shape:
+        raise ValueError(f"callback_on_step_end returned latents of shape "
+                         f"{tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__}, "
+                         f"expected {tuple(x.shape)}")
+    return new
 
 
 def _prebuilt(s, steps, guidance_scale, **given):
@@ -162,7 +192,7 @@ def _prebuilt(s, steps, guidance_scale, **given):
         if value is not None:
             raise ValueError(f"sample: {name} cannot be given with a prebuilt Sampler (it was "
                              "fixed when the Sampler was built)")
-    if steps not in (20, None, s.steps):
+    if steps not in (None, s.steps):
         raise ValueError(f"sample: steps={steps} but the prebuilt Sampler has {s.steps} steps")
     if guidance_scale is not None and guidance_scale != s.guidance_scale:
         raise ValueError(f"sample: guidance_scale={guidance_scale} but the prebuilt Sampler has "
@@ -221,6 +251,8 @@ def _conditioning(c, name):
 
 def _cat(u, c, what):
     if isinstance(u, torch.Tensor) and isinstance(c, torch.Tensor):
+        if u.dim() > 0 and u.shape[0] == 1 and c.dim() > 0 and c.shape[0] > 1 and u.shape[1:] == c.shape[1:]:
+            u = u.expand_as(c)  # one negative prompt for the batch (diffusers pipelines)
         if u.shape != c.shape:
             raise ValueError(f"uncond and cond {what} have shapes {tuple(u.shape)} and {tuple(c.shape)}")
         return torch.cat([u, c])

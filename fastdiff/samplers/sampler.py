@@ -15,6 +15,8 @@ the device too).
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import inspect
 import math
 
@@ -28,9 +30,11 @@ from .core import PREDICTIONS, Clamp, Plan
 from .grid import build_grid
 from .grid_families import GRID_OPTIONS
 from .guidance import rescale_coeffs
-from .registry import SAMPLERS, default_schedule, family
+from .registry import SAMPLERS, default_schedule, diffusers_args, family, resolve
 
-__all__ = ["Sampler", "make_generators", "randn"]
+__all__ = ["Sampler", "make_generators", "randn", "DEFAULT_STEPS"]
+
+DEFAULT_STEPS = 20
 
 
 def make_generators(seeds, device="cpu") -> list:
@@ -84,11 +88,15 @@ class Sampler:
     """A sampler for one run of ``steps`` steps (reusable: it restarts after the last step).
 
     Args:
-        sampler: one of :data:`SAMPLERS` (``"ddim"``, ``"dpm++2m"``, ``"unipc"``, ...).
+        sampler: one of :data:`SAMPLERS` (``"ddim"``, ``"dpm++2m"``, ``"unipc"``, ...) or
+            another program's name for it (``"DPM++ 2M Karras"``, ``"dpmpp_2m"``,
+            ``"k_euler"``: :data:`fastdiff.samplers.registry.ALIASES`).
         schedule: a :class:`fastdiff.schedules.NoiseSchedule` (default: DDPM linear, T=1000;
             ``NoiseSchedule.flow()`` / ``.edm()`` for the flow-matching / EDM samplers).
-        steps: number of steps (evaluation points); Heun and PNDM call the model more
-            often, ``len(sampler.timesteps)`` times.
+        steps: number of steps (evaluation points, default 20); Heun and PNDM call the
+            model more often, ``len(sampler.timesteps)`` times. diffusers' names
+            ``num_inference_steps``, ``use_karras_sigmas`` and ``timestep_spacing`` are
+            accepted for ``steps``, ``karras`` and ``spacing``.
         timesteps: explicit model times instead of a spacing, [N] or [B, N] (one grid per
             sample: every coefficient is then computed from that sample's times); descending;
             ``steps`` is then ignored.
@@ -128,8 +136,8 @@ class Sampler:
     """
 
     def __init__(self, sampler: str = "dpm++2m", schedule: NoiseSchedule | None = None,
-                 steps: int | None = 20, *, timesteps=None, spacing: str | None = None,
-                 steps_offset: int = 0, karras: bool = False, final_sigmas_type: str | None = None,
+                 steps: int | None = None, *, timesteps=None, spacing: str | None = None,
+                 steps_offset: int = 0, karras: bool | None = None, final_sigmas_type: str | None = None,
                  prediction_type: str = "epsilon", thresholding: bool = False,
                  dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
                  clip_sample: bool = False, clip_sample_range: float = 1.0,
@@ -139,6 +147,16 @@ class Sampler:
                  diffusers_rule: bool = False, exponential_sigmas: bool = False,
                  beta_sigmas: bool = False, lu_lambdas: bool = False,
                  guidance_rescale: float = 0.0, **options):
+        named = diffusers_args(options, steps=steps, karras=karras, spacing=spacing)
+        steps, karras, spacing = named["steps"], named["karras"], named["spacing"]
+        sampler, implied = resolve(sampler)
+        if "karras" in implied:
+            if karras is False:
+                raise ValueError(f"the sampler name implies karras=True but karras={karras!r} was given")
+            karras = True
+        karras = bool(karras)
+        if steps is None:
+            steps = DEFAULT_STEPS
         fam = family(sampler)
         self.name = sampler
         self.schedule = default_schedule(sampler) if schedule is None else schedule
@@ -169,6 +187,7 @@ class Sampler:
             valid = sorted(k for k in params if k not in ("grid", "pred", "clamp"))
             raise TypeError(f"sampler {sampler!r} got unknown option(s) {unknown}; its options: {valid}")
         self.prediction_type = prediction_type
+        self._options = opts
         self.clamp = _clamp_spec(thresholding, dynamic_thresholding_ratio, sample_max_value,
                                  clip_sample, clip_sample_range)
         self.grid = build_grid(
@@ -195,10 +214,16 @@ class Sampler:
         DPMSolverMultistep/Singlestep, UniPC, Euler, EulerAncestral, Heun, LMS, DEIS,
         SASolver, KDPM2, KDPM2Ancestral, DPMSolverSDE, IPNDM, CosineDPMSolverMultistep;
         ``fastdiff.samplers.from_diffusers.SUPPORTED``), reading its config; an option it
-        cannot honour raises ValueError naming it."""
+        cannot honour raises ValueError naming it. ``steps`` (or ``num_inference_steps``):
+        the scheduler's number of inference steps; ``overrides``: Sampler arguments that
+        replace what the config gives."""
         from .from_diffusers import sampler_args
-        name, kwargs = sampler_args(scheduler, steps)
-        kwargs.update(overrides)
+        named = diffusers_args(overrides, steps=steps, karras=overrides.pop("karras", None),
+                               spacing=overrides.pop("spacing", None))
+        if named["steps"] is None and overrides.get("timesteps") is not None:
+            named["steps"] = DEFAULT_STEPS  # unused: explicit timesteps define the run
+        name, kwargs = sampler_args(scheduler, named.pop("steps"))
+        kwargs.update(overrides, **{k: v for k, v in named.items() if v is not None})
         return cls(name, **kwargs)
 
     def _finalize(self):
@@ -274,6 +299,49 @@ class Sampler:
     def __repr__(self):
         return (f"Sampler({self.name!r}, steps={self.steps}, calls={len(self)}, "
                 f"prediction_type={self.prediction_type!r}, schedule={self.schedule!r})")
+
+    # -- starting mid-schedule (img2img, inpainting) -------------------------------------
+
+    def tail(self, start: int) -> "Sampler":
+        """A new sampler for the rest of this run from grid point ``start`` (0 <= start <
+        steps): the same noise levels and options, but a fresh run: multistep samplers
+        warm up again from first order, as diffusers' multistep schedulers do when a
+        pipeline starts them mid-schedule."""
+        if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not 0 <= start < self.steps:
+            raise ValueError(f"start must be an int in [0, {self.steps}), got {start!r}")
+        g = self.grid
+        sub = copy.copy(self)
+        sub.grid = dataclasses.replace(g, t=g.t[:, start:], alpha=g.alpha[:, start:],
+                                       sigma=g.sigma[:, start:], t_end=g.t_end)
+        with np.errstate(all="ignore"):
+            sub.plan = family(self.name).plan(sub.grid, pred=self.prediction_type, clamp=self.clamp,
+                                              **self._options)
+        sub.grid = sub.plan.grid or sub.grid
+        sub.steps = sub.grid.n
+        sub._finalize()
+        sub.reset()
+        return sub
+
+    def begin_at(self, k: int, like: torch.Tensor):
+        """Start a new run at model call ``k`` of this plan instead of 0, as if the calls
+        before it had output zeros: the history they would have left is zeros shaped like
+        ``like`` (how diffusers' LMS and stateless schedulers behave after
+        ``set_begin_index``; samplers whose later steps start from a kept state cannot
+        begin there and raise ValueError)."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k < len(self):
+            raise ValueError(f"k must be an int in [0, {len(self)}), got {k!r}")
+        calls = self.plan.calls
+        before = {n for c in calls[:k] for n in c.op.outputs} | {c.op.keep_x for c in calls[:k]}
+        self.reset()
+        for c in calls[k:]:
+            if c.op.x_base is not None and c.op.x_base in before:
+                raise ValueError(f"sampler {self.name!r} cannot begin at call {k}: a later step "
+                                 "starts from a state kept before it")
+            for name in c.op.history:
+                if name in before and name not in self._store:
+                    self._store[name] = torch.zeros_like(like, memory_format=torch.contiguous_format)
+                    self._owned.add(name)
+        self._k = int(k)
 
     # -- the loop ------------------------------------------------------------------------
 
