@@ -166,7 +166,7 @@ def test_supported_diffusers_scheduler_count():
     print(f"\nsupported diffusers scheduler classes: {len(supported)} of {len(supported) + len(refused)}: "
           f"{', '.join(supported)}\nrefused: {', '.join(refused)}")
     assert set(supported) == set(SUPPORTED) & {n for n, _ in _scheduler_classes()}
-    assert len(supported) >= 17
+    assert len(supported) >= 28
 
 
 @pytest.mark.parametrize("cls,config,key", [

@@ -22,7 +22,8 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
            seeds=None, time_sharing=None, progress: bool = True,
            callback: Callable | None = None, callback_on_step_end: Callable | None = None,
            prediction_type: str | None = None, device=None, dtype=None, initial: str | None = None,
-           initial_predictor=None, initial_guidance_scale: float | None = None, **options) -> torch.Tensor:
+           initial_predictor=None, initial_guidance_scale: float | None = None, compile: bool | str = False,
+           **options) -> torch.Tensor:
     """Draw samples from a diffusion model with a fused sampler.
 
     Args:
@@ -82,6 +83,13 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
         initial_guidance_scale: w of the predictor's normalized guidance
             ``(y_u + w (y_c - y_u)) / w`` (applied when w > 1, with ``uncond``); separate
             from ``guidance_scale``. Default None: y = the conditional prediction.
+        compile: True (or a ``torch.compile`` backend name, e.g. "aot_eager"): run the
+            whole loop, every model call and fused step, as one graph of
+            ``torch.compile(fullgraph=True)``, unrolled over the run's steps: no Python
+            between steps and no recompilation across them; calling again with the same
+            prebuilt ``sampler=`` and shapes reuses the graph (a new Sampler is a new
+            plan, so a new graph: the first compile takes seconds). No progress bar or
+            callback then. Equal to the eager loop up to the compiled model's rounding.
         **options: further :class:`Sampler` arguments (``spacing``, ``karras``, ``order``,
             ``eta``, ``thresholding``, ``guidance_rescale``, ...).
 
@@ -95,6 +103,10 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
     """
     if not callable(model):
         raise TypeError(f"model must be callable, got {type(model).__name__}")
+    if not isinstance(compile, (bool, str)):
+        raise TypeError(f"compile must be True, False or a torch.compile backend name, got {compile!r}")
+    if compile and (callback is not None or callback_on_step_end is not None):
+        raise ValueError("compile=True runs every step in one compiled graph: no callback between steps")
     steps = diffusers_args(options, steps=steps)["steps"]
     if callback is not None and callback_on_step_end is not None:
         raise ValueError("give either callback or callback_on_step_end (diffusers' form), not both")
@@ -151,6 +163,18 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
     else:
         x = singular.initial_state(s, x_T, initial_predictor, cond, uncond, initial_guidance_scale)
     B = x.shape[0]
+    if compile:
+        backend = "inductor" if compile is True else compile
+        ops = [s._runs[k][0] for k in range(len(s))]
+        if any(op.noise and op.brownian is not None for op in ops):
+            raise ValueError(f"compile=True: {s.name!r} draws Brownian-tree noise, which cannot be "
+                             "traced; run it without compile")
+        # A generator cannot be traced: the run's noise is drawn first, in the order the
+        # eager steps draw it (so the samples are the same), and passed to each step.
+        g = gens if gens is not None else s.generator
+        noises = [randn(x.shape, g, x.device, x.dtype) if op.noise else None for op in ops]
+        return torch.compile(_compiled_loop, fullgraph=True, backend=backend)(
+            s, run, model, x, args, kwargs, cfg, noises)
     shown_t = s.timesteps
     steps_iter = range(len(s))
     if progress:
@@ -177,6 +201,22 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
             callback(i, shown_t[i], x)
         elif callback_on_step_end is not None:
             x = _on_step_end(callback_on_step_end, i, shown_t[i], x)
+    return x
+
+
+def _compiled_loop(s, run, model, x, args, kwargs, cfg, noises):
+    """The loop of ``sample(compile=True)``: traced once, unrolled over the run's steps
+    (the plan is fixed, so every step's op is known when tracing); ``noises``: each
+    step's noise tensor (or None)."""
+    B = x.shape[0]
+    for z in noises:
+        t = s._model_time(run, B, x.device, cfg)
+        inp = s._model_input(run, x, trusted=True)
+        if cfg:
+            out_u, out_c = model_output(model(torch.cat([inp, inp]), t, *args, **kwargs)).chunk(2)
+            x = s._step(run, out_u, None, x, out_c, noise=z)
+        else:
+            x = s._step(run, model_output(model(inp, t, *args, **kwargs)), None, x, noise=z)
     return x
 
 

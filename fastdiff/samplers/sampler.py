@@ -527,7 +527,11 @@ class Sampler:
         if run.k >= self._n_calls:
             self._finished()
         owner, x_in, version = run.x_in
-        if owner is x and (trusted or (version is not None and x._version == version)):
+        # A traced loop cannot read version counters (and an in-place edit keeps x's
+        # identity there): compiled, the model input is always c_in x, which the compiler
+        # fuses into its neighbours.
+        if owner is x and not torch.compiler.is_compiling() \
+                and (trusted or (version is not None and x._version == version)):
             return x_in
         c_in = self.plan.calls[run.k].c_in
         if c_in is None:
@@ -592,7 +596,8 @@ class Sampler:
             if self.guidance_scale is None:
                 raise ValueError("model_out_cond given but the sampler has no guidance_scale")
         self._check_rows(x)
-        if t is not None:
+        if t is not None and not torch.compiler.is_compiling():
+            # (a traced step cannot read t's value; the compiled loop is the eager one's)
             self._check_t(t, k, x.shape[0])
         device = x.device
         coeffs = self._table(device, x.dtype)["coeffs"][k]
