@@ -10,6 +10,7 @@ import torch
 
 import fastdiff.cli as cli
 import fastdiff.probes as probes
+import fastdiff.singular as singular
 import fastdiff.train as ftrain
 from fastdiff import LipschitzResult, lipschitz_t, lipschitz_x
 from fastdiff.nets import UNet
@@ -192,6 +193,7 @@ def no_work(monkeypatch):
     monkeypatch.setattr(probes, "lipschitz_t", started)
     monkeypatch.setattr(cli, "_sample_digits", started)
     monkeypatch.setattr(cli, "_sample_gaussian", started)
+    monkeypatch.setattr(singular, "fit_initial_predictor", started)
     monkeypatch.delenv("FASTDIFF_DEBUG", raising=False)
 
 
@@ -260,6 +262,17 @@ CLI_CASES = [
     (["lipschitz", "--batch-size", "0", "--out", "OUT"], "argument --batch-size"),
     (["lipschitz", "--stat", "p99", "--out", "OUT"], "argument --stat: invalid choice"),
     (["lipschitz", "--seed", "x", "--out", "OUT"], "argument --seed: expected an integer"),
+    # sharded sampling, fd, fit-initial
+    (["sample", "--seeds", "0-9", "--model", "gaussian-mixture", "--out", "DIR"],
+     "fastdiff sample: error: --seeds (sharded sampling) needs a digits model"),
+    (["sample", "--seeds", "0-9", "--n", "5", "--out", "DIR"], "either --seeds"),
+    (["fd"], "fastdiff fd: error: the following arguments are required: --samples"),
+    (["fd", "--samples", "DIR"], "fastdiff fd: error: "),
+    (["fd", "--samples", "DIR", "--reference", "x"], "argument --reference: invalid choice"),
+    (["fit-initial"], "fastdiff fit-initial: error: the following arguments are required: --out"),
+    (["fit-initial", "--data", "nope", "--out", "DIR"], "fastdiff fit-initial: error: --data must be"),
+    (["fit-initial", "--lr", "0", "--out", "DIR"], "argument --lr: expected a number > 0"),
+    (["fit-initial", "--out", "UNDER_FILE"], "exists and is not a directory"),
 ]
 
 

@@ -400,7 +400,7 @@ def test_bad_combinations_are_refused():
         Sampler("euler", flow, 5)
     with pytest.raises(ValueError, match="needs mu"):
         Sampler("flow-euler", NoiseSchedule.flow(use_dynamic_shifting=True), 5)
-    with pytest.raises(ValueError, match="mu .* needs a flow schedule"):
+    with pytest.raises(ValueError, match="mu .* need a flow schedule"):
         Sampler("dpm++2m", vp, 5, mu=0.5)
     with pytest.raises(ValueError, match="NoiseSchedule.edm"):
         Sampler("edm-euler", vp, 5)
@@ -498,3 +498,17 @@ def test_parity_on_random_configurations(gen):
             err, scale = _both(cls, config, steps, _model(cls, config), x_T, set_kw=set_kw, step_kw=step_kw,
                                seed=seed, over={k: v for k, v in step_kw.items() if k in _STEP_OPTIONS})
         assert err <= TOL * scale, f"{cls} {config} {set_kw} {step_kw} {steps} steps: max abs diff {err:.3g}"
+
+
+@pytest.mark.parametrize("cls,config", [(FM, {"use_dynamic_shifting": True}), (FM, {"shift": 3.0, "shift_terminal": 0.1}),
+                                        (UNI, {**FLOW, "use_dynamic_shifting": True})])
+def test_explicit_sigmas_as_flux_pipelines_pass_them(cls, config, gen):
+    """FluxPipeline calls set_timesteps(sigmas=linspace(1, 1/N, N), mu=...): the same sigmas
+    through ``sigmas=`` give diffusers' trajectory."""
+    N = 7
+    set_kw = {"sigmas": np.linspace(1.0, 1 / N, N), "mu": 0.4 + torch.rand(1, generator=gen).item()}
+    if not config.get("use_dynamic_shifting"):
+        del set_kw["mu"]
+    x_T = torch.randn(2, 3, 4, 4, generator=gen)
+    err, scale = _both(cls, config, N, _model(cls, config), x_T, set_kw=set_kw)
+    assert err <= TOL * scale, f"{cls} {config}: max abs diff {err:.3g}"
