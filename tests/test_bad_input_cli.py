@@ -105,8 +105,10 @@ API_CASES = [
     ("train time_sharing", _train(time_sharing=(100, 5)), TypeError, "TimeSharing"),
     ("train schedule", lambda: train(_tiny(), _data(), "linear", steps=1), TypeError,
      "NoiseSchedule"),
-    ("train continuous", lambda: train(_tiny(), _data(), NoiseSchedule.vp_linear(), steps=1),
-     ValueError, "discrete"),
+    ("loss continuous integer t", lambda: diffusion_loss(Fixed(torch.zeros(X0.shape)), X0,
+                                                          NoiseSchedule.vp_linear(),
+                                                          t=torch.zeros(4, dtype=torch.long)),
+     ValueError, "floating times in [0, 1]"),
     ("train data", lambda: train(_tiny(), [1, 2, 3], S, steps=1), TypeError, "data must be"),
     # diffusion_loss
     ("loss output batch 1", _loss(Fixed(torch.zeros(1, 1, 4, 4))), ValueError,
