@@ -58,6 +58,11 @@ def test_kernel_non_contiguous_and_low_precision(gen):
     assert not q.is_contiguous()
     for got, ref in zip(sdpa_jvp(q, k, v, dq, dk, dv), _math_jvp(q, k, v, dq, dk, dv)):
         assert _rel(got, ref) <= 1e-5
+    # stride-0 batch dims (one key/value head shared by every query head, expanded)
+    ke, ve = k[:, :1].expand_as(k), v[:, :1].expand_as(v)
+    ref = _math_jvp(q, ke.contiguous(), ve.contiguous(), dq, dk, dv)
+    for got, ref in zip(sdpa_jvp(q, ke, ve, dq, dk, dv), ref):
+        assert _rel(got, ref) <= 1e-5
     for dt in (torch.bfloat16, torch.float16):
         args = [t.to(dt) for t in (q, k, v, dq, dk, dv)]
         ref = _ops.sdpa_jvp_ref(*args, 0.35)

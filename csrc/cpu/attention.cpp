@@ -43,19 +43,30 @@ struct Dims {
 #define FASTDIFF_ATTN_CLONES
 #endif
 
-// Copies rows [r0, r0 + n) of a [L, W] matrix into acc-typed dst[n * W].
+// A [L, W] matrix with unit column stride and row stride rs (diffusers' attention views
+// [B, L, H, D] memory as [B, H, L, D]: read in place rather than copied).
+template <typename T>
+struct Mat {
+  const T* p;
+  int64_t rs;
+};
+
+// Copies rows [r0, r0 + n) into acc-typed dst[n * W].
 template <typename T, typename acc>
-inline void load_rows(const T* src, int64_t r0, int64_t n, int64_t W, acc* dst) {
-  const T* p = src + r0 * W;
-  for (int64_t i = 0; i < n * W; ++i) dst[i] = static_cast<acc>(p[i]);
+inline void load_rows(Mat<T> src, int64_t r0, int64_t n, int64_t W, acc* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* p = src.p + (r0 + i) * src.rs;
+    for (int64_t w = 0; w < W; ++w) dst[i * W + w] = static_cast<acc>(p[w]);
+  }
 }
 
 // The same rows transposed: dst[w * kKBlock + i] (so that loops over keys are unit-stride).
 template <typename T, typename acc>
-inline void load_rows_t(const T* src, int64_t r0, int64_t n, int64_t W, acc* dst) {
-  const T* p = src + r0 * W;
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t w = 0; w < W; ++w) dst[w * kKBlock + i] = static_cast<acc>(p[i * W + w]);
+inline void load_rows_t(Mat<T> src, int64_t r0, int64_t n, int64_t W, acc* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* p = src.p + (r0 + i) * src.rs;
+    for (int64_t w = 0; w < W; ++w) dst[w * kKBlock + i] = static_cast<acc>(p[w]);
+  }
 }
 
 // The inner loops run over keys (j) or value columns (x) with independent accumulators on
@@ -116,8 +127,8 @@ inline void pv_step(const acc* __restrict e, const acc* __restrict eds, const ac
 }
 
 template <typename T, typename acc>
-FASTDIFF_ATTN_CLONES void sdpa_jvp_task(const T* q, const T* k, const T* v, const T* dq,
-                                        const T* dk, const T* dv, T* out, T* dout, const Dims& d,
+FASTDIFF_ATTN_CLONES void sdpa_jvp_task(Mat<T> q, Mat<T> k, Mat<T> v, Mat<T> dq, Mat<T> dk,
+                                        Mat<T> dv, T* out, T* dout, const Dims& d,
                                         int64_t q0, int64_t nq, acc scale, std::vector<acc>& buf) {
   const int64_t D = d.D, Dv = d.Dv;
   buf.resize(2 * kQBlock * D + 2 * kKBlock * D + 2 * kKBlock * Dv + 3 * kQBlock * Dv +
@@ -239,16 +250,28 @@ std::tuple<at::Tensor, at::Tensor> sdpa_jvp_cpu(const at::Tensor& q, const at::T
   out_shape.back() = v.size(-1);
   at::Tensor out = at::empty(out_shape, q.options());
   at::Tensor dout = at::empty(out_shape, q.options());
-  const Dims d{q.numel() / std::max<int64_t>(1, q.size(-2) * q.size(-1)), q.size(-2), k.size(-2),
-               q.size(-1), v.size(-1)};
+  int64_t BH = 1;
+  for (int64_t i = 0; i < q.dim() - 2; ++i) BH *= q.size(i);
+  const Dims d{BH, q.size(-2), k.size(-2), q.size(-1), v.size(-1)};
   if (out.numel() == 0) return {out, dout};
   if (d.Lk == 0) {  // softmax over no keys: torch's math backend gives NaN
     out.fill_(std::numeric_limits<double>::quiet_NaN());
     dout.fill_(std::numeric_limits<double>::quiet_NaN());
     return {out, dout};
   }
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
-  const at::Tensor dqc = dq.contiguous(), dkc = dk.contiguous(), dvc = dv.contiguous();
+  // Unit stride along D is all the kernel needs; batch dims may have any strides.
+  auto unit = [](const at::Tensor& t) { return t.stride(-1) == 1 || t.size(-1) == 1 ? t : t.contiguous(); };
+  const at::Tensor qc = unit(q), kc = unit(k), vc = unit(v);
+  const at::Tensor dqc = unit(dq), dkc = unit(dk), dvc = unit(dv);
+  // element offset of batch entry bh of t (batch dims flattened in row-major order)
+  auto offset = [](const at::Tensor& t, int64_t bh) {
+    int64_t off = 0;
+    for (int64_t i = t.dim() - 3; i >= 0; --i) {
+      off += (bh % t.size(i)) * t.stride(i);
+      bh /= t.size(i);
+    }
+    return off;
+  };
   const int64_t nqb = (d.Lq + kQBlock - 1) / kQBlock;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "sdpa_jvp_cpu", [&] {
     using acc = at::opmath_type<scalar_t>;
@@ -265,10 +288,13 @@ std::tuple<at::Tensor, at::Tensor> sdpa_jvp_cpu(const at::Tensor& q, const at::T
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t bh = t / nqb, q0 = (t % nqb) * kQBlock;
         const int64_t nq = std::min(kQBlock, d.Lq - q0);
-        const int64_t qo = bh * d.Lq * d.D, ko = bh * d.Lk * d.D, vo = bh * d.Lk * d.Dv;
+        auto mat = [&](const scalar_t* p, const at::Tensor& t) {
+          return Mat<scalar_t>{p + offset(t, bh), t.stride(-2)};
+        };
         const int64_t oo = bh * d.Lq * d.Dv;
-        sdpa_jvp_task<scalar_t, acc>(Q + qo, K + ko, V + vo, dQ + qo, dK + ko, dV + vo, O + oo,
-                                     dO + oo, d, q0, nq, static_cast<acc>(scale), buf);
+        sdpa_jvp_task<scalar_t, acc>(mat(Q, qc), mat(K, kc), mat(V, vc), mat(dQ, dqc), mat(dK, dkc),
+                                     mat(dV, dvc), O + oo, dO + oo, d, q0, nq,
+                                     static_cast<acc>(scale), buf);
       }
     });
   });
