@@ -8,7 +8,7 @@
 // in one loop where possible (specialised on x_base / noise / up to 4 history terms).
 // So every input is read from memory once, every output written once, and the loops
 // vectorize (built for x86-64-v4 (AVX-512), v3 (AVX2) and baseline, picked at load
-// time). float16 data is widened per chunk into float buffers first (see step_segment).
+// time); float16 / bfloat16 through AVX-512 loops where the CPU has it (see v512).
 #include <ATen/Dispatch.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
@@ -440,10 +440,11 @@ FASTDIFF_INLINE const acc* as_acc(const T* src, int64_t c0, int64_t n, acc* buf)
 }
 
 // Elements [i0, i1) of one sample, whose coefficient row is `row`. float32/float64, and
-// bfloat16 with up to kMaxFusedHist history terms, run the loops on the tensors
-// themselves (bfloat16 converts as it loads and stores: a shift and a rounding, cheaper
-// than extra passes). float16 (whose conversion is cheap only as a whole-array F16C
-// pass) and bfloat16 with more history go through float buffers per chunk instead, and
+// the half types with up to kMaxFusedHist history terms, run the loops on the tensors
+// themselves (converting as they load and store, cheaper than extra passes; float16 only
+// with the AVX-512 loops: its scalar conversion is slow, and without AVX-512 it is cheap
+// only as a whole-array F16C pass). Other half-type cases go through float buffers per
+// chunk instead, and
 // so does every type when an output is an input and the chunk's outputs are not formed in
 // one pass (each later pass would read an input an earlier one overwrote): the outputs
 // are then completed in buffers and stored last.
