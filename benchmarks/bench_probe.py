@@ -7,6 +7,8 @@ measures, on the same (sample, timestep) pairs:
   * a plain per-timestep Python loop of finite differences (two model calls per t on
     the B samples, then a norm),
   * ``torch.func.vmap(torch.func.jacfwd(...))`` over the pairs, in the same chunks,
+  * for attention, ``method="jvp"`` with the fused attention rule (fastdiff::sdpa_jvp)
+    against the same probe on torch's math SDPA backend ("jvp, math attention"),
 
 and the cost of one probe chunk in units of one forward pass of the same batch
 (median time of a probe over b pairs / median time of one forward of b rows).
@@ -26,12 +28,14 @@ import platform
 import statistics
 import sys
 import time
+from unittest import mock
 
 import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fastdiff  # noqa: E402
+import fastdiff.attention  # noqa: E402
 from fastdiff._files import atomic_write_text  # noqa: E402
 from fastdiff.probes import _math_attention  # noqa: E402
 from fastdiff.schedules import NoiseSchedule  # noqa: E402
@@ -167,10 +171,17 @@ def bench_model(name, model, shape, args, gen):
         with torch.no_grad(), _math_attention():
             torch.func.jvp(lambda t: model_output(model(xb, t)), (tb,), (torch.ones_like(tb),))
 
+    def probe_chunk(m):
+        fastdiff.lipschitz_t(model, x0, sched, ts[:kb], method=m, **{**probe, "batch_size": kb * B})
+
+    def jvp_math_attention():  # the jvp probe with attention on torch's math backend
+        with mock.patch.object(fastdiff.attention, "fused_jvp_applies", lambda *a: False):
+            probe_chunk("jvp")
+
     fns = {"forward": fwd, "jvp_torch_rules": stock_jvp}
     for m in ("fd", "jvp", "vjp"):
-        fns[m] = (lambda m=m: fastdiff.lipschitz_t(model, x0, sched, ts[:kb], method=m,
-                                                   **{**probe, "batch_size": kb * B}))
+        fns[m] = lambda m=m: probe_chunk(m)
+    fns["jvp_math_attention"] = jvp_math_attention
     chunk = {"pairs": kb * B}
     for k, fn in list(fns.items()):
         try:
@@ -275,6 +286,7 @@ def _print_table(results, args):
         per = chunk["pairs"] / (B * K) / chunk["forward_s"]
         lines = [("per-t loop (fd)", loop, None), ("fastdiff fd", full["fastdiff_fd_s"], chunk["fd"]),
                  ("fastdiff jvp", full["fastdiff_jvp_s"], chunk["jvp"]),
+                 ("jvp, math attention", None, chunk["jvp_math_attention"]),
                  ("fastdiff vjp", None, chunk["vjp"]),
                  ("func.jvp, torch rules", None, chunk["jvp_torch_rules"]),
                  ("vmap(jacfwd)", full["vmap_jacfwd_s"], None)]

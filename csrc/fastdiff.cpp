@@ -18,6 +18,10 @@ TORCH_LIBRARY(fastdiff, m) {
       "sampler_step.out(Tensor x, Tensor? x_base, Tensor model_out, Tensor? model_out_cond, "
       "Tensor[] history, Tensor? noise, Tensor coeffs, bool clamp, *, Tensor(a!)[] out) -> ()");
   m.def("diff_norm(Tensor a, Tensor b) -> Tensor");
+  // softmax(q k^T * scale) v and its tangent along (dq, dk, dv), in one pass over keys.
+  m.def(
+      "sdpa_jvp(Tensor q, Tensor k, Tensor v, Tensor dq, Tensor dk, Tensor dv, float scale) "
+      "-> (Tensor, Tensor)");
 }
 
 // A Python module so that `import fastdiff._C` loads the library (and runs the

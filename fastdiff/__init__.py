@@ -16,8 +16,19 @@ from .train import diffusion_loss
 
 __version__ = "0.1.0"
 
+_LAZY = {"FusedScheduler": "fastdiff.integrations.diffusers", "fuse": "fastdiff.integrations.diffusers"}
+
+
+def __getattr__(name):
+    # diffusers is imported only when its integration is first used.
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fastdiff' has no attribute {name!r}")
+
+
 __all__ = ["backends", "get_backend", "set_backend", "timestep_embedding",
            "SinusoidalEmbedding", "patch_time_embedding", "NoiseSchedule", "TimeSharing", "ETSDM", "etsdm",
            "lipschitz_t", "lipschitz_x", "LipschitzResult", "sample", "invert", "Sampler", "SAMPLERS",
-           "UNet", "pretrained", "load_model", "save_model", "diffusion_loss",
+           "UNet", "pretrained", "load_model", "save_model", "diffusion_loss", "FusedScheduler", "fuse",
            "__version__"]

@@ -36,7 +36,11 @@ SCHEMAS = {
         "sampler_step.out(Tensor x, Tensor? x_base, Tensor model_out, Tensor? model_out_cond, "
         "Tensor[] history, Tensor? noise, Tensor coeffs, bool clamp, *, Tensor(a!)[] out) -> ()"),
     "diff_norm": "diff_norm(Tensor a, Tensor b) -> Tensor",
+    "sdpa_jvp": ("sdpa_jvp(Tensor q, Tensor k, Tensor v, Tensor dq, Tensor dk, Tensor dv, "
+                 "float scale) -> (Tensor, Tensor)"),
 }
+# Ops served by the reference on CUDA (no CUDA kernel); backends() does not count them.
+NO_CUDA_KERNEL = ("sdpa_jvp",)
 
 _LOAD_ERROR = None
 try:
@@ -55,6 +59,23 @@ if not HAS_EXTENSION:
     _lib_fallback = torch.library.Library("fastdiff", "DEF")
     for _schema in SCHEMAS.values():
         _lib_fallback.define(_schema)
+
+
+def _has_schema(name: str) -> bool:
+    base, _, overload = name.partition(".")
+    try:
+        torch._C._get_schema(f"fastdiff::{base}", overload)
+        return True
+    except RuntimeError:
+        return False
+
+
+# An extension built before an op was added (a stale build) lacks its schema: define it
+# here and let the reference serve it (registered below), rather than fail at import.
+_STALE = [n for n in SCHEMAS if HAS_EXTENSION and not _has_schema(n)]
+_lib_stale = torch.library.Library("fastdiff", "FRAGMENT") if _STALE else None
+for _name in _STALE:
+    _lib_stale.define(SCHEMAS[_name])
 
 
 def _has_cuda_kernel(name: str) -> bool:
@@ -109,7 +130,7 @@ def use_reference() -> bool:
 def backends() -> dict:
     """What is available: ``{"cpu_kernels", "cuda_kernels", "triton", "cuda_device",
     "backend", "torch", "load_error"}``."""
-    ops = list(SCHEMAS)
+    ops = [n for n in SCHEMAS if n not in NO_CUDA_KERNEL]
     return {
         "cpu_kernels": HAS_EXTENSION,
         "cuda_kernels": HAS_EXTENSION and all(_has_cuda_kernel(n) for n in ops),
@@ -326,11 +347,46 @@ def _diff_norm_fake(a, b):
 
 
 # ---------------------------------------------------------------------------------------
+# sdpa_jvp
+# ---------------------------------------------------------------------------------------
+
+def sdpa_jvp_ref(q, k, v, dq, dk, dv, scale):
+    """Reference of ``fastdiff::sdpa_jvp``: attention and its tangent, written directly
+    (it materialises the [Lq, Lk] matrices; the kernels never do).
+
+    q, dq: [..., Lq, D]; k, dk: [..., Lk, D]; v, dv: [..., Lk, Dv] (equal batch dims, one
+    dtype). With s = q k^T * scale, ds = (dq k^T + q dk^T) * scale and p = softmax(s):
+    returns ``(p v, p dv + (p * (ds - rowsum(p * ds))) v)``, each [..., Lq, Dv] in q's
+    dtype, computed in float32 (float64 for float64).
+    """
+    if not (q.dim() >= 2 and k.dim() == q.dim() == v.dim()
+            and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]):  # as the kernel: no broadcasting
+        raise ValueError(f"sdpa_jvp: q, k, v must have the same batch dims, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    dtype = q.dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    q, k, v, dq, dk, dv = (x.to(acc) for x in (q, k, v, dq, dk, dv))
+    s = (q @ k.transpose(-1, -2)) * scale
+    ds = (dq @ k.transpose(-1, -2) + q @ dk.transpose(-1, -2)) * scale
+    p = torch.softmax(s, dim=-1)
+    pds = p * (ds - (p * ds).sum(-1, keepdim=True))
+    out, dout = p @ v, p @ dv + pds @ v
+    return out.to(dtype), dout.to(dtype)
+
+
+@torch.library.register_fake("fastdiff::sdpa_jvp")
+def _sdpa_jvp_fake(q, k, v, dq, dk, dv, scale):
+    shape = q.shape[:-1] + v.shape[-1:]
+    return q.new_empty(shape), q.new_empty(shape)
+
+
+# ---------------------------------------------------------------------------------------
 # dispatch
 # ---------------------------------------------------------------------------------------
 
 REFERENCE = {"timestep_embedding": embedding_ref, "sampler_step": step_ref,
-             "sampler_step.out": step_out_ref, "diff_norm": diff_norm_ref}
+             "sampler_step.out": step_out_ref, "diff_norm": diff_norm_ref,
+             "sdpa_jvp": sdpa_jvp_ref}
 # Triton implementations take exactly the op's arguments (fastdiff/triton/<file>.py).
 TRITON = {"timestep_embedding": ("embedding", "timestep_embedding"),
           "sampler_step": ("step", "sampler_step"),
@@ -341,6 +397,9 @@ if _lib_fallback is not None:
     for _name, _fn in REFERENCE.items():
         for _key in ("CPU", "CUDA"):
             _lib_fallback.impl(_name, _fn, _key)
+for _name in _STALE:
+    for _key in ("CPU", "CUDA"):
+        _lib_stale.impl(_name, REFERENCE[_name], _key)
 
 
 def constant_result(fn):
@@ -391,7 +450,8 @@ def _triton_launcher(name: str):
 
 
 _FAKE = {"timestep_embedding": _embedding_fake, "sampler_step": _step_fake,
-         "sampler_step.out": _step_out_fake, "diff_norm": _diff_norm_fake}
+         "sampler_step.out": _step_out_fake, "diff_norm": _diff_norm_fake,
+         "sdpa_jvp": _sdpa_jvp_fake}
 
 
 def _no_backward(name: str):

@@ -22,7 +22,8 @@ from .model_io import load_weights
 
 __all__ = ["DigitsClassifier", "frechet_distance", "digits_fd", "digits_fd_sharded", "sharded_moments", "classify",
            "digits_features", "feature_moments", "frechet_from_moments",
-           "load_classifier", "train_classifier", "classifier_accuracy", "CLASSIFIER_FILE"]
+           "load_classifier", "train_classifier", "classifier_accuracy", "CLASSIFIER_FILE",
+           "bootstrap_indices", "frechet_distance_resampled", "percentile_ci"]
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 CLASSIFIER_FILE = os.path.join(ASSETS, "digits_classifier.safetensors")
@@ -295,3 +296,74 @@ def _main() -> int:  # python -m fastdiff.metrics: retrain and ship the classifi
 
 if __name__ == "__main__":
     raise SystemExit(_main())
+
+
+# -- error bars: bootstrap over samples ---------------------------------------------------
+
+def bootstrap_indices(n: int, replicates: int, generator: torch.Generator | None = None
+                      ) -> torch.Tensor:
+    """``replicates`` resamples with replacement of ``range(n)``: int64 [replicates, n].
+
+    Use the same rows for every model whose sample i came from the same seed (a paired
+    bootstrap: the spread of a difference then excludes the seeds' common variation)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ValueError(f"bootstrap_indices: n must be an int >= 2, got {n!r}")
+    if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 1:
+        raise ValueError(f"bootstrap_indices: replicates must be a positive int, got {replicates!r}")
+    return torch.randint(0, n, (replicates, n), generator=generator)
+
+
+def _batched_moments(f: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # mean [R, D] and unbiased covariance [R, D, D] of f[idx[r]] for every replicate r
+    x = f[idx]                                            # [R, n, D]
+    mu = x.mean(1)
+    xc = x - mu[:, None]
+    return mu, xc.transpose(1, 2) @ xc / (x.shape[1] - 1)
+
+
+def frechet_distance_resampled(feats_a, feats_b, idx_a: torch.Tensor,
+                               idx_b: torch.Tensor) -> torch.Tensor:
+    """:func:`frechet_distance` of ``feats_a[idx_a[r]]`` against ``feats_b[idx_b[r]]`` for
+    every replicate r, batched: float64 [R]. feats [N_a, D] / [N_b, D]; idx int64
+    [R, n_a] / [R, n_b] (e.g. from :func:`bootstrap_indices`)."""
+    a, b = _as_f64_2d(feats_a, "feats_a"), _as_f64_2d(feats_b, "feats_b")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"frechet_distance_resampled: feature dims differ ({a.shape[1]} vs {b.shape[1]})")
+    if idx_a.dim() != 2 or idx_b.dim() != 2 or idx_a.shape[0] != idx_b.shape[0]:
+        raise ValueError("frechet_distance_resampled: idx_a and idx_b must be [R, n] with the same R, "
+                         f"got {tuple(idx_a.shape)} and {tuple(idx_b.shape)}")
+    mu_a, s_a = _batched_moments(a, idx_a)
+    mu_b, s_b = _batched_moments(b, idx_b)
+    # the eigen route of _trace_sqrt_product, per replicate
+    w1, v1 = torch.linalg.eigh(s_a)
+    r1 = (v1 * w1.clamp_min(0).sqrt()[:, None]) @ v1.transpose(1, 2)
+    m = r1 @ s_b @ r1
+    tr = torch.linalg.eigvalsh((m + m.transpose(1, 2)) / 2).clamp_min(0).sqrt().sum(1)
+    trace = lambda s: s.diagonal(dim1=1, dim2=2).sum(1)  # noqa: E731
+    return (mu_a - mu_b).pow(2).sum(1) + trace(s_a) + trace(s_b) - 2.0 * tr
+
+
+def percentile_ci(replicates, level: float = 0.95, *, estimate: float | None = None
+                  ) -> tuple[float, float]:
+    """Bootstrap interval from the replicates [R] of a statistic.
+
+    Without ``estimate``: the percentile interval ``(q_lo, q_hi)``, the (1 - level) / 2
+    and (1 + level) / 2 quantiles (linear interpolation, as ``numpy.percentile``). With
+    the full-sample ``estimate`` theta: the same width centred on theta,
+    ``theta -+ (q_hi - q_lo) / 2`` (the normal interval when the replicates are normal).
+    Use that for the FD: resamples with duplicated rows read systematically high (by
+    about the estimator's own bias), which shifts the percentile interval off the
+    estimate, and reflecting it (the "basic" interval) overcorrects into negative FDs
+    near the noise floor. The width, the spread at this n, is what comparisons need.
+    """
+    r = torch.as_tensor(replicates, dtype=torch.float64).reshape(-1)
+    if r.numel() < 2 or not torch.isfinite(r).all():
+        raise ValueError("percentile_ci: need >= 2 finite replicates")
+    if not 0 < level < 1:
+        raise ValueError(f"percentile_ci: level must be in (0, 1), got {level!r}")
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(r, q).tolist()
+    if estimate is None:
+        return lo, hi
+    half = (hi - lo) / 2.0
+    return float(estimate) - half, float(estimate) + half

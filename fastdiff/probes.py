@@ -16,13 +16,20 @@ Autodiff details (all scoped to a probe call, nothing stays changed):
 * torch's fused attention kernels (CPU flash attention, CUDA flash / memory-efficient)
   have neither a forward-AD formula nor a double-backward, so the derivative methods run
   ``scaled_dot_product_attention`` on its math backend (the same attention written in
-  differentiable ops).
-* The "jvp" method reroutes ``conv2d`` and ``group_norm`` (when only their input carries
-  a tangent, as in every probe) to rules that propagate the activation tangent alone.
+  differentiable ops), except where "jvp" uses the fused rule below.
+* The "jvp" method reroutes ``conv2d``, ``linear`` and ``group_norm`` (when only their
+  input carries a tangent, as in every probe) to rules that propagate the activation
+  tangent alone (torch's linear rule on a [B, L, C] input multiplies by the weight
+  expanded to a batch).
   torch 2.13's own rules also convolve with a materialised zero weight tangent (3
   convolutions instead of 2) and build group_norm's tangent from ~30 elementwise ops
   (about 30x the norm itself), and the group_norm rule fails on channels-last input
   ("view size is not compatible"), which diffusers' attention blocks produce.
+* The "jvp" method also reroutes unmasked ``scaled_dot_product_attention`` (diffusers'
+  ``AttnProcessor2_0``) to :func:`fastdiff.attention.scaled_dot_product_attention`:
+  primal on torch's fused kernel, tangent from ``fastdiff::sdpa_jvp`` in one pass over
+  key blocks, instead of the math backend's materialised attention matrix and its
+  tangent.
 """
 from __future__ import annotations
 
@@ -37,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from . import _ops
+from . import _ops, attention
 from ._files import atomic_write_text
 from .schedules import NoiseSchedule, TimeSharing
 from .wrappers import ETSDM, model_output
@@ -241,6 +248,24 @@ class _Conv2dJvp(torch.autograd.Function):
         return F.conv2d(x_t, weight, None, *ctx.conv_args)
 
 
+class _LinearJvp(torch.autograd.Function):
+    """linear whose tangent is linear(x_t, W): torch's rule for a [B, L, C] input
+    multiplies by the weight expanded to [B, C, C'] (a copy and a batched matmul)."""
+
+    @staticmethod
+    def forward(x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_forward(inputs[1])
+
+    @staticmethod
+    def jvp(ctx, x_t, *_):
+        (weight,) = ctx.saved_tensors
+        return F.linear(x_t, weight)
+
+
 class _GroupNormJvp(torch.autograd.Function):
     """group_norm with the tangent of its input only (weight and bias are constants):
     with xc = x - mean and r = (var + eps)^-1/2 per group,
@@ -278,11 +303,13 @@ class _GroupNormJvp(torch.autograd.Function):
 _CONV2D = (("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
            (None, None, None, 1, 0, 1, 1))
 _GROUP_NORM = (("input", "num_groups", "weight", "bias", "eps"), (None, None, None, None, 1e-5))
+_LINEAR = (("input", "weight", "bias"), (None, None, None))
 
 
 class _FastJvpRules(TorchFunctionMode):
-    """Routes conv2d / group_norm calls whose parameters carry no tangent to the rules
-    above; everything else (and any call with a tangent on a parameter) runs as is."""
+    """Routes conv2d / linear / group_norm calls whose parameters carry no tangent to the rules
+    above, and unmasked attention to the fused rule of :mod:`fastdiff.attention`;
+    everything else (and any call with a tangent on a parameter) runs as is."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -291,10 +318,19 @@ class _FastJvpRules(TorchFunctionMode):
             if _has_tangent(x) and not _has_tangent(w) and not _has_tangent(b) \
                     and not isinstance(padding, str):
                 return _Conv2dJvp.apply(x, w, b, stride, padding, dilation, groups)
+        elif func is F.linear:
+            x, w, b = _bind(args, kwargs, *_LINEAR)
+            if _has_tangent(x) and x.dim() >= 2 and not _has_tangent(w) and not _has_tangent(b):
+                return _LinearJvp.apply(x, w, b)
         elif func is F.group_norm:
             x, groups, w, b, eps = _bind(args, kwargs, *_GROUP_NORM)
             if _has_tangent(x) and x.dim() >= 2 and not _has_tangent(w) and not _has_tangent(b):
                 return _GroupNormJvp.apply(x, groups, w, b, eps)
+        elif func is F.scaled_dot_product_attention:
+            q, k, v, mask, p, causal, scale, gqa = _bind(args, kwargs, *attention._SDPA_ARGS)
+            if any(map(_has_tangent, (q, k, v))) and not _has_tangent(mask) \
+                    and attention.fused_jvp_applies(q, k, v, mask, p, causal, gqa):
+                return attention.scaled_dot_product_attention(q, k, v, scale=scale)
         return func(*args, **kwargs)
 
 

@@ -190,14 +190,25 @@ class FlowSchedule:
         return 1 - one_minus / (one_minus[-1] / (1 - st))
 
     def grid_sigmas(self, steps: int, variant: str = "match", mu: float | None = None,
-                    karras=False):
+                    karras=False, sigmas=None):
         """(model times [steps], flow sigmas [steps + 1]) of one run, float64, as the
         diffusers scheduler ``variant`` builds them: "match" (FlowMatchEuler/Heun:
         shifted endpoints, shifted again, optional terminal stretch and Karras /
         exponential / beta respacing, optional inversion), "dpm" (DPM-Solver with
         ``use_flow_sigmas``) or "unipc" (UniPC with ``use_flow_sigmas``). The last sigma
         is the final level (0, or 1 when ``invert_sigmas``). ``karras``: True or a
-        respacing name overriding the schedule's ``sigma_spacing``."""
+        respacing name overriding the schedule's ``sigma_spacing``. ``sigmas``: the
+        unshifted sigmas to start from instead of the default spacing (diffusers'
+        ``set_timesteps(sigmas=...)``, which Flux pipelines pass), [steps]."""
+        if sigmas is not None:
+            if variant == "dpm":
+                raise ValueError("DPM-Solver's flow sigmas take no explicit sigmas (diffusers has none)")
+            # FlowMatchEuler casts them to float32, UniPC keeps them as given
+            sigmas = np.asarray(sigmas, dtype=np.float32 if variant == "match" else np.float64).astype(np.float64)
+            if sigmas.ndim != 1 or not ((sigmas > 0) & (sigmas <= 1)).all():
+                raise ValueError(f"sigmas must be a list of values in (0, 1], got {sigmas.tolist()}")
+            if len(sigmas) != steps:
+                raise ValueError(f"sigmas has {len(sigmas)} values but steps={steps}; pass steps={len(sigmas)}")
         p, T, N = self._params, self.T, steps
         if variant == "match":
             shift = self._shift_of(mu, required=True)
@@ -206,7 +217,7 @@ class FlowSchedule:
             if not p["use_dynamic_shifting"]:
                 train = p["shift"] * train / (1 + (p["shift"] - 1) * train)
             hi, lo = train[0].item(), train[-1].item()
-            s = np.linspace(hi * T, lo * T, N) / T
+            s = np.linspace(hi * T, lo * T, N) / T if sigmas is None else sigmas
             s = self._stretch(time_shift(s, shift))
             spacing = ("karras" if karras is True else karras) if karras else p["sigma_spacing"]
             if spacing is not None:
@@ -225,7 +236,8 @@ class FlowSchedule:
             s = time_shift(1.0 - np.linspace(1, 1 / T, N + 1), shift)[::-1][:-1].copy()
         elif variant == "unipc":
             shift = self._shift_of(mu, required=True)
-            s = self._stretch(time_shift(np.linspace(1, 1 / T, N + 1)[:-1], shift))
+            s = np.linspace(1, 1 / T, N + 1)[:-1] if sigmas is None else sigmas
+            s = self._stretch(time_shift(s, shift))
             if abs(s[0] - 1) < 1e-6:
                 s[0] -= 1e-6  # diffusers: keeps log(alpha) finite at the first step
         else:

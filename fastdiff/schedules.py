@@ -538,14 +538,25 @@ class NoiseSchedule:
         return EDMSchedule(sigma_min, sigma_max, rho, sigma_schedule)
 
     @classmethod
-    def vp_linear(cls, beta_0: float = 0.1, beta_1: float = 20.0) -> "NoiseSchedule":
+    def vp_linear(cls, beta_0: float = 0.1, beta_1: float = 20.0, *,
+                  t_eps: float = 1e-3) -> "NoiseSchedule":
         """Continuous VP-SDE with beta(t) = beta_0 + t (beta_1 - beta_0), t in [0, 1]:
-        log alpha_t = -t^2 (beta_1 - beta_0) / 4 - t beta_0 / 2 (DPM-Solver 'linear')."""
+        log alpha_t = -t^2 (beta_1 - beta_0) / 4 - t beta_0 / 2 (DPM-Solver 'linear').
+
+        ``t_eps`` in (0, 0.5): the smallest time, where sampling ends and the lower end
+        of training's uniform t (1e-3: DPM-Solver's default; score-SDE trains VP at 1e-5).
+        """
         b0, b1 = _check_real("beta_0", beta_0), _check_real("beta_1", beta_1)
         if b0 < 0 or b1 <= 0:
             raise ValueError("vp_linear needs beta_0 >= 0 and beta_1 > 0 (alpha must decrease), "
                              f"got {b0}, {b1}")
-        return cls("vp_linear", {"beta_0": b0, "beta_1": b1})
+        t_eps = _check_real("t_eps", t_eps)
+        if not 0 < t_eps < 0.5:
+            raise ValueError(f"vp_linear needs t_eps in (0, 0.5), got {t_eps}")
+        params = {"beta_0": b0, "beta_1": b1}
+        if t_eps != 1e-3:  # only when set: the default's dict (and saved models) stay as before
+            params["t_eps"] = t_eps
+        return cls("vp_linear", params)
 
     @classmethod
     def vp_cosine(cls, s: float = 0.008, t_max: float = 0.9946) -> "NoiseSchedule":
@@ -600,8 +611,9 @@ class NoiseSchedule:
 
     @property
     def t_eps(self) -> float:
-        """Default end of sampling in continuous time: 1/T (discrete) or 1e-3 (DPM-Solver)."""
-        return 1e-3 if self._continuous else 1.0 / self.T
+        """Default end of sampling in continuous time: 1/T (discrete), 1e-3 (DPM-Solver's
+        default) or ``vp_linear``'s ``t_eps``."""
+        return self._params.get("t_eps", 1e-3) if self._continuous else 1.0 / self.T
 
     @property
     def cosine_t_max(self) -> float:
@@ -662,7 +674,8 @@ class NoiseSchedule:
             return (FlowSchedule if d["kind"] == "flow" else EDMSchedule).from_dict(d)
         if d["continuous"]:
             if d["kind"] == "vp_linear":
-                return cls.vp_linear(params["beta_0"], params["beta_1"])
+                return cls.vp_linear(params["beta_0"], params["beta_1"],
+                                     t_eps=params.get("t_eps", 1e-3))
             if d["kind"] == "vp_cosine":
                 return cls.vp_cosine(params["s"], params["t_max"])
             raise ValueError(f"unknown continuous schedule kind {d['kind']!r}")

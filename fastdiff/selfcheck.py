@@ -36,8 +36,15 @@ def _diff_norm_args(device):
     return [(a, torch.randn_like(a))]
 
 
+def _sdpa_jvp_args(device):
+    q, dq = (torch.randn(1, 3, 37, 8, device=device) for _ in range(2))
+    k, v, dk, dv = (torch.randn(1, 3, 70, 8, device=device) for _ in range(4))
+    return [(q, k, v, dq, dk, dv, 0.35)]
+
+
 CASES = {"timestep_embedding": _embedding_args, "sampler_step": _step_args,
-         "sampler_step.out": _step_args, "diff_norm": _diff_norm_args}
+         "sampler_step.out": _step_args, "diff_norm": _diff_norm_args,
+         "sdpa_jvp": _sdpa_jvp_args}
 
 
 def _run(name, fn, args):

@@ -449,7 +449,9 @@ def singular_step(sampler, x1: torch.Tensor, y: torch.Tensor, y_cond: torch.Tens
             pass uses ``(y + w (y_cond - y)) / w``, otherwise ``y_cond``.
 
     Returns:
-        the sampler's initial state: ``alpha_t1 y + sigma_t1 x1`` for VP samplers,
+        the sampler's initial state: ``alpha_t1 y + sigma_t1 x1`` for samplers whose
+        state is x_t = alpha x0 + sigma eps (VP samplers; EDM's, with alpha = 1; flow
+        matching's, where a grid that starts at t = 1 makes it x1 itself), and
         ``y + (sigma_t1 / alpha_t1) x1`` for the Euler family (state x / alpha).
     """
     grid = sampler.grid
@@ -457,6 +459,9 @@ def singular_step(sampler, x1: torch.Tensor, y: torch.Tensor, y_cond: torch.Tens
         raise ValueError(f"the sampler has per-sample timesteps for {grid.rows} samples, x1 has "
                          f"batch {x1.shape[0]}")
     a, s = grid.alpha[:, 0], grid.sigma[:, 0]
+    if (grid.alpha[:, 0] > grid.alpha[:, -1]).any():
+        raise ValueError(f"sampler {sampler.name!r} runs from data towards noise (an inversion); "
+                         "SingDiffusion's step from t = 1 starts a generative run")
     if sampler.plan.sigma_space:
         return _fused_start(x1, y, y_cond, guidance_scale, x_coef=s / a, y_coef=1.0 + 0.0 * a)
     return _fused_start(x1, y, y_cond, guidance_scale, x_coef=s, y_coef=a)

@@ -90,8 +90,8 @@ def _col(v):
     return float(v)
 
 
-def _check_like(name, t, x):
-    if t is None:
+def _check_like(name, t, x, optional=True):
+    if t is None and optional:
         return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"fused_step: {name} must be a tensor, got {type(t).__name__}")
@@ -102,6 +102,74 @@ def _check_like(name, t, x):
         raise TypeError(f"fused_step: {name} has dtype {t.dtype}, expected x's dtype {x.dtype}")
     if t.device != x.device:
         raise ValueError(f"fused_step: {name} is on {t.device}, expected x's device {x.device}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+# -- autograd ------------------------------------------------------------------------------
+# The kernels have no backward of their own. The update is linear in every tensor input
+# (piecewise linear through the clamp, bilinear with the coefficients), so its
+# vector-Jacobian product is that of the pure-torch reference at the same inputs: the
+# forward runs the kernel, the backward differentiates the reference (itself
+# differentiable again, so double backward works too).
+
+class _Differentiable(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, clamp, n_out, n_hist, x, x_base, model_out, model_out_cond, noise,
+                coeffs, *history):
+        ctx.clamp, ctx.n_out = clamp, n_out
+        ctx.save_for_backward(x, x_base, model_out, model_out_cond, noise, coeffs, *history)
+        return tuple(fn(x, x_base, model_out, model_out_cond, list(history), noise, coeffs,
+                        clamp, n_out))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, x_base, m, mc, noise, coeffs, *history = ctx.saved_tensors
+        inputs = (x, x_base, m, mc, noise, coeffs, *history)
+        wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[4 + i]]
+        with torch.enable_grad():
+            leaves = [t if t is None or t.requires_grad else t.detach().requires_grad_(i in wanted)
+                      for i, t in enumerate(inputs)]
+            x, x_base, m, mc, noise, coeffs, *history = leaves
+            outs = _ops.step_ref(x, x_base, m, mc, history, noise, coeffs, ctx.clamp, ctx.n_out)
+            got = torch.autograd.grad(outs, [leaves[i] for i in wanted], grads, allow_unused=True,
+                                      create_graph=torch.is_grad_enabled())
+        result = [None] * len(inputs)
+        for i, g in zip(wanted, got):
+            result[i] = g
+        return (None, None, None, None, *result)
+
+
+def needs_grad(*tensors) -> bool:
+    """Whether autograd records an op on these tensors (grad mode on and one requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def differentiable_step(fn, x, x_base, model_out, model_out_cond, history, noise, coeffs,
+                        clamp: bool, n_out: int) -> list[torch.Tensor]:
+    """``fn`` (a ``sampler_step`` implementation with the op's arguments) with a backward
+    rule: use when :func:`needs_grad` of the inputs."""
+    return list(_Differentiable.apply(fn, clamp, n_out, len(history), x, x_base, model_out,
+                                      model_out_cond, noise, coeffs, *history))
+
+
+def dense_perm(x: torch.Tensor):
+    """For a non-contiguous x whose memory is dense with the batch outermost (channels_last
+    and the like): the dimension order in which it is contiguous, else None. The kernels
+    then run on ``x.permute(perm)`` and their outputs, permuted back, keep x's layout."""
+    if x.dim() < 3:
+        return None
+    perm = (0, *sorted(range(1, x.dim()), key=lambda i: -x.stride(i)))
+    return perm if x.permute(perm).is_contiguous() else None
+
+
+def inverse_perm(perm):
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return tuple(inv)
 
 
 def fused_step(x: torch.Tensor, model_out: torch.Tensor, coeffs: torch.Tensor, *,
@@ -126,7 +194,10 @@ def fused_step(x: torch.Tensor, model_out: torch.Tensor, coeffs: torch.Tensor, *
             output that shares only part of an input's memory is an error.
 
     Returns:
-        list of ``n_out`` tensors shaped like x, in x's dtype (``out`` when given).
+        list of ``n_out`` tensors shaped like x, in x's dtype and memory layout (e.g.
+        channels_last; ``out`` when given). The outputs are differentiable with respect to
+        every tensor input (the coefficients too) on every backend; with ``out`` an input
+        that requires grad is an error (in-place outputs cannot record a graph).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"fused_step: x must be a tensor, got {type(x).__name__}")
@@ -134,16 +205,24 @@ def fused_step(x: torch.Tensor, model_out: torch.Tensor, coeffs: torch.Tensor, *
         raise ValueError(f"fused_step: x must have shape [B, ...] with B >= 1, got {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise TypeError(f"fused_step: x must be float32/float16/bfloat16/float64, got {x.dtype}")
-    _check_like("model_out", model_out, x)
+    _check_like("model_out", model_out, x, optional=False)
     for name, t in (("x_base", x_base), ("model_out_cond", model_out_cond), ("noise", noise)):
         _check_like(name, t, x)
+    if isinstance(history, torch.Tensor) or not isinstance(history, (list, tuple)):
+        raise TypeError(f"fused_step: history must be a list of tensors, got {type(history).__name__}")
     history = list(history)
     for k, h in enumerate(history):
-        _check_like(f"history[{k}]", h, x)
-    if not isinstance(n_out, int) or n_out < 1:
+        _check_like(f"history[{k}]", h, x, optional=False)
+    if not _is_int(n_out):
+        raise TypeError(f"fused_step: n_out must be an int, got {type(n_out).__name__}")
+    if n_out < 1:
         raise ValueError(f"fused_step: n_out must be a positive int, got {n_out!r}")
+    n_out = int(n_out)
     want = STEP_HEAD + n_out * step_n_basis(len(history))
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if not isinstance(coeffs, torch.Tensor):
+        raise TypeError(f"fused_step: coeffs must be a tensor [B or 1, {want}] (see StepCoeffs."
+                        f"tensor()), got {type(coeffs).__name__}")
     if coeffs.dim() != 2 or coeffs.shape[0] not in (1, x.shape[0]) or coeffs.shape[1] != want:
         raise ValueError(f"fused_step: coeffs must have shape [{x.shape[0]} or 1, {want}] for "
                          f"n_out={n_out} and {len(history)} history tensors, got "
@@ -152,9 +231,26 @@ def fused_step(x: torch.Tensor, model_out: torch.Tensor, coeffs: torch.Tensor, *
         raise TypeError(f"fused_step: coeffs must be {acc} for {x.dtype} samples, got {coeffs.dtype}")
     if coeffs.device != x.device:
         raise ValueError(f"fused_step: coeffs is on {coeffs.device}, expected {x.device}")
+    grad = needs_grad(x, x_base, model_out, model_out_cond, noise, coeffs, *history)
     if out is None:
-        return _ops.call("sampler_step", x, x_base, model_out, model_out_cond, history, noise,
-                         coeffs, bool(clamp), n_out)
+        perm = None if x.is_contiguous() else dense_perm(x)
+        if perm is not None:  # run in x's memory order; the outputs keep its layout
+            x, x_base, model_out, model_out_cond, noise = (
+                None if t is None else t.permute(perm) for t in (x, x_base, model_out, model_out_cond, noise))
+            history = [h.permute(perm) for h in history]
+        fn = _ops._impl("sampler_step", x.device)
+        args = (x, x_base, model_out, model_out_cond, history, noise, coeffs, bool(clamp), n_out)
+        outs = differentiable_step(fn, *args) if grad else fn(*args)
+        if perm is not None:
+            inv = inverse_perm(perm)
+            outs = [o.permute(inv) for o in outs]
+        return outs
+    if grad:
+        raise ValueError("fused_step: out= does not support autograd, and an input requires grad; "
+                         "call fused_step without out (its outputs are differentiable), or under "
+                         "torch.no_grad()")
+    if isinstance(out, torch.Tensor) or not isinstance(out, (list, tuple)):
+        raise TypeError(f"fused_step: out must be a list of tensors, got {type(out).__name__}")
     out = list(out)
     if len(out) != n_out:
         raise ValueError(f"fused_step: out has {len(out)} tensors, expected n_out={n_out}")

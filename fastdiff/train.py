@@ -53,10 +53,16 @@ def _check_schedule(schedule) -> NoiseSchedule:
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule must be a fastdiff.schedules.NoiseSchedule, "
                         f"got {type(schedule).__name__}")
-    if schedule.continuous:
-        raise ValueError(f"training needs a discrete schedule (integer timesteps); "
-                         f"{schedule.kind} is continuous")
     return schedule
+
+
+def _draw_t(schedule: NoiseSchedule, n: int, generator, device=None) -> torch.Tensor:
+    """Training timesteps [n]: uniform integers in 0..T-1 (discrete), or float32 uniform
+    in [t_eps, t_max] (continuous: the score-SDE / DPM-Solver convention)."""
+    if not schedule.continuous:
+        return torch.randint(0, schedule.T, (n,), generator=generator, device=device)
+    lo, hi = schedule.t_eps, schedule.t_max
+    return lo + (hi - lo) * torch.rand(n, generator=generator, device=device)
 
 
 def _check_sharing(time_sharing):
@@ -76,13 +82,15 @@ def diffusion_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, *,
     Args:
         model: ``model(x_t, f(t)[, class_labels=cond])`` -> prediction shaped like x0.
         x0: clean data [B, ...].
-        schedule: a discrete :class:`NoiseSchedule` (T timesteps).
+        schedule: a :class:`NoiseSchedule`: discrete (T timesteps) or continuous VP
+            (``vp_linear`` / ``vp_cosine``, t in [0, 1]).
         prediction: the target: "epsilon" (eps), "v_prediction" (alpha eps - sigma x0)
             or "sample" (x0).
         time_sharing: E-TSDM f applied to the network's time input only; None = identity.
         cond: class labels [B] passed as ``class_labels`` (None: not passed).
         generator: RNG for t and noise when they are not given.
-        t: int64 [B] timesteps in 0..T-1 (default: uniform draws).
+        t: int64 [B] timesteps in 0..T-1, or floating [B] times in [0, 1] for a
+            continuous schedule (default: uniform draws, in [t_eps, t_max] if continuous).
         noise: eps shaped like x0 (default: standard normal draws).
     """
     _check_schedule(schedule)
@@ -103,8 +111,12 @@ def diffusion_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, *,
         raise ValueError(f"cond must have one row per sample [{B}, ...], got {tuple(cond.shape)}")
     gdev = generator.device if generator is not None else dev
     if t is None:
-        t = torch.randint(0, schedule.T, (B,), generator=generator, device=gdev).to(dev)
-    elif t.shape != (B,) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        t = _draw_t(schedule, B, generator, gdev).to(dev)
+    elif schedule.continuous and (t.shape != (B,) or not t.is_floating_point()):
+        raise ValueError(f"t must be floating times in [0, 1] of shape [{B}] for the continuous "
+                         f"{schedule.kind} schedule, got {t.dtype} {tuple(t.shape)}")
+    elif not schedule.continuous and (t.shape != (B,) or t.is_floating_point() or t.is_complex()
+                                      or t.dtype == torch.bool):
         raise ValueError(f"t must be integer timesteps of shape [{B}], got {t.dtype} {tuple(t.shape)}")
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, device=gdev, dtype=x0.dtype).to(dev)
@@ -255,7 +267,8 @@ def train(model: nn.Module, data, schedule: NoiseSchedule, *, steps: int,
             ``null_class`` (the label used for dropout). Built (and seeded) by the caller.
         data: a Dataset of (image [C, H, W], label) or (image,) items; or a tensor of
             images [N, C, H, W]; or (images, labels).
-        schedule: discrete NoiseSchedule (forward process at the true t).
+        schedule: NoiseSchedule (forward process at the true t): discrete, or continuous
+            VP (t uniform in [t_eps, t_max]; set t_eps with ``vp_linear(t_eps=...)``).
         steps: total optimizer steps (counting those of a resumed checkpoint).
         batch_size: GLOBAL batch; each of the ``world_size`` ranks gets
             ``batch_size // world_size`` rows (must divide).
@@ -410,7 +423,7 @@ def train(model: nn.Module, data, schedule: NoiseSchedule, *, steps: int,
             x0 = (item[0] if isinstance(item, (tuple, list)) else item).to(device)
             # Global draws, then this rank's rows: the DistributedSampler gives rank r the
             # global batch positions r, r + world, r + 2 * world, ...
-            t_g = (torch.randint(0, schedule.T, (batch_size,), generator=gen) if schedule is not None
+            t_g = (_draw_t(schedule, batch_size, gen) if schedule is not None
                    else torch.zeros(batch_size, dtype=torch.long))
             noise_g = torch.randn((batch_size,) + tuple(x0.shape[1:]), generator=gen)
             drop_g = torch.rand(batch_size, generator=gen) < p_uncond

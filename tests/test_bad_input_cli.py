@@ -10,6 +10,7 @@ import torch
 
 import fastdiff.cli as cli
 import fastdiff.probes as probes
+import fastdiff.singular as singular
 import fastdiff.train as ftrain
 from fastdiff import LipschitzResult, lipschitz_t, lipschitz_x
 from fastdiff.nets import UNet
@@ -104,8 +105,10 @@ API_CASES = [
     ("train time_sharing", _train(time_sharing=(100, 5)), TypeError, "TimeSharing"),
     ("train schedule", lambda: train(_tiny(), _data(), "linear", steps=1), TypeError,
      "NoiseSchedule"),
-    ("train continuous", lambda: train(_tiny(), _data(), NoiseSchedule.vp_linear(), steps=1),
-     ValueError, "discrete"),
+    ("loss continuous integer t", lambda: diffusion_loss(Fixed(torch.zeros(X0.shape)), X0,
+                                                          NoiseSchedule.vp_linear(),
+                                                          t=torch.zeros(4, dtype=torch.long)),
+     ValueError, "floating times in [0, 1]"),
     ("train data", lambda: train(_tiny(), [1, 2, 3], S, steps=1), TypeError, "data must be"),
     # diffusion_loss
     ("loss output batch 1", _loss(Fixed(torch.zeros(1, 1, 4, 4))), ValueError,
@@ -190,6 +193,7 @@ def no_work(monkeypatch):
     monkeypatch.setattr(probes, "lipschitz_t", started)
     monkeypatch.setattr(cli, "_sample_digits", started)
     monkeypatch.setattr(cli, "_sample_gaussian", started)
+    monkeypatch.setattr(singular, "fit_initial_predictor", started)
     monkeypatch.delenv("FASTDIFF_DEBUG", raising=False)
 
 
@@ -258,6 +262,17 @@ CLI_CASES = [
     (["lipschitz", "--batch-size", "0", "--out", "OUT"], "argument --batch-size"),
     (["lipschitz", "--stat", "p99", "--out", "OUT"], "argument --stat: invalid choice"),
     (["lipschitz", "--seed", "x", "--out", "OUT"], "argument --seed: expected an integer"),
+    # sharded sampling, fd, fit-initial
+    (["sample", "--seeds", "0-9", "--model", "gaussian-mixture", "--out", "DIR"],
+     "fastdiff sample: error: --seeds (sharded sampling) needs a digits model"),
+    (["sample", "--seeds", "0-9", "--n", "5", "--out", "DIR"], "either --seeds"),
+    (["fd"], "fastdiff fd: error: the following arguments are required: --samples"),
+    (["fd", "--samples", "DIR"], "fastdiff fd: error: "),
+    (["fd", "--samples", "DIR", "--reference", "x"], "argument --reference: invalid choice"),
+    (["fit-initial"], "fastdiff fit-initial: error: the following arguments are required: --out"),
+    (["fit-initial", "--data", "nope", "--out", "DIR"], "fastdiff fit-initial: error: --data must be"),
+    (["fit-initial", "--lr", "0", "--out", "DIR"], "argument --lr: expected a number > 0"),
+    (["fit-initial", "--out", "UNDER_FILE"], "exists and is not a directory"),
 ]
 
 

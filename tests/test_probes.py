@@ -319,12 +319,13 @@ def test_auto_on_diffusers_unet_with_default_attention(gen):
 
 
 @pytest.mark.parametrize("case", ["conv", "conv_strided_groups", "conv_nobias", "gn", "gn_plain",
-                                  "gn_3d", "gn_channels_last", "weight_with_tangent"])
+                                  "gn_3d", "gn_channels_last", "linear_3d", "linear_nobias",
+                                  "weight_with_tangent"])
 def test_fast_jvp_rules_match_torch(gen, case, monkeypatch):
-    """The probe's conv2d / group_norm forward-AD rules against torch's own."""
+    """The probe's conv2d / linear / group_norm forward-AD rules against torch's own."""
     from fastdiff import probes
     used = []
-    for rule in (probes._Conv2dJvp, probes._GroupNormJvp):
+    for rule in (probes._Conv2dJvp, probes._LinearJvp, probes._GroupNormJvp):
         def counted(ctx, *tangents, _jvp=rule.jvp):
             used.append(1)
             return _jvp(ctx, *tangents)
@@ -346,6 +347,9 @@ def test_fast_jvp_rules_match_torch(gen, case, monkeypatch):
         f = gn
         if case == "gn_channels_last":
             x = x.to(memory_format=torch.channels_last)
+    elif case in ("linear_3d", "linear_nobias"):  # [B, L, C] tokens, as in attention blocks
+        f = nn.Linear(6, 5, bias=case == "linear_3d").to(F64)
+        x, v = x.flatten(1, 2), v.flatten(1, 2)
     elif case == "gn_plain":
         f = nn.GroupNorm(2, 8, affine=False).to(F64)
     elif case == "gn_3d":

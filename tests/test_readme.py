@@ -8,6 +8,8 @@ covered without touching this file.
 """
 import os
 import re
+import sys
+import types
 
 import pytest
 import torch
@@ -48,8 +50,11 @@ def test_readme_block_runs(line, code, tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
+    # A real (fresh) module: torch.compile looks a function's module up in sys.modules.
+    module = types.ModuleType("__readme__")
+    monkeypatch.setitem(sys.modules, "__readme__", module)
     try:
-        exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})
+        exec(compile(code, f"README.md:{line}", "exec"), module.__dict__)
     finally:
         plt.close("all")
 

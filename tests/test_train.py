@@ -84,8 +84,8 @@ def test_loss_rejects_bad_input():
         diffusion_loss(spy, x0, s, prediction="score")
     with pytest.raises(TypeError, match="NoiseSchedule"):
         diffusion_loss(spy, x0, torch.linspace(0.9, 0.1, 1000))
-    with pytest.raises(ValueError, match="discrete"):
-        diffusion_loss(spy, x0, NoiseSchedule.vp_linear())
+    with pytest.raises(ValueError, match="floating times"):  # continuous: t in [0, 1]
+        diffusion_loss(spy, x0, NoiseSchedule.vp_linear(), t=torch.tensor([0, 1]))
     with pytest.raises(TypeError, match="TimeSharing"):
         diffusion_loss(spy, x0, s, time_sharing=(100, 5))
     with pytest.raises(ValueError, match="integer timesteps"):

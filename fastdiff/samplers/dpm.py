@@ -74,6 +74,17 @@ def _integrator(algorithm, h, at, st, ab, sb):
         return at / ab, -2 * st * ep, -2 * st * (ep / h - 1), None, st * np.sqrt(np.expm1(2 * h))
 
 
+def _stalled(h, ab, sb, at, st, data):
+    """Rows where a step has no length (|h| < 1e-6: the grid repeats a noise level, as a
+    Karras grid ending at sigma_min does, where rounding leaves h ~ 1e-8; an inverse run
+    has h < 0 throughout, which is not this). Returns (rows,
+    h safe to divide by, x coefficient at h = 0): every step's limit as h -> 0 is
+    x_t = (sigma_t / sigma_s) x_s (data prediction) or (alpha_t / alpha_s) x_s, the model
+    and noise terms vanishing, which is what diffusers computes at h = 0 exactly."""
+    stall = np.abs(h) < 1e-6
+    return stall, np.where(stall, 1.0, h), (st / sb) if data else (at / ab)
+
+
 def _d1_coef(solver_type, p1, p2):
     # Second-order updates: "midpoint" weights D1 by phi_1 / 2, "heun" by phi_2.
     return 0.5 * p1 if solver_type == "midpoint" else p2
@@ -98,7 +109,8 @@ def dpm_multistep(grid: Grid, *, pred, clamp, order: int = 2, algorithm: str = "
         o = 1 if (order == 1 or i < 1 or lower_final) else 2 if (order == 2 or i < 2 or lower_second) else 3
         c, t = Coeffs(grid.rows, 2, o - 1), Terms(o - 1)
         clamped = _model_term(c, grid, i, pred, clamp, data)
-        h = lam[:, i + 1] - lam[:, i]
+        stall, h, x_stall = _stalled(lam[:, i + 1] - lam[:, i], a[:, i], s[:, i], a[:, i + 1],
+                                     s[:, i + 1], data)
         xc, p1, p2, p3, nz = _integrator(algorithm, h, a[:, i + 1], s[:, i + 1], a[:, i], s[:, i])
         if o == 1:
             comb = p1 * t.d
@@ -111,7 +123,8 @@ def dpm_multistep(grid: Grid, *, pred, clamp, order: int = 2, algorithm: str = "
             d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
             d2 = (d1_0 - d1_1) / (r0 + r1)
             comb = p1 * t.d + p2 * d1 + p3 * d2
-        c.combo(0, comb, x=xc, noise=nz)
+        c.combo(0, np.where(stall, 0.0, comb), x=np.where(stall, x_stall, xc),
+                noise=np.where(stall, 0.0, nz))
         c.out(1, d=1.0)
         history = tuple(("d", i - 1 - k) for k in range(o - 1))
         calls.append(Call(grid.t[:, i], Op(c, history=history, outputs=("x", ("d", i)),

@@ -9,6 +9,7 @@ The ODE is dz/dsk = (z - x0) / sk; d below is that derivative.
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
@@ -44,9 +45,11 @@ def init_scale(grid: Grid, init_noise_sigma=None):
     if init_noise_sigma == "diffusers":
         top = sk.max(axis=1)
         return top if grid.spacing in ("linspace", "trailing") else np.sqrt(top ** 2 + 1.0)
-    if isinstance(init_noise_sigma, (int, float)) and not isinstance(init_noise_sigma, bool):
+    if isinstance(init_noise_sigma, numbers.Real) and not isinstance(init_noise_sigma, (bool, np.bool_)) \
+            and math.isfinite(init_noise_sigma) and init_noise_sigma > 0:
         return np.full(grid.rows, float(init_noise_sigma))
-    raise ValueError(f"init_noise_sigma must be None, 'diffusers' or a number, got {init_noise_sigma!r}")
+    raise ValueError("init_noise_sigma must be None, 'diffusers' or a finite positive number, got "
+                     f"{init_noise_sigma!r}")
 
 
 def derivative(c, grid: Grid, i: int, pred, clamp) -> bool:
@@ -107,8 +110,10 @@ def heun(grid: Grid, *, pred, clamp, init_noise_sigma=None) -> Plan:
         z_e = z + dt d(z, sk)                          (Euler predictor, call 1)
         z'  = z + dt (d(z, sk) + d(z_e, sk')) / 2     (trapezoid corrector, call 2)
 
-    written as z' = z_e + dt (d2 - d1) / 2 so the corrector needs only d1 as history.
-    The step into sk' = 0 is the Euler step alone (d is undefined at sk = 0).
+    The predictor also writes b = z + dt d1 / 2, so the corrector is z' = b + dt d2 / 2
+    with one history tensor. As in diffusers, a state edited between the two calls (an
+    inpainting mask) changes d2 and the model input, not the base z. The step into
+    sk' = 0 is the Euler step alone (d is undefined at sk = 0).
     """
     sk, calls = grid.sk, []
     for i in range(grid.n):
@@ -118,13 +123,13 @@ def heun(grid: Grid, *, pred, clamp, init_noise_sigma=None) -> Plan:
         clamped = derivative(c, grid, i, pred, clamp)
         c.out(0, x=1.0, d=dt)
         if second:
-            c.out(1, d=1.0)
-        calls.append(Call(grid.t[:, i], Op(c, outputs=("x", ("d", i)) if second else ("x",),
+            c.out(1, x=1.0, d=0.5 * dt)
+        calls.append(Call(grid.t[:, i], Op(c, outputs=("x", ("b", i)) if second else ("x",),
                                            clamp=clamped), c_in=grid.alpha[:, i]))
         if second:
             c2, t = Coeffs(grid.rows, 1, 1), Terms(1)
             clamped = derivative(c2, grid, i + 1, pred, clamp)
-            c2.combo(0, 0.5 * dt * (t.d - t.h(0)), x=1.0)
-            calls.append(Call(grid.t_at(i + 1), Op(c2, history=(("d", i),), clamp=clamped),
+            c2.combo(0, 0.5 * dt * t.d + t.h(0))
+            calls.append(Call(grid.t_at(i + 1), Op(c2, history=(("b", i),), clamp=clamped),
                               c_in=grid.alpha[:, i + 1]))
     return Plan(calls, init_scale(grid, init_noise_sigma), sigma_space=True)

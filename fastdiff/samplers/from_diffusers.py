@@ -12,7 +12,7 @@ import math
 
 from ..schedules import NoiseSchedule
 
-__all__ = ["sampler_args", "SUPPORTED"]
+__all__ = ["sampler_args", "SUPPORTED", "DIFFUSERS_CLASSES", "DIFFUSERS_OPTIONS"]
 
 _SCHEDULE_KEYS = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                   "rescale_betas_zero_snr"}
@@ -438,6 +438,40 @@ SUPPORTED.update({
 })
 
 
+# The diffusers scheduler (class, config overrides) each fused sampler reproduces, for
+# choosing a sampler by name on top of a diffusers config (fastdiff.FusedScheduler).
+DIFFUSERS_CLASSES = {
+    "ddpm": ("DDPMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": False}),
+    "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "dpm-solver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
+    "dpm-solver-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver"}),
+    "dpm-solver-single": ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver"}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpm++3m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3}),
+    "dpm++2s": ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpm++3s": ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3}),
+    "dpm++sde-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "unipc": ("UniPCMultistepScheduler", {"solver_type": "bh2"}),
+    "unipc-bh1": ("UniPCMultistepScheduler", {"solver_type": "bh1"}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "deis": ("DEISMultistepScheduler", {"solver_order": 2}),
+    "deis-3": ("DEISMultistepScheduler", {"solver_order": 3}),
+    "ipndm": ("IPNDMScheduler", {}),
+    "kdpm2": ("KDPM2DiscreteScheduler", {}),
+    "kdpm2-ancestral": ("KDPM2AncestralDiscreteScheduler", {}),
+    "sa-solver": ("SASolverScheduler", {}),
+    "cosine-dpm": ("CosineDPMSolverMultistepScheduler", {}),
+    "dpm++sde": ("DPMSolverSDEScheduler", {}),
+}
+# Sampler options a sampler alias may imply, as diffusers config keys.
+DIFFUSERS_OPTIONS = {"karras": "use_karras_sigmas"}
+
+
 def sampler_args(scheduler, steps):
     """(sampler name, Sampler keyword arguments) equivalent to ``scheduler`` run for
     ``steps`` steps."""
@@ -445,12 +479,15 @@ def sampler_args(scheduler, steps):
     if cls not in SUPPORTED:
         why = _REFUSED.get(cls, "fastdiff has no sampler family whose fused step reproduces its update")
         raise ValueError(f"scheduler {cls} is not supported: {why}. Supported: {', '.join(SUPPORTED)}")
-    cfg = dict(scheduler.config)
     if steps is None:
         raise ValueError("from_diffusers needs steps (the scheduler's num_inference_steps)")
+    params = inspect.signature(type(scheduler).__init__).parameters
+    # Only the keys the class itself takes: `from_config` of another class's config keeps
+    # that class's keys as hidden config entries (skip_prk_steps on a DDIM made from
+    # Stable Diffusion's PNDM config), which the scheduler ignores, and so does fastdiff.
+    cfg = {k: v for k, v in dict(scheduler.config).items() if k in params}
     name, kw, used = SUPPORTED[cls](cls, cfg, steps)
-    defaults = {k: p.default for k, p in inspect.signature(type(scheduler).__init__).parameters.items()
-                if p.default is not inspect.Parameter.empty}
+    defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
     for key, value in cfg.items():
         if key.startswith("_") or key in used or key in _SCHEDULE_KEYS or key in _IGNORED \
                 or key == "prediction_type":
@@ -466,7 +503,7 @@ def sampler_args(scheduler, steps):
     kw.setdefault("prediction_type", _prediction(cls, cfg))
     # flow-matching and EDM readers build their own schedule; IPNDM / cosine DPM have their own noise levels
     if "schedule" not in kw and cls not in ("IPNDMScheduler", "CosineDPMSolverMultistepScheduler"):
-        kw["schedule"] = NoiseSchedule.from_diffusers(scheduler)
+        kw["schedule"] = NoiseSchedule.from_diffusers(cfg)
     kw["steps"] = steps
     return name, kw
 

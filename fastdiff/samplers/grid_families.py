@@ -15,20 +15,20 @@ from .grid import Grid, _as_times, _discrete_lookup, _explicit_grid, _final, _fr
 
 __all__ = ["family_grid", "GRID_OPTIONS", "lcm_timesteps"]
 
-GRID_OPTIONS = ("mu", "original_inference_steps")  # run options that shape the grid
+GRID_OPTIONS = ("mu", "sigmas", "original_inference_steps")  # run options that shape the grid
 _OWN_FLAVORS = ("flow", "edm", "cm", "lcm", "ddim-inverse", "dpm-inverse")
 
 
 def family_grid(schedule, steps, *, flavor, flow, timesteps, spacing, steps_offset, karras, final,
-                sigma_min, sigma_max, sigma_kind=None, mu=None, original_inference_steps=None):
+                sigma_min, sigma_max, sigma_kind=None, mu=None, sigmas=None, original_inference_steps=None):
     """The grid of a family built here, or None (build_grid's own VP families)."""
     kind = getattr(schedule, "kind", None)
     if sigma_kind is not None and (kind in ("flow", "edm") or flavor in _OWN_FLAVORS):
         if kind != "flow" or sigma_kind not in ("karras", "exponential", "beta"):
             raise ValueError(f"{sigma_kind} sigmas are not an option of this sampler / schedule")
         karras = sigma_kind
-    if mu is not None and kind != "flow":
-        raise ValueError("mu (dynamic shifting) needs a flow schedule (NoiseSchedule.flow)")
+    if (mu is not None or sigmas is not None) and kind != "flow":
+        raise ValueError("mu (dynamic shifting) and sigmas need a flow schedule (NoiseSchedule.flow)")
     if original_inference_steps is not None and flavor != "lcm":
         raise ValueError("original_inference_steps is an option of the lcm / tcd samplers only")
     if kind == "flow":
@@ -38,7 +38,10 @@ def family_grid(schedule, steps, *, flavor, flow, timesteps, spacing, steps_offs
                              "flow-heun or a DPM-Solver / UniPC name")
         if sigma_min is not None or sigma_max is not None:
             raise ValueError("sigma_min / sigma_max are not options of flow-matching grids")
-        return _flow_grid(schedule, steps, variant, timesteps, karras, final, mu)  # karras: bool or a kind
+        if sigmas is not None:
+            if timesteps is not None:
+                raise ValueError("give either timesteps or sigmas")
+        return _flow_grid(schedule, steps, variant, timesteps, karras, final, mu, sigmas)  # karras: bool or a kind
     if flavor == "flow":
         raise ValueError(f"flow-matching samplers need a flow schedule (NoiseSchedule.flow()), got {schedule!r}")
     if kind == "edm" or flavor in ("edm", "cm"):
@@ -88,7 +91,7 @@ class _FlowLookup:
         return 1.0 - s, s
 
 
-def _flow_grid(schedule, steps, variant, timesteps, karras, final, mu):
+def _flow_grid(schedule, steps, variant, timesteps, karras, final, mu, sigmas=None):
     T = schedule.T
     if timesteps is not None:
         if karras:
@@ -97,7 +100,7 @@ def _flow_grid(schedule, steps, variant, timesteps, karras, final, mu):
         s = np.concatenate([ts / T, np.zeros((ts.shape[0], 1))], axis=1)
         return Grid(t=ts, alpha=1.0 - s, sigma=s, t_integer=variant != "match" and bool((ts == np.round(ts)).all()),
                     lookup=_FlowLookup(T))
-    t, s = schedule.grid_sigmas(_steps(steps), variant, mu, karras)
+    t, s = schedule.grid_sigmas(_steps(steps), variant, mu, karras, sigmas)
     t_end = None
     if variant == "match":
         if schedule.params["invert_sigmas"]:

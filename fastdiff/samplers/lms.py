@@ -31,8 +31,9 @@ def lms_coefficients(nodes: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 def lms(grid: Grid, *, pred, clamp, order: int = 4, init_noise_sigma=None) -> Plan:
     """LMS of the given order (ramped up over the first steps)."""
-    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+    if isinstance(order, (bool, np.bool_)) or not isinstance(order, (int, np.integer)) or order < 1:
         raise ValueError(f"order must be a positive int, got {order!r}")
+    order = int(order)
     sk, calls = grid.sk, []
     for i in range(grid.n):
         o = min(i + 1, order)

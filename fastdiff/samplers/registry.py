@@ -21,7 +21,8 @@ from .flow import flow_euler, flow_heun
 from .inverse import ddim_inverse
 from .lcm import lcm, tcd
 
-__all__ = ["Family", "FAMILIES", "SAMPLERS", "INVERSE", "OWN_SCHEDULE", "family", "default_schedule"]
+__all__ = ["Family", "FAMILIES", "SAMPLERS", "INVERSE", "OWN_SCHEDULE", "ALIASES", "DIFFUSERS_ARGS", "family",
+           "resolve", "diffusers_args", "default_schedule"]
 
 
 @dataclass(frozen=True)
@@ -115,11 +116,80 @@ def default_schedule(name: str):
 
 SAMPLERS = tuple(FAMILIES)
 
+# Other programs' names for the samplers above (A1111 / ComfyUI / k-diffusion), matched
+# after normalisation (see ``_key``), so "DPM++ 2M", "dpmpp_2m" and "dpm++2m" are one
+# name and need no entry; a trailing "Karras" ("DPM++ 2M Karras", "lms_karras") adds
+# ``karras=True`` to any name. Only exact equivalents of a family are listed: names of
+# samplers fastdiff does not have (e.g. "DPM++ 2S a", "DPM++ SDE") stay unknown.
+ALIASES = {
+    "Euler a": "euler-ancestral",
+    "k_euler": "euler",
+    "k_euler_a": "euler-ancestral",
+    "k_euler_ancestral": "euler-ancestral",
+    "k_heun": "heun",
+    "k_lms": "lms",
+    "k_dpmpp_2m": "dpm++2m",
+    "DPM++ 2M SDE": "dpm++sde-2m",
+    "k_dpmpp_2m_sde": "dpm++sde-2m",
+    "uni_pc_bh2": "unipc",
+    "DPM2": "kdpm2",
+    "DPM2 a": "kdpm2-ancestral",
+    "k_dpm_2": "kdpm2",
+    "k_dpm_2_a": "kdpm2-ancestral",
+    "k_dpm_2_ancestral": "kdpm2-ancestral",
+    "dpm_2": "kdpm2",
+    "dpm_2_ancestral": "kdpm2-ancestral",
+    "DPM++ SDE": "dpm++sde",
+    "k_dpmpp_sde": "dpm++sde",
+    "DPM-Solver++": "dpm++2m",
+    "DPM-Solver": "dpm-solver",
+}
+_KARRAS = "karras"
 
-def family(name: str) -> Family:
+
+def _key(name: str) -> str:
+    return name.lower().replace("++", "pp").replace(" ", "").replace("_", "").replace("-", "")
+
+
+# diffusers' argument names for Sampler / sample arguments (both spellings are accepted).
+DIFFUSERS_ARGS = {"num_inference_steps": "steps", "use_karras_sigmas": "karras",
+                  "timestep_spacing": "spacing"}
+
+
+def diffusers_args(options: dict, **given):
+    """Move diffusers' spellings (:data:`DIFFUSERS_ARGS`) out of ``options`` (a kwargs
+    dict, changed in place) into fastdiff's: returns ``given`` (fastdiff name -> value,
+    None = not given) with them filled in; both spellings at once raise ValueError."""
+    for theirs, ours in DIFFUSERS_ARGS.items():
+        if theirs in options:
+            value = options.pop(theirs)
+            if given.get(ours) is not None and value is not None:
+                raise ValueError(f"give either {ours}= or {theirs}= (diffusers' name), not both "
+                                 f"({ours}={given[ours]!r}, {theirs}={value!r})")
+            if value is not None:
+                given[ours] = value
+    return given
+
+
+def resolve(name: str) -> tuple[str, dict]:
+    """(family name in :data:`FAMILIES`, Sampler options the name implies) for a sampler
+    name or alias: ``resolve("DPM++ 2M Karras") == ("dpm++2m", {"karras": True})``."""
     if not isinstance(name, str):
         raise TypeError(f"sampler must be a name (str), got {type(name).__name__}")
-    try:
-        return FAMILIES[name]
-    except KeyError:
-        raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLERS)}") from None
+    if name in FAMILIES:
+        return name, {}
+    lookup = {**{_key(a): n for a, n in ALIASES.items()}, **{_key(n): n for n in FAMILIES}}
+    key = _key(name)
+    if key in lookup:
+        return lookup[key], {}
+    if key.endswith(_KARRAS) and key[:-len(_KARRAS)] in lookup:
+        return lookup[key[:-len(_KARRAS)]], {"karras": True}
+    aliases = ", ".join(f"{a!r} -> {n}" for a, n in ALIASES.items())
+    raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLERS)}. Case, spaces, "
+                     f"'_' / '-' and 'pp' for '++' do not matter ('DPM++ 2M' = 'dpmpp_2m'); a "
+                     f"trailing ' Karras' adds karras=True; other names: {aliases}")
+
+
+def family(name: str) -> Family:
+    """The family of a sampler name or alias (see :func:`resolve`)."""
+    return FAMILIES[resolve(name)[0]]

@@ -15,39 +15,71 @@ the device too).
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import inspect
 import math
+import numbers
+import threading
 
 import numpy as np
 import torch
 
 from ..schedules import NoiseSchedule, TimeSharing
 from .. import _ops
+from ..step import dense_perm, differentiable_step, inverse_perm
 from ..wrappers import model_output
 from .core import PREDICTIONS, Clamp, Plan
 from .grid import build_grid
 from .grid_families import GRID_OPTIONS
 from .guidance import rescale_coeffs
-from .registry import SAMPLERS, default_schedule, family
+from .registry import SAMPLERS, default_schedule, diffusers_args, family, resolve
 
-__all__ = ["Sampler", "make_generators", "randn"]
+__all__ = ["Sampler", "make_generators", "randn", "DEFAULT_STEPS"]
+
+DEFAULT_STEPS = 20
+
+
+def _seed_list(seeds) -> list:
+    """Seeds as a list of Python ints in the range torch.Generator.manual_seed takes."""
+    if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, (bool, np.bool_)):
+        seeds = [seeds]
+    if isinstance(seeds, (range, np.ndarray)) or (isinstance(seeds, torch.Tensor) and seeds.dim() == 1):
+        seeds = [s.item() if isinstance(s, (np.generic, torch.Tensor)) else s for s in seeds]
+    if not isinstance(seeds, (list, tuple)) or not seeds:
+        raise TypeError(f"seeds must be a non-empty sequence of ints, got {type(seeds).__name__}")
+    for s in seeds:
+        if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)):
+            raise TypeError(f"seeds must be ints, got {type(s).__name__}")
+        if not -2 ** 63 <= s < 2 ** 64:
+            raise ValueError(f"seeds must be in [-2**63, 2**64) (what torch.Generator takes), got {s}")
+    return [int(s) for s in seeds]
 
 
 def make_generators(seeds, device="cpu") -> list:
     """One ``torch.Generator`` per seed (sample i draws all its noise from generator i, so
     it does not depend on the rest of the batch)."""
-    if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
-        seeds = [seeds]
-    if isinstance(seeds, (range, np.ndarray)) or (isinstance(seeds, torch.Tensor) and seeds.dim() == 1):
-        seeds = [int(s) for s in seeds]
-    if not isinstance(seeds, (list, tuple)) or not seeds:
-        raise TypeError(f"seeds must be a non-empty sequence of ints, got {type(seeds).__name__}")
-    gens = []
-    for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
-            raise TypeError(f"seeds must be ints, got {type(s).__name__}")
-        gens.append(torch.Generator(device=device).manual_seed(int(s)))
-    return gens
+    return [torch.Generator(device=device).manual_seed(s) for s in _seed_list(seeds)]
+
+
+def check_generator(generator):
+    """``generator`` if it is None, a torch.Generator or a non-empty list of them."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, (list, tuple)) and generator and all(
+            isinstance(g, torch.Generator) for g in generator):
+        return generator
+    raise TypeError("generator must be a torch.Generator or a list of them (one per sample; or "
+                    f"give seeds=[...]), got {type(generator).__name__}")
+
+
+def check_guidance(g):
+    """A guidance scale as a float (Python and numpy numbers alike), or None."""
+    if g is None:
+        return None
+    if isinstance(g, (bool, np.bool_)) or not isinstance(g, numbers.Real) or not math.isfinite(g):
+        raise TypeError(f"guidance_scale must be a finite number, got {g!r}")
+    return float(g)
 
 
 def randn(shape, generator=None, device="cpu", dtype=torch.float32) -> torch.Tensor:
@@ -55,6 +87,7 @@ def randn(shape, generator=None, device="cpu", dtype=torch.float32) -> torch.Ten
     the whole batch; a list of generators draws one sample each (on the generator's
     device, then moved)."""
     shape = tuple(shape)
+    generator = check_generator(generator)
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"got {len(generator)} generators (seeds) for a batch of {shape[0]}")
@@ -81,14 +114,21 @@ def _clamp_spec(thresholding, ratio, max_value, clip_sample, clip_range):
 
 
 class Sampler:
-    """A sampler for one run of ``steps`` steps (reusable: it restarts after the last step).
+    """A sampler of ``steps`` steps: the plan (every coefficient, computed once) and, kept
+    apart from it, the state of the runs it serves (one per thread for the step API, one
+    per ``fastdiff.sample`` call), so it is reusable, usable from several threads at once
+    and picklable. ``init_noise`` (or ``reset``) starts a run; a step after its last raises.
 
     Args:
-        sampler: one of :data:`SAMPLERS` (``"ddim"``, ``"dpm++2m"``, ``"unipc"``, ...).
+        sampler: one of :data:`SAMPLERS` (``"ddim"``, ``"dpm++2m"``, ``"unipc"``, ...) or
+            another program's name for it (``"DPM++ 2M Karras"``, ``"dpmpp_2m"``,
+            ``"k_euler"``: :data:`fastdiff.samplers.registry.ALIASES`).
         schedule: a :class:`fastdiff.schedules.NoiseSchedule` (default: DDPM linear, T=1000;
             ``NoiseSchedule.flow()`` / ``.edm()`` for the flow-matching / EDM samplers).
-        steps: number of steps (evaluation points); Heun and PNDM call the model more
-            often, ``len(sampler.timesteps)`` times.
+        steps: number of steps (evaluation points, default 20); Heun and PNDM call the
+            model more often, ``len(sampler.timesteps)`` times. diffusers' names
+            ``num_inference_steps``, ``use_karras_sigmas`` and ``timestep_spacing`` are
+            accepted for ``steps``, ``karras`` and ``spacing``.
         timesteps: explicit model times instead of a spacing, [N] or [B, N] (one grid per
             sample: every coefficient is then computed from that sample's times); descending;
             ``steps`` is then ignored.
@@ -128,8 +168,8 @@ class Sampler:
     """
 
     def __init__(self, sampler: str = "dpm++2m", schedule: NoiseSchedule | None = None,
-                 steps: int | None = 20, *, timesteps=None, spacing: str | None = None,
-                 steps_offset: int = 0, karras: bool = False, final_sigmas_type: str | None = None,
+                 steps: int | None = None, *, timesteps=None, spacing: str | None = None,
+                 steps_offset: int = 0, karras: bool | None = None, final_sigmas_type: str | None = None,
                  prediction_type: str = "epsilon", thresholding: bool = False,
                  dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
                  clip_sample: bool = False, clip_sample_range: float = 1.0,
@@ -139,6 +179,19 @@ class Sampler:
                  diffusers_rule: bool = False, exponential_sigmas: bool = False,
                  beta_sigmas: bool = False, lu_lambdas: bool = False,
                  guidance_rescale: float = 0.0, **options):
+        args = {k: v for k, v in locals().items() if k in _INIT_ARGS}
+        self._args = (args, dict(options))  # what to_dict and pickling rebuild it from
+        self._tails = ()  # tail() starts applied to this configuration, in order
+        named = diffusers_args(options, steps=steps, karras=karras, spacing=spacing)
+        steps, karras, spacing = named["steps"], named["karras"], named["spacing"]
+        sampler, implied = resolve(sampler)
+        if "karras" in implied:
+            if karras is False:
+                raise ValueError(f"the sampler name implies karras=True but karras={karras!r} was given")
+            karras = True
+        karras = bool(karras)
+        if steps is None:
+            steps = DEFAULT_STEPS
         fam = family(sampler)
         self.name = sampler
         self.schedule = default_schedule(sampler) if schedule is None else schedule
@@ -150,9 +203,7 @@ class Sampler:
             raise TypeError(f"steps must be an int, got {type(steps).__name__}")
         if timesteps is None and steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        if guidance_scale is not None and not (isinstance(guidance_scale, (int, float))
-                                               and math.isfinite(guidance_scale)):
-            raise TypeError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        guidance_scale = check_guidance(guidance_scale)
         if time_sharing is not None and not isinstance(time_sharing, TimeSharing):
             raise TypeError(f"time_sharing must be a fastdiff.TimeSharing, got {type(time_sharing).__name__}")
         if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)) \
@@ -169,6 +220,7 @@ class Sampler:
             valid = sorted(k for k in params if k not in ("grid", "pred", "clamp"))
             raise TypeError(f"sampler {sampler!r} got unknown option(s) {unknown}; its options: {valid}")
         self.prediction_type = prediction_type
+        self._options = opts
         self.clamp = _clamp_spec(thresholding, dynamic_thresholding_ratio, sample_max_value,
                                  clip_sample, clip_sample_range)
         self.grid = build_grid(
@@ -182,10 +234,11 @@ class Sampler:
         self.grid = self.plan.grid or self.grid
         self.guidance_scale = guidance_scale
         self.time_sharing = time_sharing
-        self.generator = make_generators(seeds) if seeds is not None else generator
+        self._seeds = None if seeds is None else _seed_list(seeds)
+        self.generator = make_generators(self._seeds) if seeds is not None else check_generator(generator)
+        self._seed_gens = self.generator if seeds is not None else None
         self.steps = self.grid.n
         self._finalize()
-        self.reset()
 
     # -- construction ------------------------------------------------------------------
 
@@ -195,11 +248,116 @@ class Sampler:
         DPMSolverMultistep/Singlestep, UniPC, Euler, EulerAncestral, Heun, LMS, DEIS,
         SASolver, KDPM2, KDPM2Ancestral, DPMSolverSDE, IPNDM, CosineDPMSolverMultistep;
         ``fastdiff.samplers.from_diffusers.SUPPORTED``), reading its config; an option it
-        cannot honour raises ValueError naming it."""
+        cannot honour raises ValueError naming it. ``steps`` (or ``num_inference_steps``):
+        the scheduler's number of inference steps; ``overrides``: Sampler arguments that
+        replace what the config gives."""
         from .from_diffusers import sampler_args
-        name, kwargs = sampler_args(scheduler, steps)
-        kwargs.update(overrides)
+        named = diffusers_args(overrides, steps=steps, karras=overrides.pop("karras", None),
+                               spacing=overrides.pop("spacing", None))
+        if named["steps"] is None and overrides.get("timesteps") is not None:
+            named["steps"] = DEFAULT_STEPS  # unused: explicit timesteps define the run
+        name, kwargs = sampler_args(scheduler, named.pop("steps"))
+        kwargs.update(overrides, **{k: v for k, v in named.items() if v is not None})
         return cls(name, **kwargs)
+
+    # -- saving ------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        """The configuration as a JSON-safe dict (only what differs from the defaults):
+        ``Sampler.from_dict(d)`` builds an equal Sampler, with the same coefficients and,
+        from the same seeds, the same samples.
+
+        The noise source is saved as ``seeds`` (the seeds the Sampler was built with, so
+        a rebuilt one starts their streams afresh); a Sampler drawing from a
+        ``torch.Generator`` cannot be saved this way (ValueError; pickle it instead).
+        """
+        d = {"format": 1, **self._portable()}
+        if self.generator is not None:
+            if self._seed_gens is None or self.generator is not self._seed_gens:
+                raise ValueError("Sampler.to_dict: the sampler draws its noise from a torch.Generator, "
+                                 "which a JSON config cannot hold; build it with seeds=[...] instead "
+                                 "(or pickle it: pickling keeps the generator's state)")
+            d["seeds"] = list(self._seeds)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Sampler":
+        """Inverse of :meth:`to_dict`."""
+        if not isinstance(d, dict):
+            raise TypeError(f"Sampler.from_dict expects a dict, got {type(d).__name__}")
+        if d.get("format") != 1 or "sampler" not in d:
+            raise ValueError("Sampler.from_dict: not a Sampler config (needs format 1 and 'sampler'); "
+                             f"got keys {sorted(d)}")
+        kw = {k: v for k, v in d.items() if k not in ("format", "options", "tail")}
+        unknown = sorted(set(kw) - set(_INIT_ARGS))
+        if unknown:
+            raise ValueError(f"Sampler.from_dict: unknown keys {unknown}")
+        if kw.get("schedule") is not None:
+            kw["schedule"] = NoiseSchedule.from_dict(kw["schedule"])
+        if kw.get("time_sharing") is not None:
+            ts = kw["time_sharing"]
+            if not isinstance(ts, dict) or set(ts) != {"t_tilde", "n"}:
+                raise ValueError(f"Sampler.from_dict: time_sharing must be {{'t_tilde', 'n'}}, got {ts!r}")
+            kw["time_sharing"] = TimeSharing(**ts)
+        options = d.get("options", {})
+        if not isinstance(options, dict):
+            raise ValueError(f"Sampler.from_dict: options must be a dict, got {type(options).__name__}")
+        return cls(**kw, **options)._tailed(d.get("tail", ()))
+
+    def _tailed(self, starts):
+        s = self
+        for start in starts:
+            s = s.tail(start)
+        return s
+
+    def _portable(self) -> dict:
+        """to_dict without the noise source."""
+        args, options = self._args
+        defaults = _init_defaults()
+        d = {"sampler": self.name}
+        for k, v in args.items():
+            if k in ("sampler", "generator", "seeds") or (k in defaults and _same(v, defaults[k])):
+                continue
+            d[k] = _to_json(k, v)
+        if options:
+            d["options"] = {k: _to_json(k, v) for k, v in options.items()}
+        if self._tails:
+            d["tail"] = list(self._tails)
+        return d
+
+    def __eq__(self, other):
+        """Same configuration and the same noise source (the same seeds, or the same
+        generator objects)."""
+        if not isinstance(other, Sampler):
+            return NotImplemented
+        if self._portable() != other._portable():
+            return False
+        if self._seed_gens is not None and self.generator is self._seed_gens:
+            return other._seed_gens is not None and other.generator is other._seed_gens \
+                and self._seeds == other._seeds
+        return self.generator is other.generator
+
+    __hash__ = None
+
+    def __getstate__(self):
+        # The plan holds closures over the schedule; the arguments rebuild it exactly. The
+        # noise source is kept as it is now (generators pickle their state); runs in
+        # progress are not kept (an unpickled Sampler starts a new run).
+        args, options = self._args
+        args = dict(args)
+        if self._seed_gens is None or self.generator is not self._seed_gens:
+            args.update(generator=self.generator, seeds=None)
+        state = {"args": args, "options": options, "tails": self._tails}
+        if self._seed_gens is not None and self.generator is self._seed_gens:
+            state["seed_gens"] = self.generator  # the seeds' streams, where they are now
+        return state
+
+    def __setstate__(self, state):
+        self.__init__(**state["args"], **state["options"])
+        if state.get("tails"):  # copy.copy (tail() itself) comes here too, without tails
+            self.__dict__.update(self._tailed(state["tails"]).__dict__)
+        if "seed_gens" in state:
+            self.generator = self._seed_gens = state["seed_gens"]
 
     def _finalize(self):
         calls = self.plan.calls
@@ -238,8 +396,11 @@ class Sampler:
                        c.op.outputs.index("x_in") if "x_in" in c.op.outputs else -1,
                        tuple((o, n) for o, n in enumerate(c.op.outputs) if n not in ("x", "x_in")))
                       for c in calls]
+        self._n_calls = len(calls)
+        self._kept = {c.op.keep_x for c in calls if c.op.keep_x is not None}
         self._calls_t = np.stack([c.t for c in calls])  # [n_calls, R]
         self._tables = {}
+        self._local = threading.local()
 
     # -- description -------------------------------------------------------------------
 
@@ -268,30 +429,85 @@ class Sampler:
 
     @property
     def step_index(self) -> int:
-        """Index of the next model call (0 .. len(self) - 1)."""
-        return self._k
+        """Index of the next model call of this thread's run (0 .. len(self); len(self)
+        once the run is finished)."""
+        return self._run.k
 
     def __repr__(self):
         return (f"Sampler({self.name!r}, steps={self.steps}, calls={len(self)}, "
                 f"prediction_type={self.prediction_type!r}, schedule={self.schedule!r})")
 
+    # -- starting mid-schedule (img2img, inpainting) -------------------------------------
+
+    def tail(self, start: int) -> "Sampler":
+        """A new sampler for the rest of this run from grid point ``start`` (0 <= start <
+        steps): the same noise levels and options, but a fresh run: multistep samplers
+        warm up again from first order, as diffusers' multistep schedulers do when a
+        pipeline starts them mid-schedule."""
+        if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not 0 <= start < self.steps:
+            raise ValueError(f"start must be an int in [0, {self.steps}), got {start!r}")
+        g = self.grid
+        sub = copy.copy(self)
+        sub.grid = dataclasses.replace(g, t=g.t[:, start:], alpha=g.alpha[:, start:],
+                                       sigma=g.sigma[:, start:], t_end=g.t_end)
+        with np.errstate(all="ignore"):
+            sub.plan = family(self.name).plan(sub.grid, pred=self.prediction_type, clamp=self.clamp,
+                                              **self._options)
+        sub.grid = sub.plan.grid or sub.grid
+        sub.steps = sub.grid.n
+        sub._finalize()
+        sub._tails = self._tails + (int(start),)
+        return sub
+
+    def begin_at(self, k: int, like: torch.Tensor):
+        """Start a new run at model call ``k`` of this plan instead of 0, as if the calls
+        before it had output zeros: the history they would have left is zeros shaped like
+        ``like`` (how diffusers' LMS and stateless schedulers behave after
+        ``set_begin_index``; samplers whose later steps start from a kept state cannot
+        begin there and raise ValueError)."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k < len(self):
+            raise ValueError(f"k must be an int in [0, {len(self)}), got {k!r}")
+        calls = self.plan.calls
+        before = {n for c in calls[:k] for n in c.op.outputs} | {c.op.keep_x for c in calls[:k]}
+        run = _Run()
+        for c in calls[k:]:
+            if c.op.x_base is not None and c.op.x_base in before:
+                raise ValueError(f"sampler {self.name!r} cannot begin at call {k}: a later step "
+                                 "starts from a state kept before it")
+            for name in c.op.history:
+                if name in before and name not in run.store:
+                    run.store[name] = torch.zeros_like(like, memory_format=torch.contiguous_format)
+                    run.owned.add(name)
+        run.k = int(k)
+        self._local.run = run
+
     # -- the loop ------------------------------------------------------------------------
+    # Nothing above is written after construction. What one run changes (the step index,
+    # the history, the folded model input) lives in a _Run: one per thread for the step
+    # API, one per call of fastdiff.sample. So one Sampler serves concurrent runs.
+
+    @property
+    def _run(self) -> "_Run":
+        run = getattr(self._local, "run", None)
+        if run is None:
+            run = self._local.run = _Run()
+        return run
 
     def reset(self):
-        """Forget the history; the next ``step`` is the first of a new run."""
-        self._k = 0
-        self._store = {}
-        self._owned = set()  # names in _store whose tensors the sampler may overwrite
-        self._x_in = (None, None)
-        self._brownian = None  # Brownian paths of the run, made at its first noise draw
+        """Forget the history; the next ``step`` is the first of a new run (runs are per
+        thread: other threads' runs are not affected)."""
+        self._local.run = _Run()
 
     def init_noise(self, x_T: torch.Tensor) -> torch.Tensor:
         """The initial state from unit-variance noise x_T [B, ...] (x_T itself for VP
         samplers, ``x_T * init_noise_sigma`` for the Euler family). Starts a new run."""
+        self.reset()
+        return self._init_noise(x_T)
+
+    def _init_noise(self, x_T):
         if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
             raise TypeError(f"x_T must be a floating-point tensor, got "
                             f"{x_T.dtype if isinstance(x_T, torch.Tensor) else type(x_T).__name__}")
-        self.reset()
         self._check_rows(x_T)
         s = self.plan.init_scale
         if s is None:
@@ -301,27 +517,45 @@ class Sampler:
     def scale_model_input(self, x: torch.Tensor, t=None) -> torch.Tensor:
         """The model input for the next call: x itself for VP samplers; ``c_in * x`` for
         the Euler family (already computed by the previous fused step when x is its
-        output, so this is free)."""
-        owner, x_in = self._x_in
-        if owner is x:
+        output, unchanged since, so this is free; an x edited in place or replaced, as
+        inpainting does, is scaled afresh)."""
+        return self._model_input(self._run, x, trusted=False)
+
+    def _model_input(self, run, x, trusted):
+        """``trusted``: the caller knows x was not edited since the step that made it (a
+        loop that shows x to nobody), which saves the check inference tensors cannot make."""
+        if run.k >= self._n_calls:
+            self._finished()
+        owner, x_in, version = run.x_in
+        # A traced loop cannot read version counters (and an in-place edit keeps x's
+        # identity there): compiled, the model input is always c_in x, which the compiler
+        # fuses into its neighbours.
+        if owner is x and not torch.compiler.is_compiling() \
+                and (trusted or (version is not None and x._version == version)):
             return x_in
-        c_in = self.plan.calls[self._k].c_in
+        c_in = self.plan.calls[run.k].c_in
         if c_in is None:
             return x
-        return x * self._c_in(x.device, x.dtype)[self._k].view(_bview(x))
+        return x * self._c_in(x.device, x.dtype)[run.k].view(_bview(x))
 
     def model_time(self, batch: int, device=None, doubled: bool = False) -> torch.Tensor:
         """The network's time input for the next call: [batch] (or [2 * batch] for a CFG
         batch), int64 or float32, with ``time_sharing`` applied."""
+        return self._model_time(self._run, batch, device, doubled)
+
+    def _model_time(self, run, batch, device, doubled):
+        if run.k >= self._n_calls:
+            self._finished()
         key = ("t", device, batch, doubled)  # every call's input, built once per form
         rows = self._tables.get(key)
         if rows is None:
+            batch = _count("batch", batch)
             tab = self._time_table(torch.device(device or "cpu"))
             if tab.shape[1] not in (1, batch):
                 raise ValueError(f"per-sample timesteps have {tab.shape[1]} rows, batch is {batch}")
             tab = tab.expand(-1, batch)
             rows = self._tables[key] = list(torch.cat([tab, tab], 1) if doubled else tab)
-        return rows[self._k]
+        return rows[run.k]
 
     def step(self, model_out: torch.Tensor, t, x: torch.Tensor, *,
              model_out_cond: torch.Tensor | None = None, noise: torch.Tensor | None = None,
@@ -329,9 +563,14 @@ class Sampler:
         """One sampler update from the model output at the current call; returns the next
         state. ``model_out``: the model's output for ``scale_model_input(x)`` (with CFG, the
         unconditional one, and ``model_out_cond`` the conditional one). ``t``: the model
-        time of this call (checked when given as a number or CPU tensor). ``noise``:
-        explicit standard-normal noise for stochastic samplers (else drawn from
-        ``generator`` or the sampler's generator).
+        time of this call, a number or a [1] / [B] tensor (its values are checked when it
+        is on the CPU). ``noise``: explicit standard-normal noise for stochastic samplers
+        (else drawn from ``generator`` or the sampler's generator). A step after the last
+        one of the run raises: start a new run with ``init_noise`` or ``reset``.
+
+        The new state has x's memory layout (channels_last stays channels_last). It is
+        differentiable (with respect to x, the model outputs and the noise) when autograd
+        records: the history is then never overwritten.
 
         ``donate=True`` promises that the caller does not use ``x`` (nor the model input
         ``scale_model_input`` returned for it) after this call: the step may then write
@@ -339,7 +578,14 @@ class Sampler:
         memory pass per step on CPU (``fastdiff.sample`` donates its own states). The
         sampler's internal history is always updated in place once no later step reads it.
         """
-        k = self._k
+        run = getattr(self._local, "run", None) or self._run
+        return self._step(run, model_out, t, x, model_out_cond, noise, generator, donate)
+
+    def _step(self, run, model_out, t, x, model_out_cond=None, noise=None, generator=None,
+              donate=False):
+        k = run.k
+        if k >= self._n_calls:
+            self._finished()
         op, n_out, x_at, x_in_at, stored = self._runs[k]
         if not isinstance(x, torch.Tensor) or x.dtype not in _STEP_DTYPES:
             raise TypeError(f"x must be a float32/float16/bfloat16/float64 tensor, got "
@@ -350,8 +596,9 @@ class Sampler:
             if self.guidance_scale is None:
                 raise ValueError("model_out_cond given but the sampler has no guidance_scale")
         self._check_rows(x)
-        if t is not None:
-            self._check_t(t, k)
+        if t is not None and not torch.compiler.is_compiling():
+            # (a traced step cannot read t's value; the compiled loop is the eager one's)
+            self._check_t(t, k, x.shape[0])
         device = x.device
         coeffs = self._table(device, x.dtype)["coeffs"][k]
         if model_out_cond is not None and self.guidance_rescale:
@@ -361,56 +608,100 @@ class Sampler:
         z = None
         if op.noise:
             z = self._noise(x, noise, generator) if op.brownian is None or noise is not None \
-                else self._brownian_noise(x, op, generator)
-        store = self._store
-        donate = donate and x.is_contiguous() and not x.requires_grad
+                else self._brownian_noise(run, x, op, generator)
+        store = run.store
+        grad = torch.is_grad_enabled() and (
+            run.grad or x.requires_grad or model_out.requires_grad or coeffs.requires_grad
+            or (model_out_cond is not None and model_out_cond.requires_grad)
+            or (z is not None and z.requires_grad))
+        donate = donate and not grad
         if op.keep_x is not None:
             store[op.keep_x] = x
             if donate:
-                self._owned.add(op.keep_x)
-        args = (x, store[op.x_base] if op.x_base is not None else None, model_out,
-                model_out_cond, [store[n] for n in op.history], z, coeffs, op.clamp)
-        out = self._reuse(op, k, x, donate, n_out)
-        if out is None:
+                run.owned.add(op.keep_x)
+        hist = [store[n] for n in op.history]
+        x_base = store[op.x_base] if op.x_base is not None else None
+        perm = None if x.is_contiguous() else dense_perm(x)
+        if perm is None:
+            kx, kb, km, kc, kh, kz = x, x_base, model_out, model_out_cond, hist, z
+        else:  # the kernel runs in x's memory order, on views, and its outputs keep it
+            kx, kb, km, kc, kz = (None if a is None else a.permute(perm)
+                                  for a in (x, x_base, model_out, model_out_cond, z))
+            kh = [h.permute(perm) for h in hist]
+        args = (kx, kb, km, kc, kh, kz, coeffs, op.clamp)
+        out = None if grad else self._reuse(run, op, k, x, donate, n_out, perm, (km, kc, kz))
+        if grad:
+            run.grad = True
+            outs = differentiable_step(_ops.resolve("sampler_step", device), *args, n_out)
+        elif out is None:
             outs = _ops.resolve("sampler_step", device)(*args, n_out)
         else:
-            outs = [o if o is not None else torch.empty_like(x, memory_format=torch.contiguous_format)
+            outs = [o if o is not None else torch.empty_like(kx, memory_format=torch.contiguous_format)
                     for o in out]
             _ops.resolve("sampler_step.out", device)(*args, out=outs)
+        if perm is not None:
+            inv = inverse_perm(perm)
+            outs = [o.permute(inv) for o in outs]
         new = outs[x_at]
-        if x_in_at >= 0:
-            self._x_in = (new, outs[x_in_at])  # the next model input, valid for this state only
+        if x_in_at >= 0:  # the next model input, valid for this state as long as it is unchanged
+            try:
+                version = new._version
+            except RuntimeError:  # an inference tensor: no version counter
+                version = None
+            run.x_in = (new, outs[x_in_at], version)
         for o, name in stored:
             store[name] = outs[o]
-            self._owned.add(name)
+            if not grad:  # a graph may have saved it: never overwrite it then
+                run.owned.add(name)
         for name in self._drop[k]:
             store.pop(name, None)
-            self._owned.discard(name)
-        self._k += 1
-        if self._k == len(self.plan.calls):
-            self.reset()
+            run.owned.discard(name)
+        run.k += 1
         return new
 
-    def _reuse(self, op, k, x, donate, n):
+    def _reuse(self, run, op, k, x, donate, n, perm, inputs):
         """Memory for call k's outputs that nothing reads after it: the donated state x
         (unless it is kept as history), the donated model input of this call, and the
-        sampler's own history tensors whose last reader is this call. A list with one
-        tensor or None (allocate) per output, or None when there is nothing to reuse."""
-        pool = []
-        if donate and op.keep_x is None \
-                and all(x is not t for t in self._store.values()):
-            pool.append(x)
+        sampler's own history tensors whose last reader is this call, in the kernel's
+        layout (``perm``). Of those the caller or the model has seen (x, the model input,
+        kept states), not one that a model output or the noise (``inputs``) overlaps other
+        than exactly: a model may return a view of its input. A list with one tensor or
+        None (allocate) per output, or None when there is nothing to reuse."""
+        store = run.store
+        pool = []  # (tensor, seen outside)
+        if donate and op.keep_x is None and all(x is not t for t in store.values()):
+            pool.append((x, True))
         for name in self._drop[k]:
-            t = self._store.get(name)
-            if name in self._owned and t is not None and t.is_contiguous() \
-                    and all(t is not p for p in pool):
-                pool.append(t)
-        owner, x_in = self._x_in
-        if donate and owner is x and x_in is not x and x_in.is_contiguous():
-            pool.append(x_in)
+            t = store.get(name)
+            if name in run.owned and t is not None and all(t is not p for p, _ in pool):
+                pool.append((t, name in self._kept))
+        owner, x_in, _ = run.x_in
+        if donate and owner is x and x_in is not x:
+            pool.append((x_in, True))
         if not pool:
             return None
-        return (pool + [None] * n)[:n]
+        if perm is not None:
+            pool = [(t.permute(perm), seen) for t, seen in pool]
+        spans = None
+        bufs = []
+        for t, seen in pool:
+            if not t.is_contiguous():
+                continue
+            if seen:
+                if spans is None:  # every tensor here has x's shape and dtype: x.nbytes
+                    nbytes = x.nbytes
+                    spans = [_span(i, nbytes) for i in inputs if i is not None]
+                lo = t.data_ptr()
+                if any(a < lo + nbytes and lo < b and not (exact and a == lo) for a, b, exact in spans):
+                    continue
+            bufs.append(t)
+        if not bufs:
+            return None
+        return (bufs + [None] * n)[:n]
+
+    def _finished(self):
+        raise ValueError(f"sampler {self.name!r}: the run is finished (all {self._n_calls} model "
+                         "calls were stepped); start a new one with init_noise(x_T) or reset()")
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -467,9 +758,12 @@ class Sampler:
             raise ValueError(f"the sampler has per-sample timesteps for {R} samples, x has batch "
                              f"{x.shape[0]}")
 
-    def _check_t(self, t, k):
+    def _check_t(self, t, k, batch):
         want = self._calls_t[k]
         if isinstance(t, torch.Tensor):
+            if t.dim() > 1 or t.numel() not in (1, batch):
+                raise ValueError(f"t must be a number or a [1] or [{batch}] tensor (the batch), got "
+                                 f"shape {tuple(t.shape)}")
             if t.device.type != "cpu":
                 return  # comparing would synchronise with the device
             if t.numel() == 1 and want.shape[0] == 1:  # the common case, without numpy's
@@ -478,12 +772,10 @@ class Sampler:
                 if abs(float(t) - w) <= 1e-6 + 1e-6 * abs(w):
                     return
             t = t.detach().double().reshape(-1).numpy()
-        elif isinstance(t, (int, float, np.integer, np.floating)) and not isinstance(t, bool):
+        elif isinstance(t, (int, float, np.integer, np.floating)) and not isinstance(t, (bool, np.bool_)):
             t = np.array([float(t)])
         else:
             raise TypeError(f"t must be a number or a tensor, got {type(t).__name__}")
-        if t.shape[0] not in (1, want.shape[0]) and want.shape[0] != 1:
-            raise ValueError(f"t has {t.shape[0]} entries, expected {want.shape[0]}")
         if not np.allclose(t, want if self.grid.t_integer else want.astype(np.float32), rtol=1e-6, atol=1e-6):
             raise ValueError(f"step {k} expects model time {want.tolist() if want.size < 5 else want[:4].tolist()}"
                              f", got {t.tolist() if t.size < 5 else t[:4].tolist()}: call step once per entry "
@@ -497,13 +789,13 @@ class Sampler:
         g = generator if generator is not None else self.generator
         return randn(x.shape, g, x.device, x.dtype)
 
-    def _brownian_noise(self, x, op, generator):
+    def _brownian_noise(self, run, x, op, generator):
         """The standardised Brownian increment of this op (``fastdiff.samplers.brownian``).
         The paths' seeds: the plan's own seed (one path for the batch), else one seed drawn
         from each generator (a list, e.g. from ``seeds=``: one path per sample), else the
         generators' initial seeds when the plan asks for them (diffusers' cosine DPM-Solver)."""
         from .brownian import BrownianNoise
-        if self._brownian is None:
+        if run.brownian is None:
             lo, hi, seed = self.plan.brownian
             g = generator if generator is not None else self.generator
             if seed == "generator":  # the generators' own seeds, as diffusers' cosine DPM-Solver
@@ -521,9 +813,9 @@ class Sampler:
             if self.grid.rows > 1 and not isinstance(seeds, list):
                 raise ValueError("Brownian-tree noise with per-sample timesteps needs one seed per sample "
                                  "(seeds= or a list of generators)")
-            self._brownian = BrownianNoise(x, lo, hi, seeds)
+            run.brownian = BrownianNoise(x, lo, hi, seeds)
         sa, sb = op.brownian
-        return self._brownian(sa, sb).to(device=x.device, dtype=x.dtype)
+        return run.brownian(sa, sb).to(device=x.device, dtype=x.dtype)
 
     def _threshold(self, coeffs, x, m, mc):
         """Imagen dynamic thresholding: s = clamp(quantile(|x0|, ratio), 1, max) per sample,
@@ -551,6 +843,79 @@ def _sigma_kind(exponential, beta, lu):
 
 
 _STEP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+class _Run:
+    """The state of one sampling run: the index of the next model call, the named history
+    tensors, which of them the run may overwrite, the folded next model input (with the
+    state it belongs to and that state's version counter), whether autograd records, and
+    the Brownian paths of the run (made at its first noise draw)."""
+    __slots__ = ("k", "store", "owned", "x_in", "grad", "brownian")
+
+    def __init__(self):
+        self.k = 0
+        self.store = {}
+        self.owned = set()
+        self.x_in = (None, None, None)
+        self.grad = False
+        self.brownian = None
+
+
+def _span(t, nbytes):
+    """(first byte, end, whether an output may be exactly t) of an input t: the rule of
+    the step op is that an output is an input exactly (contiguous) or shares no memory."""
+    if t.is_contiguous():
+        b = t.data_ptr()
+        return b, b + nbytes, True
+    return (*_ops._byte_extent(t), False)
+
+
+def _count(name, v, low=1):
+    """A Python int from an int or numpy integer >= low (bools refused)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < low:
+        raise ValueError(f"{name} must be >= {low}, got {v}")
+    return int(v)
+
+
+_INIT_ARGS = ("sampler", "schedule", "steps", "timesteps", "spacing", "steps_offset", "karras",
+              "final_sigmas_type", "prediction_type", "thresholding", "dynamic_thresholding_ratio",
+              "sample_max_value", "clip_sample", "clip_sample_range", "guidance_scale",
+              "time_sharing", "generator", "seeds", "sigma_min", "sigma_max", "lambda_min_clipped",
+              "diffusers_rule", "exponential_sigmas", "beta_sigmas", "lu_lambdas", "guidance_rescale")
+
+
+def _init_defaults():
+    return {k: p.default for k, p in inspect.signature(Sampler.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def _same(a, b):
+    if isinstance(a, (torch.Tensor, np.ndarray, NoiseSchedule)) or isinstance(b, (torch.Tensor, np.ndarray)):
+        return False
+    return type(a) is type(b) and a == b
+
+
+def _to_json(name, v):
+    """A Sampler argument as JSON-safe data (schedules and time sharing as dicts)."""
+    if isinstance(v, NoiseSchedule):
+        return v.to_dict()
+    if isinstance(v, TimeSharing):
+        return {"t_tilde": v.t_tilde, "n": v.n}
+    if isinstance(v, torch.Tensor):
+        v = v.detach().cpu().numpy()
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, (list, tuple)):
+        return [_to_json(name, e) for e in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError(f"Sampler.to_dict: {name}={v} has no JSON form")
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    raise ValueError(f"Sampler.to_dict: {name} of type {type(v).__name__} has no JSON form")
 
 
 def _bview(x):
