@@ -30,7 +30,7 @@ kernel of the step (``fastdiff.triton``, compiled for the device) gets columns o
 next to the CUDA kernel; %copy is then against the device's own copy bandwidth.
 
     python benchmarks/bench_step.py [--quick] [--json PATH] [--no-compile] [--threads N]
-                                    [--cold] [--device cpu|cuda]
+                                    [--cold] [--dtypes fp32,bf16,fp16] [--device cpu|cuda]
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ from fastdiff._ops import resolve
 from fastdiff.step import StepCoeffs
 
 SHAPES = [(1, 4, 64, 64), (8, 4, 64, 64), (16, 4, 128, 128), (4, 4, 512, 512)]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUICK = [((1, 4, 64, 64), "fp32"), ((16, 4, 128, 128), "fp32"), ((4, 4, 512, 512), "fp32")]
 
 
@@ -210,7 +210,7 @@ def bench_one(shape, dtype_name, use_compile, compiled, cold=False, device="cpu"
     restore()
     fused_()
     assert torch.equal(xi, xf) and torch.equal(hi, x0f)  # in place: the same bits
-    # The eager update rounds every intermediate to the sample dtype: looser for bf16.
+    # The eager update rounds every intermediate to the sample dtype: looser for bf16/fp16.
     tol_eager = tol if dtype == torch.float32 else dict(rtol=5e-2, atol=1e-1)
     torch.testing.assert_close(eager()[0].float(), ref.float(), **tol_eager)
 
@@ -308,12 +308,18 @@ def main(argv=None):
                     help="flush the caches before every timed call (default: warm)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's choice, one per core)")
+    ap.add_argument("--dtypes", default=",".join(DTYPES),
+                    help=f"comma-separated sample dtypes (default: {','.join(DTYPES)})")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda: CUDA events, Triton columns)")
     args = ap.parse_args(argv)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad or not dtypes:
+        ap.error(f"--dtypes: expected names among {', '.join(DTYPES)}, got {args.dtypes!r}")
 
     import fastdiff
     info = fastdiff.backends()
@@ -322,7 +328,7 @@ def main(argv=None):
         print(f"warning: fastdiff's compiled kernels for {args.device} are not loaded "
               f"({info['load_error']}); timing the reference", file=sys.stderr)
     load0 = os.getloadavg()[0]
-    configs = QUICK if args.quick else [(s, d) for d in DTYPES for s in SHAPES]
+    configs = QUICK if args.quick else [(s, d) for d in dtypes for s in SHAPES]
     compiled = {}
     rows = []
     with torch.inference_mode():

@@ -50,6 +50,19 @@ def test_cpu_kernel_matches_vector_norm(gen, dtype, shape, noncontig):
     torch.testing.assert_close(out, _ops.diff_norm_ref(a, b), **tol(dtype))
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cpu_half_kernel_bitwise_equals_float32_kernel(gen, dtype):
+    # Half inputs widen exactly and then sum like float32 inputs (same lanes, same order),
+    # however the kernel converts them: the same bits as on the widened copies. Rows of
+    # odd lengths around the lane count, the conversion pieces and the 4096-element blocks.
+    for shape in [(1, 1), (3, 31), (2, 513), (1, 4097), (2, 3, 77, 79)]:
+        a, b = pair(gen, shape, dtype, noncontig=len(shape) > 2)
+        out = torch.ops.fastdiff.diff_norm(a, b)
+        want = torch.ops.fastdiff.diff_norm(a.float(), b.float())
+        assert torch.equal(out.view(torch.int32), want.view(torch.int32)), shape
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES[:3], ids=str)
 def test_triton_kernel_matches_vector_norm(gen, dtype, shape):

@@ -6,6 +6,7 @@ The CUDA kernel runs the per-element math of csrc/kernels/step.h that the CPU ke
 runs too, so these tests cover its formulas (not its launch) on machines without a GPU.
 """
 import itertools
+import math
 
 import pytest
 import torch
@@ -468,3 +469,87 @@ def test_bad_out_arguments(gen, name, outs, message):
         with pytest.raises(RuntimeError, match=message):
             torch.ops.fastdiff.sampler_step.out(x, None, a["m"], None, [a["h"]], None, c, False,
                                                 out=out)
+
+
+# --------------------------------------------------------------------------------------
+# Half types: bit for bit
+# --------------------------------------------------------------------------------------
+
+def bits(t):
+    return t.contiguous().view(torch.int16)
+
+
+# Element counts per sample around the 16-lane vectors and 512-element chunks of the CPU
+# kernel (tails of every length class), batch 1 and several samples per parallel task.
+EXACT_SHAPES = [(1, 1), (1, 15), (2, 17), (3, 511), (1, 513), (2, 1027), (1, 3, 129, 131)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cpu_half_kernel_bitwise_float32_rounded_once(gen, dtype):
+    # The kernel's contract for half storage: widen exactly, compute in float32 in the
+    # reference's order (no FMA), round once to nearest even on store. step_ref computes
+    # that same float32 value and rounds it once, so the bits must agree exactly (the
+    # tolerance of assert_matches_ref is for other backends); for finite data an absent
+    # x_base / noise term (which the kernel skips and the reference adds as 0) changes no bit.
+    cases = itertools.product([False, True], [False, True], [False, True], [False, True],
+                              [1, 2, 3], [0, 1, 4])
+    for i, (cond, noise, x_base, clamp, n_out, n_hist) in enumerate(cases):
+        shape = EXACT_SHAPES[i % len(EXACT_SHAPES)]
+        args = make_case(gen, shape, dtype, n_hist=n_hist, n_out=n_out, cond=cond, noise=noise,
+                         x_base=x_base, clamp=clamp, per_sample=i % 2 == 0,
+                         noncontig=i % 3 == 0)
+        outs = torch.ops.fastdiff.sampler_step(*args)
+        for o, w in zip(outs, step_ref(*args)):
+            assert torch.equal(bits(o), bits(w)), (shape, cond, noise, x_base, clamp, n_out, n_hist)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cpu_half_kernel_in_place_bitwise(gen, dtype):
+    # sampler_step.out with x_next over x and the second output over a history tensor
+    # (what fastdiff.sample does): the same bits as the functional op.
+    for shape in EXACT_SHAPES:
+        args = list(make_case(gen, shape, dtype, n_hist=1, n_out=2, cond=True, noise=True))
+        want = torch.ops.fastdiff.sampler_step(*args)
+        x, hist = args[0].contiguous().clone(), [args[4][0].contiguous().clone()]
+        args[0], args[4] = x, hist
+        torch.ops.fastdiff.sampler_step.out(*args[:-1], out=[x, hist[0]])
+        assert torch.equal(bits(x), bits(want[0])) and torch.equal(bits(hist[0]), bits(want[1]))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cpu_half_kernel_nan_inf_and_rounding_edges(gen, dtype):
+    # x_next = x + m / 2 on half values x, m whose exponents differ by 0..12: exact in
+    # float32, with more bits than the half type holds, so the store alone rounds (exact
+    # ties among them); magnitudes from float16 subnormals to overflow, and NaN inputs.
+    # Compared with torch's own float32 -> half conversion; NaN stores as c10 does
+    # (bfloat16: the single quiet NaN 0x7FC0; float16: a quiet NaN).
+    n = 4099
+    top = 60000.0 if dtype == torch.float16 else 3e38
+    mag = torch.logspace(-7, math.log10(top), n)[torch.randperm(n, generator=gen)]
+    x = (torch.randn(n, generator=gen).sign() * mag).to(dtype)
+    shift = torch.randint(0, 13, (n,), generator=gen).float()
+    m = (x.float() * torch.randn(n, generator=gen).sign() * torch.exp2(-shift)).to(dtype)
+    m[3::50] = float("nan")
+    big = torch.finfo(dtype).max
+    # sums that overflow the half type (to +Inf and -Inf) and two large ones that do not
+    x[:4] = torch.tensor([big, -big, big, big / 2]).to(dtype)
+    m[:4] = torch.tensor([big, -big, -big / 4, big / 2]).to(dtype)
+    coeffs = torch.zeros(1, STEP_HEAD + step_n_basis(0))
+    coeffs[0, 5], coeffs[0, 6] = 1.0, 0.5      # d = x + 0.5 m
+    coeffs[0, STEP_HEAD + 2] = 1.0             # x_next = d
+    out = torch.ops.fastdiff.sampler_step(x.reshape(1, n), None, m.reshape(1, n), None, [],
+                                          None, coeffs, False, 1)[0].reshape(n)
+    want_f = x.float() + 0.5 * m.float()
+    nan = torch.isnan(want_f)
+    low = want_f.view(torch.int32) & (0xFFFF if dtype == torch.bfloat16 else 0x1FFF)
+    tie = 0x8000 if dtype == torch.bfloat16 else 0x1000
+    assert bool((low == tie).any()) and bool(torch.isinf(want_f.to(dtype)).any())
+    assert torch.equal(torch.isnan(out), nan)
+    assert torch.equal(bits(out[~nan]), bits(want_f[~nan].to(dtype)))
+    if dtype == torch.bfloat16:
+        assert bool((bits(out[nan]) == 0x7FC0).all())
+    else:
+        assert bool(((bits(out[nan]) & 0x7E00) == 0x7E00).all())  # exponent all ones, quiet

@@ -12,7 +12,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -25,23 +27,47 @@ namespace {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FASTDIFF_REDUCE_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define FASTDIFF_REDUCE_INLINE inline __attribute__((always_inline))
 #else
 #define FASTDIFF_REDUCE_CLONES
+#define FASTDIFF_REDUCE_INLINE inline
 #endif
 
 constexpr int64_t kLanes = 32;
 constexpr int64_t kBlocksPerTask = 8;  // 32K elements: below that, one thread
 
-// sum_i (a_i - b_i)^2 over n <= kBlock elements.
-template <typename T, typename acc>
-FASTDIFF_REDUCE_CLONES double block_sum(const T* __restrict a, const T* __restrict b, int64_t n) {
-  acc lane[kLanes] = {};
+// Adds (a_i - b_i)^2 into lane[i % kLanes], in order of i.
+template <typename In, typename acc>
+FASTDIFF_REDUCE_INLINE void accumulate(const In* __restrict a, const In* __restrict b, int64_t n,
+                                       acc* __restrict lane) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
     for (int64_t j = 0; j < kLanes; ++j)
       lane[j] += reduce::sq_diff<acc>(cpu::to_acc(a[i + j]), cpu::to_acc(b[i + j]));
   for (int64_t j = 0; i < n; ++i, ++j)
     lane[j] += reduce::sq_diff<acc>(cpu::to_acc(a[i]), cpu::to_acc(b[i]));
+}
+
+// float16 is widened in pieces by the CPU's conversion instructions first (its scalar
+// conversion does not vectorize well); pieces are whole multiples of kLanes, so every lane
+// sums the same values in the same order (widening is exact).
+constexpr int64_t kPiece = 512;
+
+// sum_i (a_i - b_i)^2 over n <= kBlock elements.
+template <typename T, typename acc>
+FASTDIFF_REDUCE_CLONES double block_sum(const T* __restrict a, const T* __restrict b, int64_t n) {
+  acc lane[kLanes] = {};
+  if constexpr (std::is_same<T, c10::Half>::value) {
+    alignas(64) float wa[kPiece], wb[kPiece];
+    for (int64_t p = 0; p < n; p += kPiece) {
+      const int64_t m = std::min(kPiece, n - p);
+      cpu::widen_half(a + p, m, wa);
+      cpu::widen_half(b + p, m, wb);
+      accumulate<float, acc>(wa, wb, m, lane);
+    }
+  } else {
+    accumulate<T, acc>(a, b, n, lane);
+  }
   for (int64_t w = kLanes / 2; w > 0; w /= 2)  // pairwise fold of the lanes
     for (int64_t j = 0; j < w; ++j) lane[j] += lane[j + w];
   return static_cast<double>(lane[0]);

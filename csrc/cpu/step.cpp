@@ -8,7 +8,7 @@
 // in one loop where possible (specialised on x_base / noise / up to 4 history terms).
 // So every input is read from memory once, every output written once, and the loops
 // vectorize (built for x86-64-v4 (AVX-512), v3 (AVX2) and baseline, picked at load
-// time). float16 data is widened per chunk into float buffers first (see step_segment).
+// time); float16 / bfloat16 through AVX-512 loops where the CPU has it (see v512).
 #include <ATen/Dispatch.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
@@ -22,6 +22,9 @@
 #include <vector>
 
 #include "../checks.h"
+// The AVX-512 loops below instantiate step.h's helpers on vectors, always inlined, so no
+// vector crosses a call (GCC would warn about the ABI of those helpers).
+#pragma GCC diagnostic ignored "-Wpsabi"
 #include "../kernels/step.h"
 #include "convert.h"
 
@@ -89,6 +92,173 @@ FASTDIFF_INLINE const acc* widened(const T* src, int64_t c0, int64_t n, acc* buf
   return buf;
 }
 
+// Coefficients of one output row (hoisted out of the element loop).
+template <typename acc>
+struct OutCoeffs {
+  acc x, xb, d, nz, h[kMaxFusedHist];
+};
+
+// AVX-512 loops for float16 / bfloat16 storage (GCC can vectorize neither conversion
+// well by itself: float16 has no vector conversion without AVX512-FP16, and the bfloat16
+// rounding it vectorizes only partly). The same per-element math as the loops below
+// (csrc/kernels/step.h on 16-float vectors; no FMA contraction), with the conversions done
+// as 16-wide vector instructions and the tail through masked loads and stores, so the
+// results are the same bits: bfloat16 rounds to nearest even with the integer trick of
+// cpu::float_to_bf16_bits (NaN -> 0x7FC0), float16 with the F16C/AVX-512 instruction the
+// whole-array path uses (round to nearest even). Compiled for AVX-512 only here; used
+// where the CPU has it (have_avx512_half(), checked once at run time).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTDIFF_STEP_AVX512 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,f16c")
+// GCC 12 warns that the intrinsics' internal "undefined" vector is used uninitialized.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+namespace v512 {
+
+// __m512 without its may_alias attribute (which a template argument would drop).
+typedef float V __attribute__((vector_size(64)));
+
+// Loads and stores of 16 values; kTail: only the lanes set in k (the chunk's last, partial
+// vector). Masked accesses are only for that tail: on some CPUs (AMD Zen 4) masked stores
+// are several times slower than plain ones.
+template <bool kTail>
+FASTDIFF_INLINE __m256i load16(const void* p, __mmask16 k) {
+  return kTail ? _mm256_maskz_loadu_epi16(k, p) : _mm256_loadu_si256((const __m256i*)p);
+}
+template <bool kTail>
+FASTDIFF_INLINE void store16(void* p, __mmask16 k, __m256i v) {
+  if (kTail) _mm256_mask_storeu_epi16(p, k, v);
+  else _mm256_storeu_si256((__m256i*)p, v);
+}
+template <bool kTail>
+FASTDIFF_INLINE V load(const float* p, __mmask16 k) {
+  return kTail ? _mm512_maskz_loadu_ps(k, p) : _mm512_loadu_ps(p);
+}
+template <bool kTail>
+FASTDIFF_INLINE V load(const c10::BFloat16* p, __mmask16 k) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load16<kTail>(p, k)), 16));
+}
+template <bool kTail>
+FASTDIFF_INLINE V load(const c10::Half* p, __mmask16 k) {
+  return _mm512_cvtph_ps(load16<kTail>(p, k));
+}
+template <bool kTail>
+FASTDIFF_INLINE void store(c10::BFloat16* p, __mmask16 k, V v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                            _mm512_set1_epi32(0x7fc0));
+  store16<kTail>(p, k, _mm512_cvtepi32_epi16(r));
+}
+template <bool kTail>
+FASTDIFF_INLINE void store(c10::Half* p, __mmask16 k, V v) {
+  store16<kTail>(p, k, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+template <bool kTail>
+FASTDIFF_INLINE void store(float* p, __mmask16 k, V v) {
+  if (kTail) _mm512_mask_storeu_ps(p, k, v);
+  else _mm512_storeu_ps(p, v);
+}
+
+// body(std::integral_constant<bool, kTail>, i, mask) over [0, n) in vectors of 16.
+template <typename Body>
+FASTDIFF_INLINE void for_vectors(int64_t n, Body&& body) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) body(std::false_type(), i, __mmask16(0xffff));
+  if (i < n) body(std::true_type(), i, __mmask16((1u << (n - i)) - 1u));
+}
+
+FASTDIFF_INLINE Head<V> broadcast(const Head<float>& h) {
+  const V r[8] = {_mm512_set1_ps(h.g),   _mm512_set1_ps(h.p_x), _mm512_set1_ps(h.p_m),
+                  _mm512_set1_ps(h.s),   _mm512_set1_ps(h.s_div), _mm512_set1_ps(h.w_x),
+                  _mm512_set1_ps(h.w_m), _mm512_set1_ps(h.w_c)};
+  return Head<V>(r);
+}
+
+template <typename T, bool kCond, bool kClamp>
+__attribute__((noinline)) void direction_loop(const T* x, const T* mu, const T* mc,
+                                              const Head<float> h, int64_t n, float* d) {
+  const Head<V> hv = broadcast(h);
+  for_vectors(n, [&](auto tail, int64_t i, __mmask16 k) {
+    constexpr bool kT = decltype(tail)::value;
+    const V xv = load<kT>(x + i, k);
+    const V m = kCond ? step::guide<V>(load<kT>(mu + i, k), load<kT>(mc + i, k), hv.g)
+                      : load<kT>(mu + i, k);
+    store<kT>(d + i, k,
+              kClamp ? step::direction_clamped<V>(xv, m, hv) : step::direction<V>(xv, m, hv));
+  });
+}
+
+template <typename T, int kOut, bool kInlineD, bool kXBase, bool kNoise, int kHist>
+__attribute__((noinline)) void output_kernel(const T* x, const T* m, const Head<float> hd,
+                                             const float* d, const T* xb, const T* nz,
+                                             const T* h0, const T* h1, const T* h2,
+                                             const T* h3, const OutCoeffs<float>* k, int64_t n,
+                                             T* y0, T* y1) {
+  const Head<V> hv = broadcast(hd);
+  V c[kOut][4 + kMaxFusedHist];
+  for (int o = 0; o < kOut; ++o) {
+    c[o][0] = _mm512_set1_ps(k[o].x);
+    c[o][1] = _mm512_set1_ps(k[o].xb);
+    c[o][2] = _mm512_set1_ps(k[o].d);
+    c[o][3] = _mm512_set1_ps(k[o].nz);
+    for (int j = 0; j < kMaxFusedHist; ++j) c[o][4 + j] = _mm512_set1_ps(k[o].h[j]);
+  }
+  const V zero = _mm512_setzero_ps();
+  for_vectors(n, [&](auto tail, int64_t i, __mmask16 mk) {
+    constexpr bool kT = decltype(tail)::value;
+    const V xv = load<kT>(x + i, mk);
+    const V dv = kInlineD ? step::direction<V>(xv, load<kT>(m + i, mk), hv) : load<kT>(d + i, mk);
+    const V xbv = kXBase ? load<kT>(xb + i, mk) : zero;
+    const V nzv = kNoise ? load<kT>(nz + i, mk) : zero;
+    const V hv0 = kHist > 0 ? load<kT>(h0 + i, mk) : zero;
+    const V hv1 = kHist > 1 ? load<kT>(h1 + i, mk) : zero;
+    const V hv2 = kHist > 2 ? load<kT>(h2 + i, mk) : zero;
+    const V hv3 = kHist > 3 ? load<kT>(h3 + i, mk) : zero;
+    V v[kOut];
+    for (int o = 0; o < kOut; ++o) {
+      V t = c[o][0] * xv;
+      if (kXBase) t = step::axpy<V>(t, c[o][1], xbv);
+      t = step::axpy<V>(t, c[o][2], dv);
+      if (kNoise) t = step::axpy<V>(t, c[o][3], nzv);
+      if (kHist > 0) t = step::axpy<V>(t, c[o][4], hv0);
+      if (kHist > 1) t = step::axpy<V>(t, c[o][5], hv1);
+      if (kHist > 2) t = step::axpy<V>(t, c[o][6], hv2);
+      if (kHist > 3) t = step::axpy<V>(t, c[o][7], hv3);
+      v[o] = t;
+    }
+    store<kT>(y0 + i, mk, v[0]);
+    if (kOut > 1) store<kT>(y1 + i, mk, v[kOut - 1]);
+  });
+}
+
+}  // namespace v512
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif
+
+// Whether the AVX-512 half-type loops can run on this CPU (checked once).
+inline bool have_avx512_half() {
+#ifdef FASTDIFF_STEP_AVX512
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// The vector loops take over from the ones below when the storage is a half type read and
+// written directly (In == Out) and the CPU has them.
+template <typename In, typename Out>
+constexpr bool kVecHalf = std::is_same<In, Out>::value &&
+                          (std::is_same<In, c10::BFloat16>::value ||
+                           std::is_same<In, c10::Half>::value);
+
 // The loops below read inputs of type In (the storage type, or acc after widening) and
 // convert each value to acc as they load it (a no-op for acc, a shift for bfloat16).
 
@@ -97,6 +267,11 @@ template <typename In, typename acc, bool kCond, bool kClamp>
 FASTDIFF_INLINE void direction_loop(const In* __restrict x, const In* __restrict mu,
                                     const In* __restrict mc, const Head<acc> h, int64_t n,
                                     acc* __restrict d) {
+#ifdef FASTDIFF_STEP_AVX512
+  if constexpr (kVecHalf<In, In>) {
+    if (have_avx512_half()) return v512::direction_loop<In, kCond, kClamp>(x, mu, mc, h, n, d);
+  }
+#endif
   for (int64_t i = 0; i < n; ++i) {
     const acc xv = cpu::to_acc(x[i]);
     const acc m = kCond ? step::guide<acc>(cpu::to_acc(mu[i]), cpu::to_acc(mc[i]), h.g)
@@ -105,11 +280,6 @@ FASTDIFF_INLINE void direction_loop(const In* __restrict x, const In* __restrict
   }
 }
 
-// Coefficients of one output row (hoisted out of the element loop).
-template <typename acc>
-struct OutCoeffs {
-  acc x, xb, d, nz, h[kMaxFusedHist];
-};
 
 // kOut (1 or 2) outputs for one chunk, each y_o = c_o0 x (+ c_o1 x_base) + c_o2 d
 // (+ c_o3 noise) + sum_k c_o,4+k h_k over the first kHist history terms, accumulated in
@@ -126,6 +296,13 @@ FASTDIFF_INLINE void output_kernel(const In* x, const In* m, const Head<acc> hd,
                                    const acc* __restrict d, const In* xb, const In* nz,
                                    const In* h0, const In* h1, const In* h2, const In* h3,
                                    const OutCoeffs<acc>* k, int64_t n, Out* y0, Out* y1) {
+#ifdef FASTDIFF_STEP_AVX512
+  if constexpr (kVecHalf<In, Out>) {
+    if (have_avx512_half())
+      return v512::output_kernel<In, kOut, kInlineD, kXBase, kNoise, kHist>(
+          x, m, hd, d, xb, nz, h0, h1, h2, h3, k, n, y0, y1);
+  }
+#endif
 #pragma GCC ivdep
   for (int64_t i = 0; i < n; ++i) {
     const acc xv = cpu::to_acc(x[i]);
@@ -263,10 +440,11 @@ FASTDIFF_INLINE const acc* as_acc(const T* src, int64_t c0, int64_t n, acc* buf)
 }
 
 // Elements [i0, i1) of one sample, whose coefficient row is `row`. float32/float64, and
-// bfloat16 with up to kMaxFusedHist history terms, run the loops on the tensors
-// themselves (bfloat16 converts as it loads and stores: a shift and a rounding, cheaper
-// than extra passes). float16 (whose conversion is cheap only as a whole-array F16C
-// pass) and bfloat16 with more history go through float buffers per chunk instead, and
+// the half types with up to kMaxFusedHist history terms, run the loops on the tensors
+// themselves (converting as they load and store, cheaper than extra passes; float16 only
+// with the AVX-512 loops: its scalar conversion is slow, and without AVX-512 it is cheap
+// only as a whole-array F16C pass). Other half-type cases go through float buffers per
+// chunk instead, and
 // so does every type when an output is an input and the chunk's outputs are not formed in
 // one pass (each later pass would read an input an earlier one overwrote): the outputs
 // are then completed in buffers and stored last.
@@ -275,11 +453,15 @@ FASTDIFF_STEP_CLONES void step_segment(const StepPtrs<T>& p, const acc* row, boo
                                        int64_t i0, int64_t i1) {
   alignas(64) acc dbuf[kChunk];
   constexpr bool kSame = std::is_same<T, acc>::value;
-  constexpr bool kBF16 = std::is_same<T, c10::BFloat16>::value;
+  constexpr bool kHalfType = std::is_same<T, c10::BFloat16>::value ||
+                             std::is_same<T, c10::Half>::value;
   const bool one_pass = p.n_hist <= kMaxFusedHist &&
                         (p.n_out == 1 || (p.n_out == 2 && kMaxJointOut<acc> > 1));
-  if constexpr (kSame || kBF16) {
-    if ((kSame || p.n_hist <= kMaxFusedHist) && (one_pass || !p.alias)) {
+  if constexpr (kSame || kHalfType) {
+    // float16 directly only with the vector loops (its scalar conversion is slow).
+    const bool direct = kSame || (p.n_hist <= kMaxFusedHist &&
+                                  (std::is_same<T, c10::BFloat16>::value || have_avx512_half()));
+    if (direct && (one_pass || !p.alias)) {
       std::vector<const T*> hs(std::max<int64_t>(p.n_hist, 1));
       std::vector<T*> ys(p.n_out);
       for (int64_t c0 = i0; c0 < i1; c0 += kChunk) {
