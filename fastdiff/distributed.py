@@ -20,6 +20,7 @@ on GPU).
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -59,7 +60,16 @@ def init(backend: str | None = None) -> tuple[int, int]:
         dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # Leave the group before the interpreter exits: a gloo group still alive at exit
+        # can abort the process ("terminate called without an active exception").
+        atexit.register(_leave)
     return rank(), world_size()
+
+
+def _leave() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank() -> int:

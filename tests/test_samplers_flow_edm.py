@@ -387,7 +387,8 @@ def test_invert_then_sample_returns_the_data(gen):
         back = sample(model, x_T=z, schedule=sch, sampler="ddim", steps=steps, spacing="leading", steps_offset=1,
                       progress=False)
         errs.append((back - x0).abs().max().item())
-    assert errs[1] < errs[0] and errs[1] < 0.05, errs
+    # fresh data each run: 100 steps at least halve the 25-step error (measured 4x)
+    assert errs[1] < errs[0] / 2 and errs[1] < 0.1, errs
 
 
 # -- errors ---------------------------------------------------------------------------------
