@@ -18,6 +18,7 @@ from numpy.polynomial import Polynomial
 from .core import Call, Coeffs, Op, Plan, Terms
 from .dpm import _model_term
 from .grid import Grid
+from .lms import lagrange_basis
 
 __all__ = ["deis", "lagrange_exp_integrals"]
 
@@ -27,11 +28,7 @@ def lagrange_exp_integrals(nodes: np.ndarray, lo: float, hi: float, c: float = 1
     ``nodes`` [o], exactly: the antiderivative of p(u) e^(c u) is
     e^(c u) sum_k (-1)^k p^(k)(u) / c^(k+1). [o] float64."""
     out = np.empty(len(nodes))
-    for j, nj in enumerate(nodes):
-        p = Polynomial([1.0])
-        for k, nk in enumerate(nodes):
-            if k != j:
-                p = p * Polynomial([-nk, 1.0]) / (nj - nk)
+    for j, p in enumerate(lagrange_basis(nodes)):
         anti, q = Polynomial([0.0]), p
         for k in range(len(nodes)):  # p has degree o - 1: o terms
             anti, q = anti + ((-1) ** k / c ** (k + 1)) * q, q.deriv()

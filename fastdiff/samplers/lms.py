@@ -16,14 +16,22 @@ from .grid import Grid
 __all__ = ["lms", "lms_coefficients"]
 
 
-def lms_coefficients(nodes: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Integrals over [lo, hi] of the Lagrange basis polynomials of ``nodes`` [o]."""
-    out = np.empty(len(nodes))
+def lagrange_basis(nodes: np.ndarray) -> list:
+    """The Lagrange basis polynomials L_j of ``nodes`` [o] (L_j(nodes[k]) = [j == k])."""
+    basis = []
     for j, nj in enumerate(nodes):
         p = Polynomial([1.0])
         for k, nk in enumerate(nodes):
             if k != j:
                 p = p * Polynomial([-nk, 1.0]) / (nj - nk)
+        basis.append(p)
+    return basis
+
+
+def lms_coefficients(nodes: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Integrals over [lo, hi] of the Lagrange basis polynomials of ``nodes`` [o]."""
+    out = np.empty(len(nodes))
+    for j, p in enumerate(lagrange_basis(nodes)):
         q = p.integ()
         out[j] = q(hi) - q(lo)
     return out
