@@ -93,15 +93,15 @@ class _Ops(TorchDispatchMode):
         self.ops = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket.__name__))
+        self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("name", ["dpm++2m", "ddim", "euler", "unipc", "heun", "pndm", "lms", "euler-ancestral"])
 def test_a_prepared_step_is_one_op_call_on_a_fixed_set_of_buffers(name, gen):
-    # After the first step no tensor is allocated and nothing but the fused step runs
-    # (a stochastic sampler also draws its noise); the loop's states and model inputs
-    # cycle through a few buffers.
+    # After the first step nothing but the fused step runs (a stochastic sampler also
+    # draws its noise; the run's own buffers come from the op's first writes); then the
+    # loop's states and model inputs cycle through a few buffers.
     s = Sampler(name, steps=12)
     outs = [torch.randn(2, 3, 4, 4, generator=gen) for _ in range(len(s))]
     calls = iter(range(len(s)))
@@ -118,14 +118,19 @@ def test_a_prepared_step_is_one_op_call_on_a_fixed_set_of_buffers(name, gen):
         for k in range(len(s)):
             inp = s._model_input(run, x, trusted=True)
             out = model(inp, None)
-            if k == 0:  # the caller's x_T and its model input, not the loop's own
-                seen.clear()
+            if not per_step or per_step[-1] != ["fastdiff.sampler_step.out"]:
+                seen.clear()  # the caller's x_T, or the run's own memory being first allocated
             with _Ops() as mode:
                 x = s._step(run, out, None, x, generator=None, donate=x is not x_T)
-            per_step.append([op for op in mode.ops if op not in ("randn", "normal_")])
+            per_step.append([op for op in mode.ops if not op.startswith(("aten.randn", "aten.normal"))])
             seen.add(x.data_ptr())
     assert run.prog is not None
-    assert all(ops == ["sampler_step"] for ops in per_step[1:]), per_step
+    # one op per step: the first writes of the run's own buffers get the op's new outputs
+    # (recycled memory), every later step writes into them
+    n_new = sum(ops == ["fastdiff.sampler_step.default"] for ops in per_step[1:])
+    assert all(ops in (["fastdiff.sampler_step.out"], ["fastdiff.sampler_step.default"])
+               for ops in per_step[1:]), per_step
+    assert n_new <= 5 and per_step[-1] == ["fastdiff.sampler_step.out"], per_step
     own = {t.data_ptr() for t, internal in zip(run.slots, s._program(True)[1]) if internal}
     assert seen <= own and len(own) < len(s) // 2, (name, len(seen), len(own))
 

@@ -700,12 +700,9 @@ class Sampler:
             slots[slot] = run.store[n]
         if recipes[run.k].x_owned:  # entered owned from a later call: x is donated to it
             slots[recipes[run.k].x_slot] = x
-        for i, own in enumerate(internal):  # all of the run's own memory, up front
-            if own and slots[i] is None:
-                slots[i] = torch.empty_like(x)
         run.prog, run.slots = recipes, slots
-        run.fast = (_ops.resolve("sampler_step.out", x.device), self._table(x.device, x.dtype)["coeffs"],
-                    x.shape, x.dtype, x.device, owned)
+        run.fast = (_ops.resolve("sampler_step.out", x.device), _ops.resolve("sampler_step", x.device),
+                    self._table(x.device, x.dtype)["coeffs"], x.shape, x.dtype, x.device, owned)
         return True
 
     def _fast_step(self, run, model_out, t, x, model_out_cond, noise, generator, donate):
@@ -717,7 +714,7 @@ class Sampler:
         k = run.k
         if k >= self._n_calls:
             self._finished()
-        op_out, coeffs, shape, dtype, device, owned = run.fast
+        op_into, op_new, coeffs, shape, dtype, device, owned = run.fast
         r = run.prog[k]
         S = run.slots
         if not isinstance(x, torch.Tensor) or x.shape != shape or x.dtype != dtype or x.device != device \
@@ -745,13 +742,21 @@ class Sampler:
                 else self._brownian_noise(run, x, op, generator)
             z = z.contiguous()
         S[r.x_slot] = x
-        for i in r.fresh:
-            S[i] = torch.empty_like(x)
-        outs = [S[i] for i in r.outs]
-        # Contiguous inputs of x's size and dtype are either one of these tensors exactly
-        # (a model returning its input) or share no memory with them: the op's rule.
-        op_out(x, S[r.x_base] if r.x_base >= 0 else None, m, mc, [S[i] for i in r.history], z,
-               coeffs[k], op.clamp, out=outs)
+        args = (x, S[r.x_base] if r.x_base >= 0 else None, m, mc, [S[i] for i in r.history], z,
+                coeffs[k], op.clamp)
+        outs = [S[i] for i in r.outs] if owned else ()
+        if owned and all(o is not None for o in outs):
+            # Contiguous inputs of x's size and dtype are either one of these tensors
+            # exactly (a model returning its input) or share no memory with them: the
+            # op's rule for outputs that are inputs.
+            op_into(*args, out=outs)
+        else:
+            # New outputs (shown to the caller, or the run's own memory the first time):
+            # the op's recycled blocks, whose pages are mapped already (a fresh CPU
+            # allocation faults on every page at first write, several us each).
+            outs = op_new(*args, n_out)
+            for i, o in zip(r.outs, outs):
+                S[i] = o
         for i in r.release:
             S[i] = None
         new = outs[x_at]
