@@ -12,10 +12,14 @@ model on the same noise:
     prebuilt Sampler>)``), which also updates its state in place (``donate=True``).
 
 The table reports the median time per step outside the model call (loop time minus the
-time spent inside model calls, minus the one-off set-up: ``set_timesteps`` / building
-the Sampler), the speed-ups over diffusers, the bytes one fused step reads and writes,
-and the max abs difference of the final samples to diffusers' (a parity check, not a
-timing).
+time spent inside model calls, minus the one-off set-up: ``set_timesteps(device=)`` /
+building the Sampler and ``Sampler.prepare(device, dtype, batch)``), the speed-ups over diffusers, two floors for it (the run's fused passes
+alone on prepared tensors, caches warm; and the "loop floor": the same model calls each
+followed by only the fused op on prepared tensors, no sampler object, so the model
+evicts the step's tensors from cache as in any real loop), the bytes one fused step
+reads and writes, and the max abs difference of the final samples to diffusers' (a
+parity check, not a timing). On CPU with one thread (the default) times are the thread's
+CPU time, so that other processes on a shared machine do not count.
 
     python benchmarks/bench_sample.py                    # (8, 4, 64, 64), 20 steps, CPU
     python benchmarks/bench_sample.py --device cuda --json out/bench_sample.json
@@ -58,18 +62,18 @@ class TimedModel:
 
     def __call__(self, x, t):
         self._sync()
-        start = time.perf_counter()
+        start = _now()
         out = self.model(x, t)
         self._sync()
-        self.seconds += time.perf_counter() - start
+        self.seconds += _now() - start
         self.calls += 1
         return out
 
 
 def diffusers_run(sched, steps, model, x_T):
-    start = time.perf_counter()
+    start = _now()
     sched.set_timesteps(steps, device=x_T.device)
-    setup = time.perf_counter() - start
+    setup = _now() - start
     x = x_T * getattr(sched, "init_noise_sigma", 1.0)
     scale = getattr(sched, "scale_model_input", None)  # flow matching has none
     for t in sched.timesteps:
@@ -78,9 +82,9 @@ def diffusers_run(sched, steps, model, x_T):
 
 
 def fastdiff_run(sched, steps, model, x_T):
-    start = time.perf_counter()
-    s = Sampler.from_diffusers(sched, steps)
-    setup = time.perf_counter() - start
+    start = _now()
+    s = Sampler.from_diffusers(sched, steps).prepare(x_T.device, x_T.dtype, x_T.shape[0])
+    setup = _now() - start
     x = s.init_noise(x_T)
     for t in s.timesteps:
         x = s.step(model(s.scale_model_input(x, t), t), None, x)
@@ -88,9 +92,9 @@ def fastdiff_run(sched, steps, model, x_T):
 
 
 def sample_run(sched, steps, model, x_T):
-    start = time.perf_counter()
-    s = Sampler.from_diffusers(sched, steps)
-    setup = time.perf_counter() - start
+    start = _now()
+    s = Sampler.from_diffusers(sched, steps).prepare(x_T.device, x_T.dtype, x_T.shape[0])
+    setup = _now() - start
     return fastdiff.sample(model, x_T=x_T, sampler=s, progress=False), setup
 
 
@@ -101,11 +105,11 @@ def timed(run, sched, steps, model, x_T, device, repeats, warmup):
         tm = TimedModel(model, device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        start = time.perf_counter()
+        start = _now()
         x, setup = run(sched, steps, tm, x_T)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        total = time.perf_counter() - start
+        total = _now() - start
         if i >= warmup:
             outside.append((total - tm.seconds - setup) / tm.calls)
             setups.append(setup)
@@ -142,11 +146,11 @@ def kernel_alone(sampler: Sampler, x_T, repeats: int) -> float:
     for _ in range(repeats + 1):
         x.copy_(x_T)
         _sync(x_T.device)
-        start = time.perf_counter()
+        start = _now()
         for xb, hist, z, c, clamp, outs in args:
             op_out(x, xb, m, None, hist, z, c, clamp, out=outs)
         _sync(x_T.device)
-        times.append((time.perf_counter() - start) / len(args))
+        times.append((_now() - start) / len(args))
     return statistics.median(times[1:])
 
 
@@ -155,14 +159,23 @@ def floor_run(sched, steps, model, x_T):
     tensors, with no sampler object in between (what a loop with no Python per step
     would cost outside the model; the model evicts the step's tensors from cache, as
     in any real loop)."""
-    start = time.perf_counter()
-    s = Sampler.from_diffusers(sched, steps)
+    start = _now()
+    s = Sampler.from_diffusers(sched, steps).prepare(x_T.device, x_T.dtype, x_T.shape[0])
     op_out, x, args, x_in = _prepared(s, s.init_noise(x_T))
     t = s.timesteps
-    setup = time.perf_counter() - start
+    setup = _now() - start
     for k, (xb, hist, z, c, clamp, outs) in enumerate(args):
         op_out(x, xb, model(x_in, t[k]), None, hist, z, c, clamp, out=outs)
     return x, setup
+
+
+def _now():
+    """The benchmark's clock (set in main): wall time, or on CPU with one thread the
+    thread's CPU time, so that other processes on a shared machine do not count."""
+    return _CLOCK[0]()
+
+
+_CLOCK = [time.perf_counter]
 
 
 def _sync(device):
@@ -191,11 +204,18 @@ def main(argv=None) -> int:
                    + ", ".join(SCHEDULERS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    p.add_argument("--clock", choices=["auto", "wall", "cpu"], default="auto",
+                   help="cpu: the thread's CPU time (one thread on CPU only); auto: cpu on CPU with "
+                        "one thread, else wall")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    cpu_clock = args.clock == "cpu" or (args.clock == "auto" and args.device == "cpu" and args.threads == 1)
+    if cpu_clock and (args.device != "cpu" or args.threads != 1):
+        p.error("--clock cpu measures one thread's CPU time: it needs --device cpu --threads 1")
+    _CLOCK[0] = time.thread_time if cpu_clock else time.perf_counter
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
@@ -216,7 +236,8 @@ def main(argv=None) -> int:
     rows = []
     print(f"fastdiff {fastdiff.__version__} | torch {torch.__version__} | diffusers {diffusers.__version__} | "
           f"device {device} | dtype {args.dtype} | shape {shape} | {args.steps} steps | "
-          f"median of {args.repeats} (warm-up {args.warmup}) | backend {fastdiff.get_backend()}")
+          f"median of {args.repeats} (warm-up {args.warmup}) | backend {fastdiff.get_backend()} | "
+          f"{torch.get_num_threads()} thread(s) | {'thread CPU' if cpu_clock else 'wall'} time")
     header = (f"{'sampler':<10} {'diffusers':>10} {'Sampler.step':>13} {'speed-up':>9} "
               f"{'fastdiff.sample':>16} {'speed-up':>9} {'kernel alone':>13} {'sample/kernel':>14} "
               f"{'loop floor':>11} {'sample/floor':>13} "

@@ -183,3 +183,26 @@ def test_begin_at_takes_its_zero_history_into_the_prepared_run(name, gen):
         results.append(x)
         assert (s._run.prog is not None) == (s._programs is not None), name
     assert torch.equal(*results)
+
+
+@pytest.mark.parametrize("name", ["euler", "heun", "lms", "euler-ancestral", "ddim"])
+def test_prepare_and_the_fused_start_change_nothing(name, gen):
+    # prepare() builds up front what the first step builds; a run that starts scaled
+    # (Euler family: x_T * init_noise_sigma, then its first model input c_in x) makes both
+    # in one fused pass, equal to the unfused product and the model input made from it.
+    schedule = __import__("fastdiff").schedules.NoiseSchedule.linear()
+    model = _model(schedule, gen)
+    x_T = torch.randn(3, 6, generator=gen, dtype=F64)
+    s = Sampler(name, schedule, 6, seeds=[1, 2, 3])
+    fresh = _general(Sampler(name, schedule, 6, seeds=[1, 2, 3]))
+    want = sample(model, x_T=x_T, sampler=fresh, progress=False)
+    assert s.prepare("cpu", F64, 3) is s
+    assert torch.equal(sample(model, x_T=x_T, sampler=s, progress=False), want)
+    x = s.init_noise(x_T)
+    torch.testing.assert_close(x, x_T * s.init_noise_sigma, rtol=2 ** -52, atol=0)
+    c_in = s.plan.calls[0].c_in
+    if c_in is not None:
+        want_in = x_T * float(s.init_noise_sigma * c_in[0])  # the folded scale, one rounding
+        assert torch.equal(s.scale_model_input(x, s.timesteps[0]), want_in)
+    with pytest.raises(TypeError, match="dtype must be one of"):
+        s.prepare("cpu", torch.int32)

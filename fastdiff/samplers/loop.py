@@ -161,7 +161,7 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
     # a callback nobody sees the states it makes, so it donates them to the next step.
     run = _Run(donating=callback is None and callback_on_step_end is None and not compile)
     if initial is None:
-        x = s._init_noise(x_T)
+        x = s._init_noise(x_T, run)
     else:
         x = singular.initial_state(s, x_T, initial_predictor, cond, uncond, initial_guidance_scale)
     B = x.shape[0]

@@ -27,9 +27,10 @@ import torch
 
 from ..schedules import NoiseSchedule, TimeSharing
 from .. import _ops
+from .._ops import STEP_HEAD, step_n_basis
 from ..step import dense_perm, differentiable_step, inverse_perm
 from ..wrappers import model_output
-from .core import PREDICTIONS, Clamp, Plan
+from .core import PREDICTIONS, Clamp, Coeffs, Plan
 from .grid import build_grid
 from .grid_families import GRID_OPTIONS
 from .guidance import rescale_coeffs
@@ -514,9 +515,13 @@ class Sampler:
         """The initial state from unit-variance noise x_T [B, ...] (x_T itself for VP
         samplers, ``x_T * init_noise_sigma`` for the Euler family). Starts a new run."""
         self.reset()
-        return self._init_noise(x_T)
+        return self._init_noise(x_T, self._run)
 
-    def _init_noise(self, x_T):
+    def _init_noise(self, x_T, run=None):
+        """The initial state; with ``run``, the state and its first model input
+        ``c_in x`` are made in one pass of the fused op, into the op's recycled memory
+        (as every later state and model input of the run), and the run's folded model
+        input is set."""
         if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
             raise TypeError(f"x_T must be a floating-point tensor, got "
                             f"{x_T.dtype if isinstance(x_T, torch.Tensor) else type(x_T).__name__}")
@@ -524,7 +529,23 @@ class Sampler:
         s = self.plan.init_scale
         if s is None:
             return x_T
-        return x_T * self._rows(torch.from_numpy(s).to(x_T.device, x_T.dtype), x_T)
+        if run is None or x_T.dtype not in _STEP_DTYPES or x_T.device.type == "meta" \
+                or torch.compiler.is_compiling() or (torch.is_grad_enabled() and x_T.requires_grad):
+            return x_T * self._rows(torch.from_numpy(s).to(x_T.device, x_T.dtype), x_T)
+        coeffs = self._init_table(x_T.device, x_T.dtype)
+        n_out = (coeffs.shape[1] - STEP_HEAD) // step_n_basis(0)
+        perm = None if x_T.is_contiguous() else dense_perm(x_T)
+        v = x_T if perm is None else x_T.permute(perm)  # channels_last stays channels_last
+        outs = _ops.resolve("sampler_step", x_T.device)(v, None, v, None, [], None, coeffs, False, n_out)
+        if perm is not None:
+            outs = [o.permute(inverse_perm(perm)) for o in outs]
+        if len(outs) > 1:
+            try:
+                version = outs[0]._version
+            except RuntimeError:  # an inference tensor: no version counter
+                version = None
+            run.x_in = (outs[0], outs[1], version)
+        return outs[0]
 
     def scale_model_input(self, x: torch.Tensor, t=None) -> torch.Tensor:
         """The model input for the next call: x itself for VP samplers; ``c_in * x`` for
@@ -845,18 +866,58 @@ class Sampler:
                 block = torch.from_numpy(np.stack([mats[k] for k in idx]).astype(acc)).to(device)
                 for k, c in zip(idx, block.unbind(0)):
                     coeffs[k] = c
-            tab = self._tables[key] = {"coeffs": coeffs}
+            tab = {"coeffs": coeffs}
+            if any(c.c_in is not None for c in self.plan.calls):
+                # (built with the coefficients, not when first read: a compiled loop must
+                # find the tables as the eager one left them)
+                c_in = np.stack([np.ones(self.grid.rows) if c.c_in is None else c.c_in
+                                 for c in self.plan.calls])
+                tab["c_in"] = torch.from_numpy(c_in).to(device=device, dtype=dtype)
+            self._tables[key] = tab
         return tab
+
+    def _init_table(self, device, dtype):
+        """Coefficients of the fused pass that starts a run from x_T: output 0 the state
+        ``init_scale x_T``, output 1 (when the first call scales its input) the first
+        model input ``c_in init_scale x_T`` (the op's d term is zero)."""
+        key = ("init", device, dtype)
+        coeffs = self._tables.get(key)
+        if coeffs is None:
+            s, c_in = self.plan.init_scale, self.plan.calls[0].c_in
+            c = Coeffs(len(s), 1 if c_in is None else 2)
+            c.out(0, x=s)
+            if c_in is not None:
+                c.out(1, x=s * c_in)
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            coeffs = self._tables[key] = c.tensor(acc, device)
+        return coeffs
+
+    def prepare(self, device="cpu", dtype=torch.float32, batch: int | None = None) -> "Sampler":
+        """Build now what the first run on ``device`` for samples of ``dtype`` would
+        build at its first step: every call's coefficients on the device (one copy), the
+        prepared runs (``fastdiff.samplers.program``), the start and input scales, and
+        with ``batch`` the network time inputs for that batch (plain and CFG-doubled).
+        Like diffusers' ``set_timesteps(device=...)``; optional (the first step does it
+        otherwise). Returns the Sampler."""
+        device = torch.device(device)
+        if dtype not in _STEP_DTYPES:
+            raise TypeError(f"dtype must be one of {[str(d) for d in _STEP_DTYPES]}, got {dtype}")
+        self._table(device, dtype)
+        if self._programs is not None:
+            self._program(True)
+            self._program(False)
+        if self.plan.init_scale is not None:
+            self._init_table(device, dtype)
+        if batch is not None:
+            run = _Run()
+            for doubled in (False, True):
+                self._model_time(run, batch, device, doubled)
+        return self
 
     def _c_in(self, device, dtype):
         """Model-input scales of every call, [n_calls, R] (only needed when the previous
         step's folded model input cannot be used)."""
-        tab = self._table(device, dtype)
-        if "c_in" not in tab:
-            c_in = np.stack([np.ones(self.grid.rows) if c.c_in is None else c.c_in
-                             for c in self.plan.calls])
-            tab["c_in"] = torch.from_numpy(c_in).to(device=device, dtype=dtype)
-        return tab["c_in"]
+        return self._table(device, dtype)["c_in"]
 
     def _time_table(self, device):
         """Network time inputs of every call, [n_calls, R], time sharing applied."""
