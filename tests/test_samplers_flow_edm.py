@@ -329,7 +329,10 @@ def test_flow_convergence_order_on_a_gaussian_mixture(name, order, gen):
         x = torch.from_numpy(y).reshape(x_T.shape)
         return model(x, torch.full((x.shape[0],), s * sch.T, dtype=F64)).reshape(-1).numpy()
 
-    Ns, errs = [10, 20, 40, 80], []
+    # 20-80 steps: at 10 a mixture's curved paths are not yet in the asymptotic range
+    # (Heun's successive error ratios 2.4, 3.9, 4.2 in one draw), and past 80 the error
+    # can reach the floor set by the stiff end near s = 0 (3.5e-4 -> 2.8e-4 from 80 to 160)
+    Ns, errs = [20, 40, 80], []
     ref = None
     for N in Ns:
         x, gr = _flow_run(name, N, model, x_T)
