@@ -162,3 +162,74 @@ def test_probe_on_diffusers_unet_uses_fused_rule_and_matches_math_backend(gen, p
     assert calls.count("sdpa_jvp") == 0
     assert _rel(fused, math) <= 1e-5
     assert bool((math > 0).all())
+
+
+# ---------------------------------------------------------------------------------------
+# the Triton kernel (interpreted on CPU here; compiled in tests/test_device_cuda.py)
+# ---------------------------------------------------------------------------------------
+
+# odd lengths (not multiples of the kernel's blocks, and more than one key block), head
+# dims 8..64 including non-powers of two, Dv != D, batch 1, one or two batch dims
+TRITON_SHAPES = [((1, 2), 17, 45, 8, 8), ((2,), 5, 70, 24, 40), ((1, 1), 33, 9, 64, 3)]
+
+
+@pytest.mark.parametrize("shape", TRITON_SHAPES)
+def test_triton_kernel_matches_math_backend_jvp(gen, shape):
+    from fastdiff.triton.attention import sdpa_jvp as triton_sdpa_jvp
+    # logits of about the same spread for every D (float32 rounding of s grows with it)
+    args = _inputs(gen, *shape, spread=2.0 if shape[3] <= 16 else 1.0)
+    scale = 0.3 + torch.rand((), generator=gen).item()
+    for got, mth in zip(triton_sdpa_jvp(*args, scale), _math_jvp(*args, scale=scale)):
+        assert got.shape == mth.shape and got.dtype == torch.float32
+        assert _rel(got, mth) <= 1e-5
+    args64 = [a.double() for a in args]
+    for got, mth in zip(triton_sdpa_jvp(*args64, scale), _math_jvp(*args64, scale=scale)):
+        assert got.dtype == torch.float64 and _rel(got, mth) <= 1e-12
+
+
+def test_triton_kernel_non_contiguous_and_low_precision(gen):
+    from fastdiff.triton.attention import sdpa_jvp as triton_sdpa_jvp
+    # diffusers' layout ([B, L, H, D] memory viewed as [B, H, L, D]), a column stride != 1
+    # on k, and an expanded (stride 0) head dim on v
+    q, k, v, dq, dk, dv = (t.transpose(1, 2).contiguous().transpose(1, 2)
+                           for t in _inputs(gen, (1, 3), 19, 37, 24, 24))
+    k = torch.randn(1, 3, 37, 48, generator=gen)[..., ::2]
+    v = v[:, :1].expand_as(v)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    ref = _math_jvp(q, k, v.contiguous(), dq, dk, dv)
+    for got, r in zip(triton_sdpa_jvp(q, k, v, dq, dk, dv, 24 ** -0.5), ref):
+        assert _rel(got, r) <= 1e-5
+    # float16 / bfloat16: products in the inputs' precision, sums in float32
+    for dt, tol in ((torch.float16, 2e-3), (torch.bfloat16, 1.5e-2)):
+        args = [t.to(dt) for t in (q, k, v, dq, dk, dv)]
+        ref = _ops.sdpa_jvp_ref(*args, 0.35)
+        for got, r in zip(triton_sdpa_jvp(*args, 0.35), ref):
+            assert got.dtype == dt and _rel(got, r) <= tol
+
+
+def test_triton_through_func_jvp_of_public_sdpa(gen, triton_backend, monkeypatch):
+    """torch.func.jvp of fastdiff.attention.scaled_dot_product_attention on the Triton
+    backend: one Triton call gives the output and its tangent."""
+    q, k, v, dq, dk, dv = _inputs(gen, (2, 2), 13, 21, 16, 8)
+    calls = []
+    real = _ops.triton_fn
+    monkeypatch.setattr(_ops, "triton_fn", lambda name: calls.append(name) or real(name))
+    out, tan = torch.func.jvp(scaled_dot_product_attention, (q, k, v), (dq, dk, dv))
+    assert calls == ["sdpa_jvp"]
+    ref_out, ref_tan = _math_jvp(q, k, v, dq, dk, dv)
+    assert _rel(out, ref_out) <= 1e-5 and _rel(tan, ref_tan) <= 1e-5
+
+
+def test_triton_bad_input(gen):
+    from fastdiff.triton.attention import sdpa_jvp as triton_sdpa_jvp
+    q = torch.randn(1, 2, 5, 257)
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        triton_sdpa_jvp(q, q, q, q, q, q, 1.0)
+    q = torch.randn(1, 2, 5, 4)
+    with pytest.raises(ValueError, match="same batch dims"):
+        triton_sdpa_jvp(q, q[:, :1], q, q, q[:, :1], q, 1.0)
+    with pytest.raises(TypeError, match="dtype"):
+        triton_sdpa_jvp(q, q, q.double(), q, q, q, 1.0)
+    # no keys: NaN, as torch's math backend
+    out, dout = triton_sdpa_jvp(q, q[:, :, :0], q[:, :, :0], q, q[:, :, :0], q[:, :, :0], 1.0)
+    assert out.shape == q.shape and bool(out.isnan().all() and dout.isnan().all())
