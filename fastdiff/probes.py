@@ -289,7 +289,8 @@ class _FastJvpRules(TorchFunctionMode):
             spec, fn, params = rule
             vals = _bind(args, kwargs, *spec)
             x, dx = _dual.split(vals[0])
-            if (dx is not None and x.dim() >= 2 and not any(_dual.has_tangent(vals[i]) for i in params)
+            if (dx is not None and x.dim() >= 2
+                    and not any(_dual.has_tangent(vals[i]) for i in params)
                     and (fn is not _group_norm_jvp or _group_norm_valid(x, vals[1]))):
                 return _dual.join(*fn(x, dx, *vals[1:]))
         elif func is F.scaled_dot_product_attention:

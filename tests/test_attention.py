@@ -119,6 +119,63 @@ def test_public_sdpa_jvp_backward_and_fallback(gen, monkeypatch):
     assert calls == []
 
 
+def test_public_sdpa_forward_ad_jacfwd_and_higher_order(gen):
+    """forward_ad duals, vmap(jacfwd), reverse mode through the output of a jvp, a jvp of a
+    jvp and a grad of a jvp: each equals torch's math-backend form (or raises)."""
+    import torch.autograd.forward_ad as fwAD
+    q, k, v, dq, dk, dv = _inputs(gen, (2, 3), 6, 10, 8, 4, spread=1.0)
+    ref_out, ref_tan = _math_jvp(q, k, v, dq, dk, dv)
+    with fwAD.dual_level():
+        o = scaled_dot_product_attention(fwAD.make_dual(q, dq), k, fwAD.make_dual(v, dv))
+        o = fwAD.unpack_dual(o.transpose(-1, -2).reshape(2, -1))  # views of the dual, too
+    _, r = _math_jvp(q, k, v, dq, torch.zeros_like(k), dv)
+    assert _rel(o.tangent, r.transpose(-1, -2).reshape(2, -1)) <= 1e-5
+
+    def jac(f):
+        return torch.func.vmap(torch.func.jacfwd(lambda a: f(a, k[0], v[0])))(q[:, :, :2])
+    got = jac(scaled_dot_product_attention)
+    with sdpa_kernel([SDPBackend.MATH]):
+        assert _rel(got, jac(F.scaled_dot_product_attention)) <= 1e-5
+
+    w = torch.randn(8, 8, generator=gen, dtype=torch.float64).float().requires_grad_()
+    out, tan = torch.func.jvp(lambda a: scaled_dot_product_attention(a @ w, k, v), (q,), (dq,))
+    (gw,) = torch.autograd.grad((out * ref_out).sum(), w)
+    ref_w = w.detach().clone().requires_grad_()
+    (rw,) = torch.autograd.grad((F.scaled_dot_product_attention(q @ ref_w, k, v) * ref_out).sum(),
+                                ref_w)
+    assert _rel(gw, rw) <= 1e-5
+    with pytest.raises(NotImplementedError, match="through the forward-mode tangent"):
+        tan.sum().backward()
+
+    def second(f, outer):  # d/d(outer) of the jvp along dq
+        return outer(lambda a: torch.func.jvp(lambda b: f(b, k, v), (a,), (dq,))[1])
+
+    hv = lambda g: torch.func.jvp(g, (q,), (dk[..., :6, :],))[1]  # noqa: E731
+    gr = lambda g: torch.func.grad(lambda a: (g(a) * ref_out).sum())(q)  # noqa: E731
+    for outer in (hv, gr):
+        got = second(scaled_dot_product_attention, outer)
+        with sdpa_kernel([SDPBackend.MATH]):
+            want = second(F.scaled_dot_product_attention, outer)
+        assert _rel(got, want) <= 1e-5
+
+
+def _op_counts(fn):
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    names = [e.name for e in prof.events()]
+    return {n: names.count(n) for n in set(names)}
+
+
+def test_primal_is_formed_once(gen):
+    """Under torch.func.jvp the output comes from the same sdpa_jvp call as the tangent:
+    no torch attention runs besides it."""
+    q, k, v, dq, dk, dv = _inputs(gen, (1, 2), 9, 12, 8, 8)
+    n = _op_counts(lambda: torch.func.jvp(scaled_dot_product_attention, (q, k, v), (dq, dk, dv)))
+    assert n.get("fastdiff::sdpa_jvp") == 1
+    assert not [name for name in n if "scaled_dot_product" in name or "softmax" in name]
+
+
 def _tiny_unet(gen):
     import diffusers
     torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
@@ -156,6 +213,13 @@ def test_probe_on_diffusers_unet_uses_fused_rule_and_matches_math_backend(gen, p
     fused = run()
     n_fused = calls.count("sdpa_jvp")
     assert n_fused > 0  # every attention layer of every probe call went through it
+    if probe == "lipschitz_t":  # one model call: each norm and attention primal runs once
+        with torch.no_grad():
+            fwd = _op_counts(lambda: unet(torch.cat([noise, noise]), torch.tensor([3.0] * 4)))
+        jvp = _op_counts(run)
+        assert jvp["aten::native_group_norm"] == fwd["aten::native_group_norm"]
+        assert jvp["fastdiff::sdpa_jvp"] == fwd["aten::scaled_dot_product_attention"]
+        assert "aten::scaled_dot_product_attention" not in jvp
     monkeypatch.setattr(attention, "fused_jvp_applies", lambda *a: False)  # math backend
     calls.clear()
     math = run()

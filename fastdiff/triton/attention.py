@@ -54,8 +54,8 @@ def _sdpa_jvp_kernel(q_ptr, k_ptr, v_ptr, dq_ptr, dk_ptr, dv_ptr, o_ptr, do_ptr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_DV: tl.constexpr, ACC: tl.constexpr, LOW: tl.constexpr,
                      WIDEN: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # (batch, head) on the first grid axis: it has no 65535 limit
+    pid_m = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -183,9 +183,6 @@ def sdpa_jvp(q, k, v, dq, dk, dv, scale: float):
         return out.fill_(math.nan), dout.fill_(math.nan)
     q4, k4, v4, dq4, dk4, dv4 = (_as_4d(t) for t in ts)
     B, H = q4.shape[0], q4.shape[1]
-    if B * H > 65535:
-        raise ValueError(f"sdpa_jvp (Triton): at most 65535 (batch x head) rows per call, "
-                         f"got {B * H}")
     strides = [st for t in (q4, k4, v4, dq4, dk4, dv4) for st in t.stride()]
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale_t = torch.full((1,), float(scale), dtype=acc_dtype, device=q.device)
@@ -198,9 +195,13 @@ def sdpa_jvp(q, k, v, dq, dk, dv, scale: float):
         block_m, block_n = (64, 32) if big else (64, 64)
     low = q.dtype in (torch.float16, torch.bfloat16)
     acc = tl.float64 if q.dtype == torch.float64 else tl.float32
-    grid = (triton.cdiv(Lq, block_m), B * H)
+    if triton.cdiv(Lq, block_m) > 65535:
+        raise ValueError(f"sdpa_jvp (Triton): at most {65535 * block_m} queries per call, "
+                         f"got Lq={Lq}")
+    grid = (B * H, triton.cdiv(Lq, block_m))
     _sdpa_jvp_kernel[grid](q4, k4, v4, dq4, dk4, dv4, out, dout, scale_t, *strides, H, Lq, Lk,
                            D, Dv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
                            BLOCK_DV=block_dv, ACC=acc, LOW=low,
-                           WIDEN=low and q.dtype == torch.bfloat16 and _interpreting(), num_warps=4 if not big else 8)
+                           WIDEN=low and q.dtype == torch.bfloat16 and _interpreting(),
+                           num_warps=8 if big else 4)
     return out, dout
