@@ -7,6 +7,7 @@ import torch
 
 from fastdiff import Sampler, sample
 from fastdiff._ops import STEP_HEAD, step_n_basis
+from fastdiff.samplers.grid_families import lcm_timesteps
 from fastdiff.step import fused_step
 
 
@@ -77,6 +78,12 @@ BAD = [
     ("seed 2**70", lambda: Sampler("ddpm", steps=4, seeds=[2 ** 70]), ValueError, r"seeds must be in \[-2\*\*63"),
     ("seed bool", lambda: Sampler("ddpm", steps=4, seeds=[True]), TypeError, "seeds must be ints"),
     ("steps bool", lambda: Sampler("ddim", steps=True), TypeError, "steps must be an int"),
+    ("pndm resumed with prk", lambda: Sampler("pndm", steps=6, resumed=True), ValueError,
+     r"resumed is a PLMS \(skip_prk_steps=True\) option"),
+    ("lcm strength 0", lambda: lcm_timesteps(1000, 4, 50, strength=0.0), ValueError,
+     r"strength must be a number in \(0, 1\]"),
+    ("lcm strength too low", lambda: lcm_timesteps(1000, 4, 50, strength=0.05), ValueError,
+     r"steps \(4\) must not exceed int\(original_inference_steps \* strength\) \(2\)"),
     ("step after the last", _step_after_last, ValueError, "the run is finished"),
     ("model input after the last", _input_after_last, ValueError, "the run is finished"),
     ("t too long", lambda: _step(torch.full((3,), 666)), ValueError, r"t must be a number or a \[1\] or \[2\] tensor"),

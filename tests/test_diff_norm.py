@@ -56,11 +56,37 @@ def test_cpu_half_kernel_bitwise_equals_float32_kernel(gen, dtype):
     # Half inputs widen exactly and then sum like float32 inputs (same lanes, same order),
     # however the kernel converts them: the same bits as on the widened copies. Rows of
     # odd lengths around the lane count, the conversion pieces and the 4096-element blocks.
-    for shape in [(1, 1), (3, 31), (2, 513), (1, 4097), (2, 3, 77, 79)]:
+    for shape in [(1, 1), (3, 31), (2, 32), (2, 513), (1, 4097), (1, 4096 + 33),
+                  (2, 3, 77, 79)]:
         a, b = pair(gen, shape, dtype, noncontig=len(shape) > 2)
         out = torch.ops.fastdiff.diff_norm(a, b)
         want = torch.ops.fastdiff.diff_norm(a.float(), b.float())
         assert torch.equal(out.view(torch.int32), want.view(torch.int32)), shape
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cpu_half_kernel_special_values_bitwise(gen, dtype):
+    # Rows with subnormal, huge (bfloat16: squares beyond float32's range), Inf and NaN
+    # values among normal ones: the half kernel's bits are the float32 kernel's on the
+    # widened copies (a NaN row is NaN in both).
+    n = 4096 + 77
+    a, b = torch.randn(6, n, generator=gen), torch.randn(6, n, generator=gen)
+    tiny = torch.finfo(dtype).tiny
+    a[1] *= tiny
+    b[1] *= tiny / 3                                  # subnormal differences
+    a[2, ::97] = torch.finfo(dtype).max / 2
+    a[3, 5], b[3, 700] = float("inf"), float("-inf")
+    a[4, 33], b[4, 4100] = float("nan"), float("nan")
+    b[5, ::50] = float("nan")
+    a, b = a.to(dtype), b.to(dtype)
+    out = torch.ops.fastdiff.diff_norm(a, b)
+    want = torch.ops.fastdiff.diff_norm(a.float(), b.float())
+    assert bool(torch.isinf(out[3])) and torch.isnan(out[4:]).all()
+    assert bool(torch.isinf(out[2])) == (dtype == torch.bfloat16)
+    assert torch.equal(torch.isnan(out), torch.isnan(want))
+    assert torch.equal(out[:4].view(torch.int32), want[:4].view(torch.int32))
+    torch.testing.assert_close(out[:2], oracle(a, b)[:2], **tol(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

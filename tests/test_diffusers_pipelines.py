@@ -1,21 +1,26 @@
 """FusedScheduler inside diffusers' own pipelines: the same latents as the scheduler it
-replaces, for txt2img, img2img, inpainting and SDXL, on tiny random components built
-from configs (offline; prompt_embeds= so no tokenizer or text encoder is needed)."""
+replaces, for txt2img, img2img, inpainting, SDXL, latent consistency, SD3 and Flux, on
+tiny random components built from configs (offline; prompt_embeds= so no tokenizer or
+text encoder is needed)."""
 import inspect
 import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from diffusers import (AutoencoderKL, CosineDPMSolverMultistepScheduler, DDIMScheduler, DDPMScheduler,
                        DEISMultistepScheduler, DPMSolverMultistepScheduler, DPMSolverSDEScheduler,
                        DPMSolverSinglestepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, HeunDiscreteScheduler, IPNDMScheduler,
-                       KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LMSDiscreteScheduler,
-                       PNDMScheduler, SASolverScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
-                       StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel,
-                       UniPCMultistepScheduler)
+                       EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler,
+                       FluxPipeline, FluxTransformer2DModel, HeunDiscreteScheduler, IPNDMScheduler,
+                       KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LatentConsistencyModelImg2ImgPipeline,
+                       LatentConsistencyModelPipeline, LCMScheduler, LMSDiscreteScheduler,
+                       PNDMScheduler, SASolverScheduler, SD3Transformer2DModel, StableDiffusion3Img2ImgPipeline,
+                       StableDiffusion3InpaintPipeline, StableDiffusion3Pipeline, StableDiffusionImg2ImgPipeline,
+                       StableDiffusionInpaintPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                       TCDScheduler, UNet2DConditionModel, UniPCMultistepScheduler)
 
 import fastdiff
 from fastdiff import FusedScheduler
@@ -47,11 +52,12 @@ CASES = {
     "dpm++sde": (DPMSolverSDEScheduler, {"noise_sampler_seed": 3}),  # unseeded, diffusers' own is random
     "ipndm": (IPNDMScheduler, {}),
     "cosine-dpm": (CosineDPMSolverMultistepScheduler, {}),
+    "lcm": (LCMScheduler, {}),
+    "tcd": (TCDScheduler, {}),
 }
-# Mid-schedule starts (img2img, inpainting), as MID_SCHEDULE lists them; PNDM refuses
-# (test_pndm_mid_schedule_refused), the classes not listed there too.
-MID = ["ddim", "dpm++2m", "dpm++2m-karras", "dpm++2s", "unipc", "euler", "euler-trailing", "euler-ancestral",
-       "heun", "lms", "ddpm"]
+# Mid-schedule starts (img2img, inpainting), as MID_SCHEDULE lists them: every class but
+# IPNDM, which diffusers gives no add_noise (test_ipndm_begin_index_matches_diffusers).
+MID = [c for c in CASES if c != "ipndm"]
 STEPS = 8
 
 
@@ -145,7 +151,8 @@ def test_img2img_equals_original_scheduler(parts, case):
     _close(ref, out, float(ref.abs().max()))
 
 
-@pytest.mark.parametrize("case", ["ddim", "dpm++2m", "unipc", "euler", "euler-ancestral", "heun", "lms"])
+@pytest.mark.parametrize("case", ["ddim", "dpm++2m", "unipc", "euler", "euler-ancestral", "heun", "lms", "pndm",
+                                  "kdpm2-ancestral", "sa-solver", "lcm", "tcd"])
 def test_inpaint_equals_original_scheduler(parts, case):
     comps, data = parts
     pipe = StableDiffusionInpaintPipeline(**comps)  # 4-channel UNet: add_noise at every step
@@ -158,12 +165,47 @@ def test_inpaint_equals_original_scheduler(parts, case):
     _close(ref, out, float(ref.abs().max()))
 
 
-def test_pndm_mid_schedule_refused(parts):
+@pytest.mark.parametrize("case", ["lcm", "tcd"])
+def test_consistency_eta_and_outputs_equal_original(parts, case):
+    """LCM / TCD in the Stable Diffusion pipeline with the pipeline's eta (TCD's gamma),
+    noise drawn from the pipeline's generator in step(), as diffusers draws it."""
     comps, data = parts
-    pipe = fastdiff.fuse(StableDiffusionImg2ImgPipeline(**comps))
+    pipe = StableDiffusionPipeline(**comps)
     pipe.set_progress_bar_config(disable=True)
-    with pytest.raises(ValueError, match="PNDMScheduler cannot start mid-schedule.*sampler='ddim'"):
+    _swap(pipe, case)
+    ref = _call(pipe, data, latents=data["latents"].clone(), eta=0.6)
+    fastdiff.fuse(pipe)
+    out = _call(pipe, data, latents=data["latents"].clone(), eta=0.6)
+    _close(ref, out, max(float(ref.abs().max()), float(data["latents"].abs().max())))
+
+
+def test_lcm_lora_swap_by_sampler_name(parts):
+    """The LCM-LoRA idiom, LCMScheduler.from_config(pipe.scheduler.config), by fastdiff name."""
+    comps, data = parts
+    pipe = StableDiffusionPipeline(**comps)
+    pipe.set_progress_bar_config(disable=True)
+    for name, cls in (("lcm", LCMScheduler), ("tcd", TCDScheduler)):
+        pipe.scheduler = cls.from_config(SD_CONFIG)
+        ref = _call(pipe, data, latents=data["latents"].clone(), eta=0.3)
+        pipe.scheduler = PNDMScheduler.from_config(SD_CONFIG)
+        fastdiff.fuse(pipe, sampler=name)
+        assert pipe.scheduler.config.scheduler_class == cls.__name__
+        out = _call(pipe, data, latents=data["latents"].clone(), eta=0.3)
+        _close(ref, out, max(float(ref.abs().max()), 1.0))
+
+
+def test_pndm_mid_schedule_refusals(parts):
+    comps, data = parts
+    pipe = StableDiffusionImg2ImgPipeline(**comps)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = PNDMScheduler.from_config(SD_CONFIG, skip_prk_steps=False)
+    fastdiff.fuse(pipe)
+    with pytest.raises(ValueError, match="PNDMScheduler with Runge-Kutta warm-up.*cannot start mid-schedule"):
         _call(pipe, data, image=data["image"], strength=0.6)
+    fused = FusedScheduler.from_config(SD_CONFIG)
+    fused.set_timesteps(STEPS)
+    with pytest.raises(ValueError, match="PNDMScheduler cannot start at begin_index=1"):
+        fused.set_begin_index(1)
 
 
 @pytest.mark.parametrize("case", ["dpm++2m-karras", "euler-ancestral"])
@@ -183,6 +225,302 @@ def test_sdxl_equals_original_scheduler(parts, case):
     fastdiff.fuse(pipe)
     out = _call(pipe, data, latents=data["latents"].clone(), **kw)
     _close(ref, out, max(float(ref.abs().max()), float(data["latents"].abs().max()) * 15))
+
+
+# -- latent consistency models -----------------------------------------------------------------
+
+def test_latent_consistency_pipelines_equal_original(parts):
+    """LatentConsistencyModelPipeline (original_inference_steps, the guidance embedding, its
+    output the last step's `denoised`) and its img2img pipeline (set_timesteps(strength=))."""
+    comps, data = parts
+    torch.manual_seed(data["seed"])
+    kw = dict(unet=_unet(time_cond_proj_dim=8), vae=comps["vae"], text_encoder=None, tokenizer=None,
+              scheduler=LCMScheduler.from_config(SD_CONFIG), safety_checker=None, feature_extractor=None,
+              requires_safety_checker=False)
+    for cls, extra in ((LatentConsistencyModelPipeline, dict(latents=data["latents"], original_inference_steps=30)),
+                       (LatentConsistencyModelImg2ImgPipeline, dict(image=data["image"], strength=0.6))):
+        pipe = cls(**kw)
+        pipe.set_progress_bar_config(disable=True)
+        run = lambda: pipe(prompt_embeds=data["emb"], num_inference_steps=4, guidance_scale=6.0,  # noqa: E731
+                           output_type="latent", generator=torch.Generator().manual_seed(data["seed"]),
+                           **{k: v.clone() if torch.is_tensor(v) else v for k, v in extra.items()}).images
+        ref = run()
+        fastdiff.fuse(pipe)
+        out = run()
+        pipe.scheduler = LCMScheduler.from_config(SD_CONFIG)
+        _close(ref, out, max(float(ref.abs().max()), 1.0))
+
+
+# -- flow matching: Stable Diffusion 3 and Flux ---------------------------------------------
+
+# (diffusers class, config): the flow-matching schedulers SD3 / Flux pipelines run, and the
+# DPM-Solver / UniPC flow grids.
+FLOW_CASES = {
+    "flow-euler": (FlowMatchEulerDiscreteScheduler, {"shift": 3.0}),
+    "flow-euler-dynamic": (FlowMatchEulerDiscreteScheduler, {"use_dynamic_shifting": True, "base_image_seq_len": 16,
+                                                             "max_image_seq_len": 256}),
+    "flow-euler-karras": (FlowMatchEulerDiscreteScheduler, {"shift": 3.0, "use_karras_sigmas": True}),
+    "flow-euler-terminal": (FlowMatchEulerDiscreteScheduler, {"shift": 2.0, "shift_terminal": 0.1}),
+    "flow-euler-stochastic": (FlowMatchEulerDiscreteScheduler, {"shift": 3.0, "stochastic_sampling": True}),
+    "flow-heun": (FlowMatchHeunDiscreteScheduler, {"shift": 3.0}),
+    "unipc-flow": (UniPCMultistepScheduler, {"use_flow_sigmas": True, "prediction_type": "flow_prediction",
+                                             "flow_shift": 3.0}),
+    "dpm++2m-flow": (DPMSolverMultistepScheduler, {"use_flow_sigmas": True, "prediction_type": "flow_prediction",
+                                                   "flow_shift": 3.0}),
+}
+
+
+@pytest.fixture(scope="module")
+def sd3(parts):
+    comps, data = parts
+    g = torch.Generator().manual_seed(data["seed"])
+    torch.manual_seed(data["seed"])
+    # 16 latent channels: SD3's inpainting pipeline insists on them
+    vae = AutoencoderKL(block_out_channels=(8,), in_channels=3, out_channels=3, latent_channels=16,
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        norm_num_groups=4, sample_size=8, shift_factor=0.1, scaling_factor=1.3)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=16, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                        caption_projection_dim=16, pooled_projection_dim=16, out_channels=16,
+                                        pos_embed_max_size=16)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                                    text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                    text_encoder_3=None, tokenizer_3=None)
+    emb = dict(prompt_embeds=torch.randn(2, 5, 16, generator=g), pooled_prompt_embeds=torch.randn(2, 16, generator=g),
+               negative_prompt_embeds=torch.randn(2, 5, 16, generator=g),
+               negative_pooled_prompt_embeds=torch.randn(2, 16, generator=g))
+    return pipe.components, emb, torch.randn(2, 16, 8, 8, generator=g)
+
+
+def _flow_pipe(cls, components, case):
+    pipe = cls(**components)
+    pipe.set_progress_bar_config(disable=True)
+    sched, cfg = FLOW_CASES[case]
+    pipe.scheduler = sched.from_config(cfg)
+    return pipe
+
+
+def _sd3_run(pipe, emb, seed, **kw):
+    torch.manual_seed(seed)  # SD3's step() gets no generator: stochastic sampling draws from torch's
+    return pipe(**emb, num_inference_steps=STEPS, guidance_scale=5.0, output_type="latent", height=8, width=8,
+                generator=torch.Generator().manual_seed(seed), **kw).images
+
+
+@pytest.mark.parametrize("case", list(FLOW_CASES))
+def test_sd3_equals_original_scheduler(parts, sd3, case):
+    """StableDiffusion3Pipeline: timesteps in 0..1000 float units, mu computed by the
+    pipeline for dynamic shifting, the same latents."""
+    _, data = parts
+    components, emb, latents = sd3
+    pipe = _flow_pipe(StableDiffusion3Pipeline, components, case)
+    calls = {}
+    forward = pipe.transformer.forward
+    pipe.transformer.forward = lambda *a, **k: calls[run].append(k["timestep"][0]) or forward(*a, **k)
+    run, calls["ref"] = "ref", []
+    ref = _sd3_run(pipe, emb, data["seed"], latents=latents.clone())
+    fastdiff.fuse(pipe)
+    assert isinstance(pipe.scheduler, FusedScheduler)
+    run, calls["fused"] = "fused", []
+    out = _sd3_run(pipe, emb, data["seed"], latents=latents.clone())
+    pipe.transformer.forward = forward
+    assert pipe.scheduler.order == FLOW_CASES[case][0].order
+    # the same transformer calls at the same float times (float32 rounding)
+    torch.testing.assert_close(torch.stack(calls["fused"]), torch.stack(calls["ref"]), rtol=1e-6, atol=1e-4)
+    _close(ref, out, max(float(ref.abs().max()), float(latents.abs().max())))
+
+
+@pytest.mark.parametrize("case", ["flow-euler", "flow-euler-dynamic", "flow-euler-stochastic", "flow-heun"])
+def test_sd3_img2img_and_inpaint_equal_original_scheduler(parts, sd3, case):
+    """Mid-schedule starts (strength 0.6): scale_noise at the begin index, the remaining
+    steps as the replaced class takes them (inpainting: scale_noise at every step)."""
+    _, data = parts
+    components, emb, _ = sd3
+    for cls, kw in ((StableDiffusion3Img2ImgPipeline, {}),
+                    (StableDiffusion3InpaintPipeline, {"mask_image": data["mask"]})):
+        pipe = _flow_pipe(cls, components, case)
+        ref = _sd3_run(pipe, emb, data["seed"], image=data["image"], strength=0.6, **kw)
+        fastdiff.fuse(pipe)
+        out = _sd3_run(pipe, emb, data["seed"], image=data["image"], strength=0.6, **kw)
+        _close(ref, out, float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("case", ["flow-euler-dynamic", "flow-euler", "unipc-flow"])
+def test_flux_equals_original_scheduler(parts, case):
+    """FluxPipeline: set_timesteps(sigmas=linspace(1, 1/N, N), mu=calculate_shift(...)) (UniPC
+    with flow sigmas: mu alone), packed latents."""
+    _, data = parts
+    torch.manual_seed(data["seed"])
+    vae = AutoencoderKL(block_out_channels=(8, 8), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, sample_size=8, shift_factor=0.1, scaling_factor=1.3)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                         pooled_projection_dim=16, axes_dims_rope=(2, 2, 4))
+    sched, cfg = FLOW_CASES[case]
+    cfg = {**cfg, "use_dynamic_shifting": True, "base_image_seq_len": 4, "max_image_seq_len": 64} \
+        if case == "unipc-flow" else cfg
+    pipe = FluxPipeline(scheduler=sched.from_config(cfg), vae=vae, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(data["seed"])
+    kw = dict(prompt_embeds=torch.randn(2, 5, 16, generator=g), pooled_prompt_embeds=torch.randn(2, 16, generator=g),
+              num_inference_steps=STEPS, output_type="latent", height=16, width=16)
+    ref = pipe(**kw, generator=torch.Generator().manual_seed(data["seed"])).images
+    fastdiff.fuse(pipe)
+    out = pipe(**kw, generator=torch.Generator().manual_seed(data["seed"])).images
+    _close(ref, out, float(ref.abs().max()))
+
+
+# (config, set_timesteps kwargs, stochastic): FlowMatchEulerDiscreteScheduler driven directly
+FLOW_LOCKSTEP = [
+    ({"use_dynamic_shifting": True}, {"sigmas": "flux", "mu": 0.9}, False),
+    ({"use_dynamic_shifting": True, "time_shift_type": "linear", "use_karras_sigmas": True},
+     {"sigmas": "flux", "mu": 2.5}, False),
+    ({"shift": 3.0}, {"timesteps": [990.0, 800.5, 620.0, 410.25, 230.0, 60.0]}, False),
+    ({"shift": 3.0}, {"timesteps": [990.0, 700.0, 420.0, 150.0], "sigmas": [0.95, 0.7, 0.4, 0.12]}, False),
+    ({"shift": 2.0, "invert_sigmas": True}, {"num_inference_steps": 7}, False),
+    ({"shift": 3.0, "stochastic_sampling": True}, {"num_inference_steps": 7}, True),
+    ({"shift": 3.0}, {"num_inference_steps": 7, "mu": 1.3}, False),  # mu without dynamic shifting: ignored
+]
+
+
+@pytest.mark.parametrize("case", range(len(FLOW_LOCKSTEP)))
+def test_flow_match_lockstep_with_diffusers(gen, case):
+    """Every set_timesteps argument FlowMatchEulerDiscreteScheduler takes (custom sigmas and
+    mu as Flux passes them, custom timesteps, inversion, stochastic sampling), then a
+    mid-schedule start with scale_noise: timesteps, sigmas, scale_noise and every step equal."""
+    config, set_kw, noisy = FLOW_LOCKSTEP[case]
+    set_kw = dict(set_kw)
+    if set_kw.get("sigmas") == "flux":
+        set_kw["sigmas"] = np.linspace(1.0, 1 / 7, 7)
+    src = FlowMatchEulerDiscreteScheduler(**config)
+    fused = FusedScheduler.from_scheduler(src)
+    for begin in (None, 3):
+        for sch in (src, fused):
+            sch.set_timesteps(**set_kw)
+        # (the shift in float64 here, float32 there: an ulp apart)
+        torch.testing.assert_close(fused.timesteps, src.timesteps, rtol=1e-6, atol=0)
+        torch.testing.assert_close(fused.sigmas, src.sigmas, rtol=1e-6, atol=1e-7)
+        x0, noise = torch.randn(2, 4, 3, 5, generator=gen), torch.randn(2, 4, 3, 5, generator=gen)
+        ts = src.timesteps
+        if begin is not None:
+            for sch in (src, fused):
+                sch.set_begin_index(begin)
+            ts = ts[begin:]
+        x = src.scale_noise(x0, ts[:1].repeat(2), noise)
+        y = fused.scale_noise(x0, ts[:1].repeat(2), noise)
+        torch.testing.assert_close(y, x, rtol=0, atol=1e-6)
+        for t in ts:
+            m = torch.randn(2, 4, 3, 5, generator=gen)
+            seed = int(torch.randint(0, 2 ** 31, (1,), generator=gen))
+            x = src.step(m, t, x, generator=torch.Generator().manual_seed(seed)).prev_sample
+            y = fused.step(m, t, y, generator=torch.Generator().manual_seed(seed)).prev_sample
+            torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5 * float(x.abs().max()))
+            assert fused.step_index == src.step_index
+    assert noisy == fused.sampler.stochastic
+
+
+def test_flow_heun_lockstep_with_diffusers(gen):
+    src = FlowMatchHeunDiscreteScheduler(shift=3.0)
+    fused = FusedScheduler.from_scheduler(src)
+    for sch in (src, fused):
+        sch.set_timesteps(6)
+        sch.set_begin_index(4)  # a step's first call, as img2img pipelines begin (t_start * order)
+    torch.testing.assert_close(fused.timesteps, src.timesteps, rtol=1e-6, atol=0)
+    torch.testing.assert_close(fused.sigmas, src.sigmas, rtol=1e-6, atol=1e-7)
+    x0, noise = torch.randn(2, 4, 3, 5, generator=gen), torch.randn(2, 4, 3, 5, generator=gen)
+    x = src.scale_noise(x0, src.timesteps[4:5].repeat(2), noise)
+    y = fused.scale_noise(x0, src.timesteps[4:5].repeat(2), noise)
+    for t in src.timesteps[4:]:
+        m = torch.randn(2, 4, 3, 5, generator=gen)
+        x, y = src.step(m, t, x).prev_sample, fused.step(m, t, y).prev_sample
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5 * float(x.abs().max()))
+
+
+def test_ipndm_begin_index_matches_diffusers(gen):
+    """IPNDM after set_begin_index (a fresh 4-step Adams-Bashforth warm-up from there, as
+    diffusers' IPNDMScheduler); diffusers gives it no add_noise, so neither does FusedScheduler."""
+    src = IPNDMScheduler()
+    fused = FusedScheduler.from_scheduler(src)
+    for sch in (src, fused):
+        sch.set_timesteps(9)
+        sch.set_begin_index(3)
+    x = torch.randn(2, 4, 3, 5, generator=gen)
+    y = x.clone()
+    for t in src.timesteps[3:]:
+        m = torch.randn(2, 4, 3, 5, generator=gen)
+        x, y = src.step(m, t, x).prev_sample, fused.step(m, t, y).prev_sample
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5 * float(x.abs().max()))
+    with pytest.raises(AttributeError, match="IPNDMScheduler has no add_noise"):
+        fused.add_noise(x, x, src.timesteps[3:4])
+
+
+@pytest.mark.parametrize("cls, set_kw, eta", [
+    (LCMScheduler, {"num_inference_steps": 5, "original_inference_steps": 30}, None),
+    (LCMScheduler, {"num_inference_steps": 4, "strength": 0.6}, None),
+    (LCMScheduler, {"timesteps": [999, 759, 499, 259, 19]}, None),
+    (TCDScheduler, {"num_inference_steps": 5, "strength": 0.7}, 0.4),
+    (TCDScheduler, {"num_inference_steps": 6}, 0.0),
+])
+def test_consistency_lockstep_with_diffusers(gen, cls, set_kw, eta):
+    """LCM / TCD set_timesteps arguments (original_inference_steps, img2img strength, custom
+    timesteps), a begin index, and both outputs of every step: prev_sample and LCM's
+    `denoised` / TCD's `pred_noised_sample` (the second element of the tuple form)."""
+    src = cls.from_config(SD_CONFIG, prediction_type="v_prediction")
+    fused = FusedScheduler.from_scheduler(src)
+    field = {LCMScheduler: "denoised", TCDScheduler: "pred_noised_sample"}[cls]
+    step_kw = {} if eta is None else {"eta": eta}
+    for begin in (None, 2):
+        for sch in (src, fused):
+            sch.set_timesteps(**set_kw)
+            if begin is not None:
+                sch.set_begin_index(begin)
+        assert torch.equal(fused.timesteps, src.timesteps)
+        x = torch.randn(2, 4, 3, 5, generator=gen)
+        y = x.clone()
+        for t in src.timesteps[begin or 0:]:
+            m = torch.randn(2, 4, 3, 5, generator=gen)
+            seed = int(torch.randint(0, 2 ** 31, (1,), generator=gen))
+            r = src.step(m, t, x, generator=torch.Generator().manual_seed(seed), **step_kw)
+            f = fused.step(m, t, y, generator=torch.Generator().manual_seed(seed), **step_kw)
+            prev, second = fused_tuple = f
+            assert fused_tuple[1] is second
+            tol = dict(rtol=1e-5, atol=1e-5 * float(r.prev_sample.abs().max()))
+            torch.testing.assert_close(prev, r.prev_sample, **tol)
+            torch.testing.assert_close(second, getattr(r, field), **tol)
+            torch.testing.assert_close(getattr(f, field), getattr(r, field), **tol)
+            x, y = r.prev_sample, prev
+
+
+def test_refusals_name_the_class_and_why():
+    from diffusers import CMStochasticIterativeScheduler, DDIMInverseScheduler, EDMEulerScheduler
+    for cls, why in ((EDMEulerScheduler, "not verified"), (CMStochasticIterativeScheduler, "not verified"),
+                     (DDIMInverseScheduler, "inversion"), (diffusers_cls("RePaintScheduler"), "resampling jumps")):
+        with pytest.raises(ValueError, match=f"does not reproduce {cls.__name__} in pipelines: .*{why}"):
+            FusedScheduler.from_scheduler(cls())
+    dpm = FusedScheduler.from_config(SD_CONFIG, sampler="dpm++2m", use_flow_sigmas=True,
+                                     prediction_type="flow_prediction", use_dynamic_shifting=True)
+    with pytest.raises(ValueError, match="DPMSolverMultistepScheduler.set_timesteps\\(mu=...\\) is not reproduced"):
+        dpm.set_timesteps(8, mu=0.7)
+    with pytest.raises(ValueError, match="custom sigmas for EulerDiscreteScheduler"):
+        FusedScheduler.from_config(SD_CONFIG, sampler="euler").set_timesteps(sigmas=[10.0, 5.0, 1.0])
+    with pytest.raises(ValueError, match="TCDScheduler.set_timesteps\\(original_inference_steps=...\\)"):
+        FusedScheduler.from_scheduler(TCDScheduler()).set_timesteps(4, original_inference_steps=40)
+    with pytest.raises(TypeError, match="unexpected argument.*'strength'"):
+        FusedScheduler.from_scheduler(DDIMScheduler()).set_timesteps(4, strength=0.5)
+    with pytest.raises(AttributeError, match="FlowMatchEulerDiscreteScheduler has no add_noise.*scale_noise"):
+        fused = FusedScheduler.from_scheduler(FlowMatchEulerDiscreteScheduler())
+        fused.set_timesteps(4)
+        fused.add_noise(torch.ones(1, 2), torch.ones(1, 2), fused.timesteps[:1])
+    with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler.set_shift is not reproduced"):
+        FusedScheduler.from_scheduler(FlowMatchEulerDiscreteScheduler()).set_shift(2.0)
+    with pytest.raises(ValueError, match="use_dynamic_shifting=True needs"):
+        FusedScheduler.from_scheduler(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)).set_timesteps(4)
+
+
+def diffusers_cls(name):
+    import diffusers
+    return getattr(diffusers, name)
 
 
 def test_per_sample_generators(parts):
@@ -315,9 +653,9 @@ def test_unhonourable_config_value_names_it():
         FusedScheduler.from_config(SD_CONFIG, sampler="ddpm", variance_type="learned")
     with pytest.raises(ValueError, match="unknown sampler 'dpm 7m'.*'Euler a' -> euler-ancestral"):
         FusedScheduler.from_config(SD_CONFIG, sampler="dpm 7m")
-    from diffusers import LCMScheduler
-    with pytest.raises(ValueError, match="does not reproduce LCMScheduler in pipelines"):
-        FusedScheduler.from_scheduler(LCMScheduler())
+    from diffusers import EDMDPMSolverMultistepScheduler
+    with pytest.raises(ValueError, match="does not reproduce EDMDPMSolverMultistepScheduler in pipelines"):
+        FusedScheduler.from_scheduler(EDMDPMSolverMultistepScheduler())
 
 
 def test_import_fastdiff_does_not_import_diffusers():

@@ -243,7 +243,7 @@ def test_donated_steps_update_in_place_and_equal_fresh_ones(schedule, gen):
     for name in SAMPLERS:
         sch = _schedule_for(name, schedule)
         model = _model_for(g, sch)
-        s = Sampler(name, sch, 6, prediction_type=model.prediction_type)
+        s = Sampler(name, sch, 12, prediction_type=model.prediction_type)
         fresh = _loop(s, model, x_T, generator=torch.Generator().manual_seed(3))
         noise = torch.Generator().manual_seed(3)
         x, ptrs = s.init_noise(x_T), set()
@@ -252,7 +252,9 @@ def test_donated_steps_update_in_place_and_equal_fresh_ones(schedule, gen):
                        donate=x is not x_T)
             ptrs.add(x.data_ptr())
         assert torch.equal(x, fresh), name
-        assert len(ptrs) <= 3 < len(s), (name, len(ptrs))  # a few buffers, not one per step
+        # a few buffers, not one per step (the run's own ones are the op's new outputs
+        # where first written, recycled memory, so the state may move during warm-up)
+        assert len(ptrs) <= 5 < len(s), (name, len(ptrs))
     assert torch.equal(x_T, keep)  # never donated, never written
 
 
@@ -316,9 +318,10 @@ def test_one_fused_call_per_model_call(schedule, gen, monkeypatch):
         calls = []
         sch = _schedule_for(name, schedule)
         model = _model_for(g, sch)
-        sample(lambda x, t: calls.append(1) or model(x, t), (2, 6), schedule=sch, sampler=name,
-               steps=6, progress=False, prediction_type=model.prediction_type)
-        assert len(count) == len(calls), name
+        s = Sampler(name, sch, 6, prediction_type=model.prediction_type)
+        sample(lambda x, t: calls.append(1) or model(x, t), (2, 6), sampler=s, progress=False)
+        # (+ one that scales x_T and makes the first model input, where the state starts scaled)
+        assert len(count) == len(calls) + (s.plan.init_scale is not None), name
 
 
 def test_euler_model_input_is_folded_into_the_step(schedule, gen):

@@ -553,3 +553,84 @@ def test_cpu_half_kernel_nan_inf_and_rounding_edges(gen, dtype):
         assert bool((bits(out[nan]) == 0x7FC0).all())
     else:
         assert bool(((bits(out[nan]) & 0x7E00) == 0x7E00).all())  # exponent all ones, quiet
+
+
+# Per-sample sizes around the CPU kernel's vector blocks (16 float16 / 32 bfloat16 values)
+# and 512-element chunks: whole blocks, every kind of short tail, one value past.
+BLOCK_SIZES = [16, 31, 32, 33, 47, 64, 65, 512, 1000]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cpu_half_kernel_block_tails_bitwise(gen, dtype):
+    # Both loops of the kernel: the one that forms d itself (no guidance, no clamp: a whole
+    # sample in one piece) and the one that reads d from the chunk buffer (guidance and
+    # clamp), with one and two outputs and 1-4 history terms; functional and in place
+    # (x_next over x, the second output over a history tensor): the reference's bits.
+    cases = itertools.product(BLOCK_SIZES, [False, True], [1, 2])
+    for i, (size, buffered, n_out) in enumerate(cases):
+        args = list(make_case(gen, (2, size), dtype, n_hist=1 + i % 4, n_out=n_out,
+                              cond=buffered, clamp=buffered, noise=True, x_base=True,
+                              per_sample=i % 2 == 0))
+        want = step_ref(*args)
+        for o, w in zip(torch.ops.fastdiff.sampler_step(*args), want):
+            assert torch.equal(bits(o), bits(w)), (size, buffered, n_out)
+        x, hist = args[0].clone(), [h.clone() for h in args[4]]
+        args[0], args[4] = x, hist
+        out = [x, hist[0]][:n_out]
+        torch.ops.fastdiff.sampler_step.out(*args[:-1], out=out)
+        for o, w in zip(out, want):
+            assert torch.equal(bits(o), bits(w)), ("in place", size, buffered, n_out)
+
+
+def bf16_bits_closed_form(f):
+    """float32 -> bfloat16 bits, round to nearest even on the integer bits (exact for
+    subnormals and overflow), NaN -> 0x7FC0: c10's rule, written out independently."""
+    u = f.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+    return torch.where(torch.isnan(f), torch.full_like(r, 0x7FC0), r)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cpu_half_kernel_special_values_per_block(gen, dtype):
+    # The bfloat16 store rounds a block of 32 values with the CPU's conversion instruction
+    # unless one of them is a NaN or a float32 subnormal (which that instruction gets
+    # wrong), then with integer arithmetic: blocks of normal values (with Inf among them),
+    # blocks with one NaN, blocks of subnormals, mixed, across one sample (x_next over x in
+    # place too). float16 runs the same data (subnormal float32 values flush to zero there).
+    n_blocks = 48
+    n = 32 * n_blocks + 19  # and a partial block
+    x = torch.randn(n, generator=gen)
+    m = torch.randn(n, generator=gen)
+    kind = torch.arange(n) // 32 % 4
+    tiny = torch.finfo(torch.float32).tiny
+    x[kind == 1] *= tiny / 7         # float32 subnormals (bfloat16 keeps them)
+    m[kind == 1] *= tiny / 3
+    x[kind == 3] *= tiny * 2         # results on both sides of the subnormal boundary
+    m[kind == 3] *= tiny
+    pick = torch.randint(0, 32, (n_blocks + 1,), generator=gen)
+    pos = (torch.arange(n_blocks + 1) * 32 + pick).clamp(max=n - 1)
+    nan_at = pos[kind[pos] == 2]
+    m[nan_at] = float("nan")          # one NaN in each such block
+    inf_at = pos[kind[pos] == 0]
+    x[inf_at] = float("inf") * torch.randn(len(inf_at), generator=gen).sign()
+    x, m = x.to(dtype), m.to(dtype)
+    coeffs = torch.zeros(1, STEP_HEAD + step_n_basis(0))
+    coeffs[0, 5], coeffs[0, 6] = 1.0, 0.5                        # d = x + 0.5 m
+    coeffs[0, STEP_HEAD + 0], coeffs[0, STEP_HEAD + 2] = 0.25, 1.0  # x_next = 0.25 x + d
+    args = (x.reshape(1, n), None, m.reshape(1, n), None, [], None, coeffs, False, 1)
+    out = torch.ops.fastdiff.sampler_step(*args)[0].reshape(n)
+    xf, mf = x.float(), m.float()
+    want_f = 0.25 * xf + (1.0 * xf + 0.5 * mf)  # the kernel's order of float32 operations
+    assert bool(torch.isnan(want_f).any()) and bool(torch.isinf(want_f).any())
+    if dtype == torch.bfloat16:
+        assert bool((want_f.abs() < tiny).logical_and(want_f != 0).any())  # subnormal results
+        assert torch.equal(bits(out).to(torch.int64) & 0xFFFF, bf16_bits_closed_form(want_f))
+    else:
+        nan = torch.isnan(want_f)
+        assert torch.equal(torch.isnan(out), nan)
+        assert torch.equal(bits(out[~nan]), bits(want_f[~nan].to(dtype)))
+    xi = x.reshape(1, n).clone()
+    torch.ops.fastdiff.sampler_step.out(xi, *args[1:-1], out=[xi])
+    assert torch.equal(bits(xi), bits(out.reshape(1, n)))

@@ -2,10 +2,11 @@
 // math: csrc/kernels/step.h, shared with the CUDA kernel).
 //
 // One pass over memory: at::parallel_for splits the flat [B * S] element range; each
-// piece is walked sample by sample (the coefficient row hoisted) in chunks of kChunk
-// elements. A chunk goes through short branch-free loops: the direction d into an
-// L1-resident buffer (specialised on guidance / clamp), then the outputs, two at a time
-// in one loop where possible (specialised on x_base / noise / up to 4 history terms).
+// piece is walked sample by sample (the coefficient row hoisted), in chunks of kChunk
+// elements where d needs a buffer (guidance, clamp), else in one go. A chunk goes through
+// short branch-free loops: the direction d into an L1-resident buffer (specialised on
+// guidance / clamp), then the outputs, two at a time in one loop where possible
+// (specialised on x_base / noise / up to 4 history terms).
 // So every input is read from memory once, every output written once, and the loops
 // vectorize (built for x86-64-v4 (AVX-512), v3 (AVX2) and baseline, picked at load
 // time); float16 / bfloat16 through AVX-512 loops where the CPU has it (see v512).
@@ -101,137 +102,254 @@ struct OutCoeffs {
 // AVX-512 loops for float16 / bfloat16 storage (GCC can vectorize neither conversion
 // well by itself: float16 has no vector conversion without AVX512-FP16, and the bfloat16
 // rounding it vectorizes only partly). The same per-element math as the loops below
-// (csrc/kernels/step.h on 16-float vectors; no FMA contraction), with the conversions done
-// as 16-wide vector instructions and the tail through masked loads and stores, so the
-// results are the same bits: bfloat16 rounds to nearest even with the integer trick of
-// cpu::float_to_bf16_bits (NaN -> 0x7FC0), float16 with the F16C/AVX-512 instruction the
-// whole-array path uses (round to nearest even). Compiled for AVX-512 only here; used
-// where the CPU has it (have_avx512_half(), checked once at run time).
+// (csrc/kernels/step.h on float vectors; no FMA contraction) on blocks of values held as
+// two vectors (see Bf16Block / HalfBlock), converted in registers, the last partial block
+// through masked loads and stores, so the results are the same bits: bfloat16 rounds to
+// nearest even exactly as cpu::float_to_bf16_bits (NaN -> 0x7FC0, subnormals kept),
+// float16 with the F16C instruction the whole-array path uses (round to nearest even).
+// Compiled for AVX-512 only here; used where the CPU has it (have_avx512_half(), checked
+// once at run time). The loops are bound by instruction throughput, not memory, for data
+// that fits in the last-level cache, so every conversion step counts.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FASTDIFF_STEP_AVX512 1
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,f16c")
 // GCC 12 warns that the intrinsics' internal "undefined" vector is used uninitialized.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 namespace v512 {
 
-// __m512 without its may_alias attribute (which a template argument would drop).
-typedef float V __attribute__((vector_size(64)));
+// __m512 / __m256 without their may_alias attribute (which a template argument would drop).
+typedef float V16 __attribute__((vector_size(64)));
+typedef float V8 __attribute__((vector_size(32)));
 
-// Loads and stores of 16 values; kTail: only the lanes set in k (the chunk's last, partial
-// vector). Masked accesses are only for that tail: on some CPUs (AMD Zen 4) masked stores
-// are several times slower than plain ones.
-template <bool kTail>
-FASTDIFF_INLINE __m256i load16(const void* p, __mmask16 k) {
-  return kTail ? _mm256_maskz_loadu_epi16(k, p) : _mm256_loadu_si256((const __m256i*)p);
-}
-template <bool kTail>
-FASTDIFF_INLINE void store16(void* p, __mmask16 k, __m256i v) {
-  if (kTail) _mm256_mask_storeu_epi16(p, k, v);
-  else _mm256_storeu_si256((__m256i*)p, v);
-}
-template <bool kTail>
-FASTDIFF_INLINE V load(const float* p, __mmask16 k) {
-  return kTail ? _mm512_maskz_loadu_ps(k, p) : _mm512_loadu_ps(p);
-}
-template <bool kTail>
-FASTDIFF_INLINE V load(const c10::BFloat16* p, __mmask16 k) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load16<kTail>(p, k)), 16));
-}
-template <bool kTail>
-FASTDIFF_INLINE V load(const c10::Half* p, __mmask16 k) {
-  return _mm512_cvtph_ps(load16<kTail>(p, k));
-}
-template <bool kTail>
-FASTDIFF_INLINE void store(c10::BFloat16* p, __mmask16 k, V v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(
-      _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
-                            _mm512_set1_epi32(0x7fc0));
-  store16<kTail>(p, k, _mm512_cvtepi32_epi16(r));
-}
-template <bool kTail>
-FASTDIFF_INLINE void store(c10::Half* p, __mmask16 k, V v) {
-  store16<kTail>(p, k, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-}
-template <bool kTail>
-FASTDIFF_INLINE void store(float* p, __mmask16 k, V v) {
-  if (kTail) _mm512_mask_storeu_ps(p, k, v);
-  else _mm512_storeu_ps(p, v);
+template <typename Vec> FASTDIFF_INLINE Vec splat(float s);
+template <> FASTDIFF_INLINE V16 splat<V16>(float s) { return _mm512_set1_ps(s); }
+template <> FASTDIFF_INLINE V8 splat<V8>(float s) { return _mm256_set1_ps(s); }
+
+// Whether the CPU has AVX512_BF16 (VCVTNE2PS2BF16: 32 floats -> bfloat16 in one
+// instruction), checked once.
+inline bool have_bf16_convert() {
+  static const bool ok = __builtin_cpu_supports("avx512bf16");
+  return ok;
 }
 
-// body(std::integral_constant<bool, kTail>, i, mask) over [0, n) in vectors of 16.
-template <typename Body>
-FASTDIFF_INLINE void for_vectors(int64_t n, Body&& body) {
+// A block of bfloat16 storage: 32 values as two 16-float vectors, v[0] the even-indexed
+// elements (0, 2, ..., 30), v[1] the odd ones. Widening is then a shift and a mask of the
+// 32-bit words (no shuffle, 1 instruction per 16 values); every stream of a block is read
+// in this order (a float buffer too: v[0] at p, v[1] at p + 16) and the store restores
+// the element order with one word permutation.
+struct Bf16Block {
+  using Vec = V16;
+  static constexpr int kN = 32;
+  const bool hw = have_bf16_convert();
+  // Word permutations that interleave the two halves back into element order: `pair`
+  // after VCVTNE2PS2BF16 (evens in words 0..15, odds in 16..31), `high` picks the high
+  // words of two vectors of 32-bit rounding results.
+  const __m512i pair = _mm512_load_si512(kPair), high = _mm512_load_si512(kHigh);
+  alignas(64) static constexpr uint16_t kPair[32] = {
+      0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  alignas(64) static constexpr uint16_t kHigh[32] = {
+      1,  33, 3,  35, 5,  37, 7,  39, 9,  41, 11, 43, 13, 45, 15, 47,
+      17, 49, 19, 51, 21, 53, 23, 55, 25, 57, 27, 59, 29, 61, 31, 63};
+  static FASTDIFF_INLINE __mmask32 words(int r) { return __mmask32((1ull << r) - 1u); }
+  static FASTDIFF_INLINE __mmask16 evens(int r) { return __mmask16((1u << ((r + 1) / 2)) - 1u); }
+  static FASTDIFF_INLINE __mmask16 odds(int r) { return __mmask16((1u << (r / 2)) - 1u); }
+  // float -> bfloat16 as cpu::float_to_bf16_bits, result in the high 16 bits of each lane:
+  // u + 0x7fff + lsb (round to nearest even; exact for subnormals too), NaN -> 0x7FC0.
+  static FASTDIFF_INLINE __m512i round_bits(V16 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    const __m512i t = _mm512_mask_add_epi32(_mm512_set1_epi32(0x7fc00000), __mmask16(~nan), u,
+                                            _mm512_set1_epi32(0x7fff));
+    const __mmask16 lsb = _mm512_test_epi32_mask(u, _mm512_set1_epi32(0x10000));
+    return _mm512_mask_add_epi32(t, lsb, t, _mm512_set1_epi32(1));
+  }
+  // 32 values in element order. VCVTNE2PS2BF16 rounds to nearest even like round_bits
+  // except on NaN (it keeps the payload) and subnormal inputs (it flushes them to zero);
+  // blocks with such a value take round_bits (checked exhaustively on an AMD EPYC, Zen 4:
+  // the same 16 bits for every other float).
+  FASTDIFF_INLINE __m512i narrow(const V16 v[2]) const {
+    constexpr int kNanOrSubnormal = 0x01 | 0x20 | 0x80;  // QNaN, denormal, SNaN
+    if (hw && _kortestz_mask16_u8(_mm512_fpclass_ps_mask(v[0], kNanOrSubnormal),
+                                  _mm512_fpclass_ps_mask(v[1], kNanOrSubnormal)))
+      return _mm512_permutexvar_epi16(pair, (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
+    return _mm512_permutex2var_epi16(round_bits(v[0]), high, round_bits(v[1]));
+  }
+};
+
+// r: the number of valid values in the block (kN but in the last, partial one). Masked
+// accesses are only for that one: on some CPUs (AMD Zen 4) masked stores are several
+// times slower than plain ones.
+template <bool kTail>
+FASTDIFF_INLINE void load(const Bf16Block&, const c10::BFloat16* p, int r, V16 v[2]) {
+  const __m512i w =
+      kTail ? _mm512_maskz_loadu_epi16(Bf16Block::words(r), p) : _mm512_loadu_si512(p);
+  v[0] = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  v[1] = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(int(0xffff0000u))));
+}
+template <bool kTail>
+FASTDIFF_INLINE void store(const Bf16Block& b, c10::BFloat16* p, int r, const V16 v[2]) {
+  const __m512i w = b.narrow(v);
+  if (kTail) _mm512_mask_storeu_epi16(p, Bf16Block::words(r), w);
+  else _mm512_storeu_si512(p, w);
+}
+template <bool kTail>
+FASTDIFF_INLINE void load(const Bf16Block&, const float* p, int r, V16 v[2]) {
+  v[0] = kTail ? _mm512_maskz_loadu_ps(Bf16Block::evens(r), p) : _mm512_loadu_ps(p);
+  v[1] = kTail ? _mm512_maskz_loadu_ps(Bf16Block::odds(r), p + 16) : _mm512_loadu_ps(p + 16);
+}
+template <bool kTail>
+FASTDIFF_INLINE void store(const Bf16Block&, float* p, int r, const V16 v[2]) {
+  if (kTail) {
+    _mm512_mask_storeu_ps(p, Bf16Block::evens(r), v[0]);
+    _mm512_mask_storeu_ps(p + 16, Bf16Block::odds(r), v[1]);
+  } else {
+    _mm512_storeu_ps(p, v[0]);
+    _mm512_storeu_ps(p + 16, v[1]);
+  }
+}
+
+// A block of float16 storage: 16 values as two 8-float vectors in element order. The
+// 256-bit conversion instructions: on AMD Zen 4 the 512-bit VCVTPH2PS / VCVTPS2PH are
+// slower per value (this step's loop ran ~20% slower with them).
+struct HalfBlock {
+  using Vec = V8;
+  static constexpr int kN = 16;
+  static FASTDIFF_INLINE __mmask16 words(int r) { return __mmask16((1u << r) - 1u); }
+};
+template <bool kTail>
+FASTDIFF_INLINE void load(const HalfBlock&, const c10::Half* p, int r, V8 v[2]) {
+  if (kTail) {
+    const __m256i w = _mm256_maskz_loadu_epi16(HalfBlock::words(r), p);
+    v[0] = _mm256_cvtph_ps(_mm256_castsi256_si128(w));
+    v[1] = _mm256_cvtph_ps(_mm256_extracti128_si256(w, 1));
+  } else {
+    v[0] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+    v[1] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p + 1));
+  }
+}
+template <bool kTail>
+FASTDIFF_INLINE void store(const HalfBlock&, c10::Half* p, int r, const V8 v[2]) {
+  const __m128i a = _mm256_cvtps_ph(v[0], _MM_FROUND_TO_NEAREST_INT);
+  const __m128i b = _mm256_cvtps_ph(v[1], _MM_FROUND_TO_NEAREST_INT);
+  if (kTail) {
+    _mm256_mask_storeu_epi16(p, HalfBlock::words(r), _mm256_set_m128i(b, a));
+  } else {
+    _mm_storeu_si128((__m128i*)p, a);
+    _mm_storeu_si128((__m128i*)p + 1, b);
+  }
+}
+template <bool kTail>
+FASTDIFF_INLINE void load(const HalfBlock&, const float* p, int r, V8 v[2]) {
+  const __mmask16 k = HalfBlock::words(r);
+  v[0] = kTail ? _mm256_maskz_loadu_ps(__mmask8(k), p) : _mm256_loadu_ps(p);
+  v[1] = kTail ? _mm256_maskz_loadu_ps(__mmask8(k >> 8), p + 8) : _mm256_loadu_ps(p + 8);
+}
+template <bool kTail>
+FASTDIFF_INLINE void store(const HalfBlock&, float* p, int r, const V8 v[2]) {
+  const __mmask16 k = HalfBlock::words(r);
+  if (kTail) {
+    _mm256_mask_storeu_ps(p, __mmask8(k), v[0]);
+    _mm256_mask_storeu_ps(p + 8, __mmask8(k >> 8), v[1]);
+  } else {
+    _mm256_storeu_ps(p, v[0]);
+    _mm256_storeu_ps(p + 8, v[1]);
+  }
+}
+
+template <typename T> struct BlockOf;
+template <> struct BlockOf<c10::BFloat16> { using type = Bf16Block; };
+template <> struct BlockOf<c10::Half> { using type = HalfBlock; };
+
+// body(std::integral_constant<bool, kTail>, i, r) over [0, n) in blocks of kN values.
+template <int kN, typename Body>
+FASTDIFF_INLINE void for_blocks(int64_t n, Body&& body) {
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) body(std::false_type(), i, __mmask16(0xffff));
-  if (i < n) body(std::true_type(), i, __mmask16((1u << (n - i)) - 1u));
+  for (; i + kN <= n; i += kN) body(std::false_type(), i, kN);
+  if (i < n) body(std::true_type(), i, int(n - i));
 }
 
-FASTDIFF_INLINE Head<V> broadcast(const Head<float>& h) {
-  const V r[8] = {_mm512_set1_ps(h.g),   _mm512_set1_ps(h.p_x), _mm512_set1_ps(h.p_m),
-                  _mm512_set1_ps(h.s),   _mm512_set1_ps(h.s_div), _mm512_set1_ps(h.w_x),
-                  _mm512_set1_ps(h.w_m), _mm512_set1_ps(h.w_c)};
-  return Head<V>(r);
+template <typename Vec>
+FASTDIFF_INLINE Head<Vec> broadcast(const Head<float>& h) {
+  const Vec r[8] = {splat<Vec>(h.g),   splat<Vec>(h.p_x), splat<Vec>(h.p_m),
+                    splat<Vec>(h.s),   splat<Vec>(h.s_div), splat<Vec>(h.w_x),
+                    splat<Vec>(h.w_m), splat<Vec>(h.w_c)};
+  return Head<Vec>(r);
 }
 
+// d into a float buffer, in the block's lane order (read back only by output_kernel).
 template <typename T, bool kCond, bool kClamp>
 __attribute__((noinline)) void direction_loop(const T* x, const T* mu, const T* mc,
                                               const Head<float> h, int64_t n, float* d) {
-  const Head<V> hv = broadcast(h);
-  for_vectors(n, [&](auto tail, int64_t i, __mmask16 k) {
+  using Block = typename BlockOf<T>::type;
+  using Vec = typename Block::Vec;
+  const Block blk{};
+  const Head<Vec> hv = broadcast<Vec>(h);
+  for_blocks<Block::kN>(n, [&](auto tail, int64_t i, int r) {
     constexpr bool kT = decltype(tail)::value;
-    const V xv = load<kT>(x + i, k);
-    const V m = kCond ? step::guide<V>(load<kT>(mu + i, k), load<kT>(mc + i, k), hv.g)
-                      : load<kT>(mu + i, k);
-    store<kT>(d + i, k,
-              kClamp ? step::direction_clamped<V>(xv, m, hv) : step::direction<V>(xv, m, hv));
+    Vec xv[2], mv[2], cv[2], dv[2];
+    load<kT>(blk, x + i, r, xv);
+    load<kT>(blk, mu + i, r, mv);
+    if (kCond) load<kT>(blk, mc + i, r, cv);
+    for (int j = 0; j < 2; ++j) {
+      const Vec m = kCond ? step::guide<Vec>(mv[j], cv[j], hv.g) : mv[j];
+      dv[j] = kClamp ? step::direction_clamped<Vec>(xv[j], m, hv)
+                     : step::direction<Vec>(xv[j], m, hv);
+    }
+    store<kT>(blk, d + i, r, dv);
   });
 }
 
+// Every input value of a block is loaded before any output value of it is stored (an
+// output may be one of the inputs, at the same index: sampler_step.out).
 template <typename T, int kOut, bool kInlineD, bool kXBase, bool kNoise, int kHist>
 __attribute__((noinline)) void output_kernel(const T* x, const T* m, const Head<float> hd,
                                              const float* d, const T* xb, const T* nz,
                                              const T* h0, const T* h1, const T* h2,
                                              const T* h3, const OutCoeffs<float>* k, int64_t n,
                                              T* y0, T* y1) {
-  const Head<V> hv = broadcast(hd);
-  V c[kOut][4 + kMaxFusedHist];
+  using Block = typename BlockOf<T>::type;
+  using Vec = typename Block::Vec;
+  const Block blk{};
+  const Head<Vec> hv = broadcast<Vec>(hd);
+  Vec c[kOut][4 + kMaxFusedHist];
   for (int o = 0; o < kOut; ++o) {
-    c[o][0] = _mm512_set1_ps(k[o].x);
-    c[o][1] = _mm512_set1_ps(k[o].xb);
-    c[o][2] = _mm512_set1_ps(k[o].d);
-    c[o][3] = _mm512_set1_ps(k[o].nz);
-    for (int j = 0; j < kMaxFusedHist; ++j) c[o][4 + j] = _mm512_set1_ps(k[o].h[j]);
+    c[o][0] = splat<Vec>(k[o].x);
+    c[o][1] = splat<Vec>(k[o].xb);
+    c[o][2] = splat<Vec>(k[o].d);
+    c[o][3] = splat<Vec>(k[o].nz);
+    for (int j = 0; j < kMaxFusedHist; ++j) c[o][4 + j] = splat<Vec>(k[o].h[j]);
   }
-  const V zero = _mm512_setzero_ps();
-  for_vectors(n, [&](auto tail, int64_t i, __mmask16 mk) {
+  const T* const hp[kMaxFusedHist] = {h0, h1, h2, h3};
+  for_blocks<Block::kN>(n, [&](auto tail, int64_t i, int r) {
     constexpr bool kT = decltype(tail)::value;
-    const V xv = load<kT>(x + i, mk);
-    const V dv = kInlineD ? step::direction<V>(xv, load<kT>(m + i, mk), hv) : load<kT>(d + i, mk);
-    const V xbv = kXBase ? load<kT>(xb + i, mk) : zero;
-    const V nzv = kNoise ? load<kT>(nz + i, mk) : zero;
-    const V hv0 = kHist > 0 ? load<kT>(h0 + i, mk) : zero;
-    const V hv1 = kHist > 1 ? load<kT>(h1 + i, mk) : zero;
-    const V hv2 = kHist > 2 ? load<kT>(h2 + i, mk) : zero;
-    const V hv3 = kHist > 3 ? load<kT>(h3 + i, mk) : zero;
-    V v[kOut];
-    for (int o = 0; o < kOut; ++o) {
-      V t = c[o][0] * xv;
-      if (kXBase) t = step::axpy<V>(t, c[o][1], xbv);
-      t = step::axpy<V>(t, c[o][2], dv);
-      if (kNoise) t = step::axpy<V>(t, c[o][3], nzv);
-      if (kHist > 0) t = step::axpy<V>(t, c[o][4], hv0);
-      if (kHist > 1) t = step::axpy<V>(t, c[o][5], hv1);
-      if (kHist > 2) t = step::axpy<V>(t, c[o][6], hv2);
-      if (kHist > 3) t = step::axpy<V>(t, c[o][7], hv3);
-      v[o] = t;
+    Vec xv[2], dv[2], xbv[2], nzv[2], hs[kMaxFusedHist][2];
+    load<kT>(blk, x + i, r, xv);
+    if (kInlineD) {
+      Vec mv[2];
+      load<kT>(blk, m + i, r, mv);
+      for (int j = 0; j < 2; ++j) dv[j] = step::direction<Vec>(xv[j], mv[j], hv);
+    } else {
+      load<kT>(blk, d + i, r, dv);
     }
-    store<kT>(y0 + i, mk, v[0]);
-    if (kOut > 1) store<kT>(y1 + i, mk, v[kOut - 1]);
+    if (kXBase) load<kT>(blk, xb + i, r, xbv);
+    if (kNoise) load<kT>(blk, nz + i, r, nzv);
+    for (int q = 0; q < kHist; ++q) load<kT>(blk, hp[q] + i, r, hs[q]);
+    Vec v[kOut][2];
+    for (int o = 0; o < kOut; ++o) {
+      for (int j = 0; j < 2; ++j) {
+        Vec t = c[o][0] * xv[j];
+        if (kXBase) t = step::axpy<Vec>(t, c[o][1], xbv[j]);
+        t = step::axpy<Vec>(t, c[o][2], dv[j]);
+        if (kNoise) t = step::axpy<Vec>(t, c[o][3], nzv[j]);
+        for (int q = 0; q < kHist; ++q) t = step::axpy<Vec>(t, c[o][4 + q], hs[q][j]);
+        v[o][j] = t;
+      }
+    }
+    store<kT>(blk, y0 + i, r, v[0]);
+    if (kOut > 1) store<kT>(blk, y1 + i, r, v[kOut - 1]);
   });
 }
 
@@ -464,8 +582,13 @@ FASTDIFF_STEP_CLONES void step_segment(const StepPtrs<T>& p, const acc* row, boo
     if (direct && (one_pass || !p.alias)) {
       std::vector<const T*> hs(std::max<int64_t>(p.n_hist, 1));
       std::vector<T*> ys(p.n_out);
-      for (int64_t c0 = i0; c0 < i1; c0 += kChunk) {
-        const int64_t n = std::min(kChunk, i1 - c0);
+      // Without guidance and clamp, d is formed inside the output loop (chunk()): no
+      // buffer to fill, so the whole segment is one piece (the per-chunk set-up of the
+      // loops took 5-14% of the time at half precision in a profile).
+      const bool inline_d = p.m_cond == nullptr && !clamp && one_pass;
+      const int64_t piece = inline_d ? std::max<int64_t>(i1 - i0, 1) : kChunk;
+      for (int64_t c0 = i0; c0 < i1; c0 += piece) {
+        const int64_t n = std::min(piece, i1 - c0);
         for (int64_t k = 0; k < p.n_hist; ++k) hs[k] = p.hist[k] + c0;
         for (int64_t o = 0; o < p.n_out; ++o) ys[o] = p.out[o] + c0;
         chunk<T, T, acc>(p.x + c0, p.x_base ? p.x_base + c0 : nullptr, p.m + c0,

@@ -26,7 +26,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..embedding import patch_time_embedding
 from ..samplers.core import data_eps
-from ..samplers.from_diffusers import DIFFUSERS_CLASSES, DIFFUSERS_OPTIONS, sampler_args
+from ..samplers.lcm import boundary_scalings, tcd_level
+from ..samplers.from_diffusers import _REFUSED, DIFFUSERS_CLASSES, DIFFUSERS_OPTIONS, sampler_args
 from ..samplers.registry import resolve
 from ..samplers.sampler import Sampler
 from ..schedules import TimeSharing
@@ -35,9 +36,11 @@ __all__ = ["FusedScheduler", "FusedSchedulerOutput", "fuse", "MID_SCHEDULE", "PI
 
 # What a diffusers scheduler does when a pipeline starts it mid-schedule (img2img and
 # inpainting call set_begin_index): "continue" takes the same step as in a full run (the
-# scheduler keeps no state across steps, or, for LMS, the history it lacks adds nothing);
-# "restart" runs a fresh multistep solve over the remaining noise levels (its warm-up
-# counts the steps it has taken). Classes not listed refuse to start mid-schedule.
+# scheduler keeps no state across steps; LMS: the history it lacks adds nothing; the
+# two-call classes (Heun, KDPM2, DPM++ SDE) start at a step's first call; DPM++ SDE's
+# Brownian tree spans the whole run's levels either way); "restart" runs a fresh
+# multistep solve over the remaining noise levels (its warm-up counts the steps it has
+# taken); "resumed" is PLMS's own way (``fastdiff.samplers.pndm``, option ``resumed``).
 MID_SCHEDULE = {
     "DDIMScheduler": "continue",
     "DDPMScheduler": "continue",
@@ -45,16 +48,50 @@ MID_SCHEDULE = {
     "EulerAncestralDiscreteScheduler": "continue",
     "HeunDiscreteScheduler": "continue",
     "LMSDiscreteScheduler": "continue",
+    "KDPM2DiscreteScheduler": "continue",
+    "KDPM2AncestralDiscreteScheduler": "continue",
+    "DPMSolverSDEScheduler": "continue",
+    "FlowMatchEulerDiscreteScheduler": "continue",
+    "FlowMatchHeunDiscreteScheduler": "continue",
+    "LCMScheduler": "continue",
+    "TCDScheduler": "continue",
     "DPMSolverMultistepScheduler": "restart",
     "DPMSolverSinglestepScheduler": "restart",
     "UniPCMultistepScheduler": "restart",
+    "DEISMultistepScheduler": "restart",
+    "SASolverScheduler": "restart",
+    "IPNDMScheduler": "restart",
+    "CosineDPMSolverMultistepScheduler": "restart",
+    "PNDMScheduler": "resumed",
 }
-# The classes a FusedScheduler reproduces inside pipelines (tested there). Others that
-# Sampler.from_diffusers maps are refused: flow-matching pipelines pass custom sigmas / mu,
-# LCM / TCD / consistency pipelines read a differently defined pred_original_sample.
-PIPELINE_CLASSES = (*MID_SCHEDULE, "PNDMScheduler", "DEISMultistepScheduler", "KDPM2DiscreteScheduler",
-                    "KDPM2AncestralDiscreteScheduler", "SASolverScheduler", "DPMSolverSDEScheduler",
-                    "IPNDMScheduler", "CosineDPMSolverMultistepScheduler")
+# The classes a FusedScheduler reproduces inside pipelines (each tested there, full runs
+# and mid-schedule starts).
+PIPELINE_CLASSES = tuple(MID_SCHEDULE)
+# Classes Sampler.from_diffusers maps that FusedScheduler refuses, and why.
+_NOT_IN_PIPELINES = {
+    "EDMEulerScheduler": "not verified against diffusers inside pipelines",
+    "EDMDPMSolverMultistepScheduler": "not verified against diffusers inside pipelines",
+    "CMStochasticIterativeScheduler": "not verified against diffusers inside pipelines "
+                                      "(ConsistencyModelPipeline)",
+    "DDIMInverseScheduler": "an inversion (data to noise) scheduler, driven by pipelines as a separate "
+                            "inverse_scheduler; not verified there",
+    "DPMSolverMultistepInverseScheduler": "an inversion (data to noise) scheduler, driven by pipelines as "
+                                          "a separate inverse_scheduler; not verified there",
+    "DDIMParallelScheduler": "the parallel-sampling pipeline calls batch_step_no_noise with per-sample "
+                             "timesteps, which FusedScheduler does not implement",
+    "DDPMParallelScheduler": "the parallel-sampling pipeline calls batch_step_no_noise with per-sample "
+                             "timesteps, which FusedScheduler does not implement",
+}
+# Classes whose set_timesteps(mu=...) writes exp(mu) into the config's flow_shift, where it
+# stays for every later run: not reproduced.
+_STICKY_MU = ("DPMSolverMultistepScheduler", "DEISMultistepScheduler")
+# Multistep classes whose fused plan keeps order - 1 past outputs per step, so a restart's
+# solver orders can be checked against the full run's.
+_ORDER_BY_HISTORY = ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler",
+                     "CosineDPMSolverMultistepScheduler")
+# What step() returns besides prev_sample, by class (diffusers' output fields; the
+# tuple form's second element): LCM's consistency output, TCD's noised estimate.
+_SECOND_OUTPUT = {"LCMScheduler": "denoised", "TCDScheduler": "pred_noised_sample"}
 _PRIVATE_KEYS = ("_class_name", "_diffusers_version", "_name_or_path")
 
 
@@ -68,13 +105,19 @@ def _diffusers_class(name):
 class FusedSchedulerOutput:
     """The result of :meth:`FusedScheduler.step` in both forms: ``prev_sample`` (also
     ``out[0]``) and ``pred_original_sample`` (``out[1]``: the data estimate x0 of the step,
-    clipped / thresholded as the scheduler does; computed only when read)."""
+    clipped / thresholded as the scheduler does; computed only when read). For LCM and
+    TCD the second element is instead their own output field, ``denoised`` (LCM: its
+    consistency output c_skip x + c_out x0) or ``pred_noised_sample`` (TCD), as diffusers'
+    tuple has it; ``pred_original_sample`` is still the data estimate."""
 
-    __slots__ = ("prev_sample", "_x0", "_make_x0")
+    __slots__ = ("prev_sample", "_x0", "_make_x0", "_name", "_second", "_make_second")
 
-    def __init__(self, prev_sample, make_x0):
+    def __init__(self, prev_sample, make_x0, second=None):
         self.prev_sample = prev_sample
         self._x0, self._make_x0 = None, make_x0
+        # second: (field name, function of x0) for LCM / TCD, else None
+        self._name, self._make_second = second if second is not None else ("pred_original_sample", None)
+        self._second = None
 
     @property
     def pred_original_sample(self):
@@ -82,19 +125,33 @@ class FusedSchedulerOutput:
             self._x0 = self._make_x0()
         return self._x0
 
+    def _second_value(self):
+        if self._make_second is None:
+            return self.pred_original_sample
+        if self._second is None:
+            self._second = self._make_second(self.pred_original_sample)
+        return self._second
+
+    def __getattr__(self, name):  # reached only for names that are not slots or properties
+        if name != "_name" and name == self._name:
+            return self._second_value()
+        raise AttributeError(f"FusedSchedulerOutput has no attribute {name!r}")
+
     def to_tuple(self):
-        return self.prev_sample, self.pred_original_sample
+        return self.prev_sample, self._second_value()
 
     def __getitem__(self, i):
         if i in (0, -2, "prev_sample"):
             return self.prev_sample
-        if i in (1, -1, "pred_original_sample"):
+        if i in (1, -1, self._name):
+            return self._second_value()
+        if i == "pred_original_sample":
             return self.pred_original_sample
         raise IndexError(i) if isinstance(i, int) else KeyError(i)
 
     def __iter__(self):
         yield self.prev_sample
-        yield self.pred_original_sample
+        yield self._second_value()
 
     def __len__(self):
         return 2
@@ -152,15 +209,22 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
     def __init__(self, scheduler_class: str = "DDIMScheduler", **scheduler_config):
         source_cls = _diffusers_class(scheduler_class)
         if scheduler_class not in PIPELINE_CLASSES:
-            raise ValueError(f"FusedScheduler does not reproduce {scheduler_class} in pipelines (not verified "
-                             f"there); supported: {', '.join(PIPELINE_CLASSES)}")
+            why = _NOT_IN_PIPELINES.get(scheduler_class) or _REFUSED.get(
+                scheduler_class, "fastdiff has no sampler family whose fused step reproduces its update")
+            raise ValueError(f"FusedScheduler does not reproduce {scheduler_class} in pipelines: {why}; "
+                             f"supported: {', '.join(PIPELINE_CLASSES)}")
         cfg = {k: v for k, v in scheduler_config.items() if k not in _PRIVATE_KEYS}
         self._source = source_cls.from_config(cfg)
-        sampler_args(self._source, 1)  # refuse what fastdiff cannot honour, now
+        # refuse what fastdiff cannot honour, now
+        self._flow = getattr(sampler_args(self._source, 1)[1].get("schedule"), "kind", None) == "flow"
         source_cfg = {k: v for k, v in self._source.config.items() if k not in _PRIVATE_KEYS}
         self.register_to_config(scheduler_class=scheduler_class, **source_cfg)
-        self._step_params = set(inspect.signature(source_cls.step).parameters)
-        self._takes = set(inspect.signature(source_cls.set_timesteps).parameters)
+        step_params = inspect.signature(source_cls.step).parameters
+        self._step_params = set(step_params)
+        # the eta a pipeline's step(eta=...) is compared with: the class's default (TCD: 0.3)
+        self._eta = float(step_params["eta"].default) if "eta" in step_params else 0.0
+        self._takes = set(inspect.signature(source_cls.set_timesteps).parameters) - {"self"}
+        self._second = _SECOND_OUTPUT.get(scheduler_class)
         self._runs = {}
         self._run = None
         self.num_inference_steps = None
@@ -233,10 +297,13 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
 
     @property
     def sigmas(self) -> torch.Tensor:
-        """k-diffusion noise level sigma / alpha of every model call and of the final
-        level, [len(timesteps) + 1] float32 (CPU)."""
+        """The noise level of every model call and of the final level, [len(timesteps) + 1]
+        float32 (CPU): k-diffusion's sigma / alpha, or on a flow-matching schedule the flow
+        sigma s of x = (1 - s) x0 + s eps (as the diffusers classes define theirs)."""
         if self._run is None:
             raise RuntimeError("call set_timesteps first")
+        if self._flow:
+            return torch.from_numpy(self._run.sigma).float()
         with np.errstate(divide="ignore"):
             return torch.from_numpy(self._run.sigma / self._run.alpha).float()
 
@@ -262,37 +329,60 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
         """Start the run at ``timesteps[begin_index]`` (img2img and inpainting pipelines)."""
         if isinstance(begin_index, bool) or not isinstance(begin_index, (int, np.integer)) or begin_index < 0:
             raise ValueError(f"begin_index must be an int >= 0, got {begin_index!r}")
+        self._check_begin(int(begin_index))
         self._begin_index = int(begin_index)
         self._reset_progress()
 
     def __len__(self):
         return self.config.num_train_timesteps
 
+    def set_shift(self, shift: float):
+        """Refused: FlowMatchEulerDiscreteScheduler.set_shift is not reproduced."""
+        raise ValueError(f"FusedScheduler: {self.config.scheduler_class}.set_shift is not reproduced: diffusers "
+                         "then shifts with the new value between the endpoints of the config's shift, which "
+                         "fastdiff's flow schedule does not separate; set shift in the config instead")
+
     # -- the loop -----------------------------------------------------------------------------
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None,
-                      sigmas=None, mu=None):
-        """Prepare a run of ``num_inference_steps`` steps (or the custom ``timesteps``, for
-        classes whose ``set_timesteps`` takes them); ``timesteps`` then holds the model time
-        of every UNet call, on ``device``."""
-        if sigmas is not None:
-            raise ValueError("FusedScheduler: custom sigmas are not supported by fastdiff's fused samplers; "
-                             "give num_inference_steps or timesteps")
-        if mu is not None:
-            raise ValueError("FusedScheduler: mu (dynamic shifting) is not supported by fastdiff's fused "
-                             "samplers")
+                      sigmas=None, mu=None, **kwargs):
+        """Prepare a run of ``num_inference_steps`` steps; ``timesteps`` then holds the model
+        time of every UNet call, on ``device``. The other arguments are the replaced
+        class's, where its ``set_timesteps`` takes them, with its meaning:
+
+        - ``timesteps``: custom model times (flow matching: used as given while the sigmas
+          derived from them are shifted, as FlowMatchEulerDiscreteScheduler does).
+        - ``sigmas``: custom flow sigmas in (0, 1] before the shift (flow-matching
+          schedules: FlowMatchEuler, UniPC with ``use_flow_sigmas``; Flux pipelines pass
+          them); their count is the number of steps.
+        - ``mu``: the dynamic shift's exponent (with ``use_dynamic_shifting``; ignored
+          without it, as diffusers ignores it).
+        - ``original_inference_steps``, ``strength`` (LCM, TCD): the distillation schedule
+          the timesteps are taken from, and the img2img fraction of it.
+        """
+        cls = self.config.scheduler_class
+        unknown = sorted(set(kwargs) - self._takes)
+        if unknown:
+            raise TypeError(f"{cls}.set_timesteps got unexpected argument(s) {unknown}")
+        grid = self._grid_options(num_inference_steps, timesteps, sigmas, mu, kwargs)
+        if grid.get("sigmas") is not None:
+            num_inference_steps = len(grid["sigmas"])
         if timesteps is not None:
             if "timesteps" not in self._takes:
-                raise ValueError(f"{self.config.scheduler_class} does not take custom timesteps, so neither "
-                                 "does a FusedScheduler reproducing it")
-            timesteps = [float(t) for t in (timesteps.tolist() if hasattr(timesteps, "tolist") else timesteps)]
-            self._key = ("timesteps", tuple(timesteps))
+                raise ValueError(f"{cls} does not take custom timesteps, so neither does a FusedScheduler "
+                                 "reproducing it")
+            timesteps = tuple(float(t) for t in (timesteps.tolist() if hasattr(timesteps, "tolist")
+                                                  else timesteps))
+            if grid.get("sigmas") is not None and len(timesteps) != len(grid["sigmas"]):
+                raise ValueError(f"sigmas ({len(grid['sigmas'])}) and timesteps ({len(timesteps)}) must have "
+                                 "the same length")
+            self._key = ("timesteps", timesteps, tuple(sorted(grid.items())))
         elif num_inference_steps is None:
-            raise ValueError("set_timesteps needs num_inference_steps or timesteps")
+            raise ValueError("set_timesteps needs num_inference_steps, timesteps or (flow matching) sigmas")
         else:
             if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
                 raise TypeError(f"num_inference_steps must be an int, got {type(num_inference_steps).__name__}")
-            self._key = ("steps", int(num_inference_steps))
+            self._key = ("steps", int(num_inference_steps), tuple(sorted(grid.items())))
         self._run = self._get_run(self._key, None)
         self.num_inference_steps = self._run.sampler.steps
         t = self._run.sampler.timesteps
@@ -300,15 +390,71 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index = None
         self._reset_progress()
 
+    def _grid_options(self, steps, timesteps, sigmas, mu, kwargs) -> dict:
+        """The Sampler options (``mu``, ``sigmas``, ``original_inference_steps``, LCM / TCD
+        explicit timesteps) that set_timesteps' arguments amount to, checked as the
+        replaced class checks them."""
+        cls, cfg, out = self.config.scheduler_class, self.config, {}
+        if sigmas is not None:
+            if "sigmas" not in self._takes or not self._flow:
+                raise ValueError(f"FusedScheduler: custom sigmas for {cls} are not supported by fastdiff's fused "
+                                 "samplers (only on flow-matching schedules); give num_inference_steps or timesteps")
+            sigmas = tuple(float(v) for v in (sigmas.tolist() if hasattr(sigmas, "tolist") else sigmas))
+            if steps is not None and len(sigmas) != steps:
+                raise ValueError(f"sigmas has {len(sigmas)} values but num_inference_steps={steps}")
+            out["sigmas"] = sigmas
+        elif timesteps is not None and self._flow and "timesteps" in self._takes:
+            if cfg.get("use_flow_sigmas"):
+                raise ValueError(f"FusedScheduler: custom timesteps for {cls} with use_flow_sigmas are not "
+                                 "supported")
+            # FlowMatchEuler derives its (then shifted) sigmas from the timesteps as given
+            out["sigmas"] = tuple((np.asarray(timesteps, dtype=np.float32) / np.float32(cfg.num_train_timesteps))
+                                  .astype(np.float64).tolist())
+        if mu is not None:
+            if "mu" not in self._takes:
+                raise ValueError(f"{cls}.set_timesteps takes no mu")
+            if cls in _STICKY_MU:
+                raise ValueError(f"FusedScheduler: {cls}.set_timesteps(mu=...) is not reproduced: diffusers writes "
+                                 "exp(mu) into the config's flow_shift, which then holds for every later run; "
+                                 "set flow_shift in the config instead")
+            if cfg.get("use_dynamic_shifting"):  # diffusers ignores mu without it
+                out["mu"] = float(mu)
+        elif cfg.get("use_dynamic_shifting") and "mu" in self._takes and self._flow and cls not in _STICKY_MU:
+            raise ValueError(f"{cls}: use_dynamic_shifting=True needs set_timesteps(..., mu=...)")
+        ntt = kwargs.get("num_train_timesteps")
+        if ntt is not None and ntt != cfg.num_train_timesteps:
+            raise ValueError(f"FusedScheduler: num_train_timesteps={ntt} differs from the config's "
+                             f"{cfg.num_train_timesteps}; set it in the config")
+        original, strength = kwargs.get("original_inference_steps"), kwargs.get("strength", 1.0)
+        if original is not None:
+            if cls == "TCDScheduler":
+                raise ValueError("FusedScheduler: TCDScheduler.set_timesteps(original_inference_steps=...) spaces "
+                                 "its timesteps over all training timesteps in diffusers (the value only bounds "
+                                 "their count), which is not reproduced; set original_inference_steps in the config")
+            out["original_inference_steps"] = int(original)
+        if strength != 1.0:
+            if timesteps is not None:
+                raise ValueError(f"FusedScheduler: {cls} with custom timesteps and strength < 1 is not reproduced "
+                                 "(diffusers then adds noise after its last step)")
+            if steps is None:
+                raise ValueError("set_timesteps needs num_inference_steps")
+            from ..samplers.grid_families import lcm_timesteps
+            T = cfg.num_train_timesteps
+            orig = out.pop("original_inference_steps", cfg.original_inference_steps)
+            out["lcm_timesteps"] = tuple(lcm_timesteps(T, int(steps), orig, strength).tolist())
+        return out
+
     def _get_run(self, key, eta):
         run = self._runs.get((key, eta))
         if run is None:
             extra = {} if eta is None else {"eta": eta}
-            if key[0] == "timesteps":
-                sampler = Sampler.from_diffusers(self._source, timesteps=list(key[1]), **extra)
+            extra.update(key[2])
+            ts = extra.pop("lcm_timesteps", None)
+            if key[0] == "timesteps" or ts is not None:
+                sampler = Sampler.from_diffusers(self._source, timesteps=list(ts or key[1]), **extra)
             else:
                 sampler = Sampler.from_diffusers(self._source, key[1], **extra)
-            run = self._runs[(key, eta)] = _Run(sampler, 0.0 if eta is None else eta)
+            run = self._runs[(key, eta)] = _Run(sampler, self._eta if eta is None else eta)
             while len(self._runs) > 4:  # a few recent step counts, their device tables kept
                 self._runs.pop(next(iter(self._runs)))
         return run
@@ -333,18 +479,13 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
         full.reset()
         if b == 0:
             return self._run
-        cls = self.config.scheduler_class
-        mode = MID_SCHEDULE.get(cls)
+        mode = MID_SCHEDULE[self.config.scheduler_class]
         if mode == "continue":
             self._pending, self._offset = True, b
         elif mode == "restart":
-            self._started = _Run(self._restart(full, b))
+            self._started = _Run(self._restart(full, b), self._run.eta)
         else:
-            why = ("diffusers' version has no set_begin_index and steps from mismatched noise levels there"
-                   if cls == "PNDMScheduler" else "not verified against diffusers for this class")
-            raise ValueError(f"FusedScheduler: {cls} cannot start mid-schedule (begin_index={b}, as img2img "
-                             f"and inpainting pipelines do): {why}; use another sampler, e.g. "
-                             "FusedScheduler.from_config(config, sampler='ddim') or 'dpm++2m'")
+            self._started = _Run(self._resumed_plms(b), self._run.eta)
         return self._started
 
     def _restart(self, full, b):
@@ -354,7 +495,7 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
         if cfg.get("disable_corrector"):
             raise ValueError("FusedScheduler: disable_corrector with a mid-schedule start is not supported")
         tail = full.tail(b)
-        if cfg.scheduler_class.startswith("DPMSolver"):  # history length = order - 1 there
+        if cfg.scheduler_class in _ORDER_BY_HISTORY:  # history length = order - 1 there
             want = [min(len(full.plan.calls[b + j].op.history), j) for j in range(len(tail))]
             got = [len(c.op.history) for c in tail.plan.calls]
             if want != got:
@@ -362,6 +503,27 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
                                  f"{full.steps} uses solver orders {[w + 1 for w in want]}; a fused "
                                  f"restart would use {[g + 1 for g in got]}")
         return tail
+
+    def _resumed_plms(self, b):
+        """diffusers' PNDMScheduler started at call b: a fresh PLMS run over the timesteps
+        from there, which lack the full run's repeated second entry (``pndm(resumed=True)``;
+        set_begin_index has refused the starts this does not cover)."""
+        sampler = Sampler.from_diffusers(self._source, self._run.sampler.steps, resumed=True)
+        return sampler.tail(b - 1)  # call b of the full run is at grid point b - 1
+
+    def _check_begin(self, b):
+        """Refuse, when set_begin_index is called, the mid-schedule starts not reproduced."""
+        if b == 0 or self.config.scheduler_class != "PNDMScheduler":
+            return
+        if not self.config.skip_prk_steps:
+            raise ValueError(f"FusedScheduler: PNDMScheduler with Runge-Kutta warm-up (skip_prk_steps=False) "
+                             f"cannot start mid-schedule (begin_index={b}): diffusers then takes the noise "
+                             "levels of the full run's first steps whatever the start; use skip_prk_steps=True "
+                             "or another sampler, e.g. FusedScheduler.from_config(config, sampler='ddim')")
+        if b == 1:
+            raise ValueError("FusedScheduler: PNDMScheduler cannot start at begin_index=1 (the full run's "
+                             "repeated timestep): diffusers' PLMS then steps from one level above its start; "
+                             "use another sampler, e.g. FusedScheduler.from_config(config, sampler='ddim')")
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """The UNet input for the next call: ``sample`` itself for DDPM-type samplers,
@@ -404,18 +566,24 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
         k = self._offset + self._done
         prev = s.step(model_output, timestep, sample, generator=generator)
         self._done += 1
-        return FusedSchedulerOutput(prev, lambda: self._x0(s, run, k, model_output, sample))
+        second = None if self._second is None else (
+            self._second, lambda x0: self._second_output(s, run, k, model_output, sample, x0))
+        return FusedSchedulerOutput(prev, lambda: self._x0(s, run, k, model_output, sample), second)
 
-    def _x0(self, s, run, k, model_output, sample):
-        """The data estimate of call k (what diffusers returns as pred_original_sample)."""
+    def _model_output(self, model_output, sample):
         m = model_output.sample if hasattr(model_output, "sample") else model_output
         if m.shape[1] == 2 * sample.shape[1]:
             m = m[:, :sample.shape[1]]
+        return m.to(sample.dtype)
+
+    def _x0(self, s, run, k, model_output, sample):
+        """The data estimate of call k (what diffusers returns as pred_original_sample)."""
+        m = self._model_output(model_output, sample)
         a, sg = run.alpha[k], run.sigma[k]
         (px, pm), _ = data_eps(s.prediction_type, a, sg)
         if run.sigma_space:
             px = px * a
-        x0 = float(px) * sample + float(pm) * m.to(sample.dtype)
+        x0 = float(px) * sample + float(pm) * m
         clamp = s.clamp
         if clamp is None:
             return x0
@@ -425,17 +593,58 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
         q = q.clamp(1.0, clamp.value).to(x0.dtype).view((-1,) + (1,) * (x0.dim() - 1))
         return x0.clamp(-q, q) / q
 
+    def _second_output(self, s, run, k, model_output, sample, x0):
+        """LCM's ``denoised`` (c_skip x + c_out x0) or TCD's ``pred_noised_sample``
+        (alpha_s x0 + sigma_s eps at its intermediate level) of call k."""
+        if self._second == "denoised":
+            c_skip, c_out = boundary_scalings(s.grid.t[:, k], self.config.timestep_scaling)
+            return float(c_out[0]) * x0 + float(c_skip[0]) * sample
+        a_s, s_s = tcd_level(s.grid, k, run.eta)
+        _, (ex, em) = data_eps(s.prediction_type, run.alpha[k], run.sigma[k])
+        eps = float(ex) * sample + float(em) * self._model_output(model_output, sample)
+        return float(a_s[0]) * x0 + float(s_s[0]) * eps
+
+    def _lacks(self, method):
+        """Refuse what the replaced class does not have (flow matching: scale_noise, not
+        add_noise; IPNDM: neither), as calling it on that class would."""
+        src = type(self._source)
+        if not hasattr(src, method):
+            other = {"add_noise": "scale_noise", "scale_noise": "add_noise"}[method]
+            has = f"; it has {other}" if hasattr(src, other) else ""
+            raise AttributeError(f"FusedScheduler: {src.__name__} has no {method} (diffusers' class does not "
+                                 f"define it{has})")
+
+    def scale_noise(self, sample: torch.Tensor, timestep, noise: torch.Tensor) -> torch.Tensor:
+        """Flow matching's forward process, ``(1 - s) sample + s noise`` at the flow sigma s
+        of ``timestep`` ([B] model times; with a begin index, as in img2img and
+        inpainting, the current call's level and ``timestep`` only gives the batch size),
+        as FlowMatchEuler/HeunDiscreteScheduler.scale_noise."""
+        self._lacks("scale_noise")
+        a, s = self._levels(timestep, sample)
+        return s * noise.to(sample.dtype) + a * sample
+
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
                   timesteps: torch.Tensor) -> torch.Tensor:
         """``original_samples`` noised to the level of ``timesteps`` (what the replaced class
         gives: alpha x0 + sigma noise, or x0 + sigma / alpha noise for the Euler family).
         With a begin index (img2img, inpainting) the level is that of the current call and
         ``timesteps`` is not read."""
+        self._lacks("add_noise")
         src = type(self._source)
         if self._run is None or not hasattr(src, "index_for_timestep"):
             # DDIM, DDPM, PNDM: the training table at integer timesteps, on the device.
             return self._source.add_noise(original_samples, noise, timesteps)
+        a, s = self._levels(timesteps, original_samples)
+        return a * original_samples + s * noise.to(original_samples.dtype)
+
+    def _levels(self, timesteps, like):
+        """(alpha, sigma) of the calls at ``timesteps`` [B] (or, with a begin index, of the
+        current call), as [B, 1, ...] tensors like ``like``; alpha = 1 and sigma / alpha for
+        the Euler family's sigma-space states. The call is found as diffusers finds it."""
+        if self._run is None:
+            raise RuntimeError("FusedScheduler: call set_timesteps first")
         run = self._run
+        timesteps = torch.as_tensor(timesteps)
         if self._begin_index is None:
             ts = timesteps.detach().reshape(-1).cpu().double().numpy()
             sched = self.timesteps.detach().cpu().double().numpy()
@@ -443,7 +652,7 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
             for t in ts:
                 hit = np.flatnonzero(sched == t)
                 if not hit.size:
-                    raise ValueError(f"add_noise: timestep {t:g} is not one of this run's timesteps")
+                    raise ValueError(f"timestep {t:g} is not one of this run's timesteps")
                 idx.append(hit[1] if hit.size > 1 else hit[0])  # diffusers' choice for repeats
         else:
             step = self.step_index
@@ -452,10 +661,10 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
         a, s = run.alpha[idx], run.sigma[idx]
         if run.sigma_space:
             a, s = np.ones_like(a), s / a
-        view = (-1,) + (1,) * (original_samples.dim() - 1)
-        a = torch.from_numpy(a).to(original_samples.device, original_samples.dtype).view(view)
-        s = torch.from_numpy(s).to(original_samples.device, original_samples.dtype).view(view)
-        return a * original_samples + s * noise.to(original_samples.dtype)
+        view = (-1,) + (1,) * (like.dim() - 1)
+        a = torch.from_numpy(a).to(like.device, like.dtype).view(view)
+        s = torch.from_numpy(s).to(like.device, like.dtype).view(view)
+        return a, s
 
 
 def fuse(pipe, sampler: str | None = None, time_sharing: TimeSharing | None = None):

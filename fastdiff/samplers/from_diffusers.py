@@ -467,6 +467,10 @@ DIFFUSERS_CLASSES = {
     "sa-solver": ("SASolverScheduler", {}),
     "cosine-dpm": ("CosineDPMSolverMultistepScheduler", {}),
     "dpm++sde": ("DPMSolverSDEScheduler", {}),
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "flow-heun": ("FlowMatchHeunDiscreteScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
 }
 # Sampler options a sampler alias may imply, as diffusers config keys.
 DIFFUSERS_OPTIONS = {"karras": "use_karras_sigmas"}

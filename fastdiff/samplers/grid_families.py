@@ -38,9 +38,8 @@ def family_grid(schedule, steps, *, flavor, flow, timesteps, spacing, steps_offs
                              "flow-heun or a DPM-Solver / UniPC name")
         if sigma_min is not None or sigma_max is not None:
             raise ValueError("sigma_min / sigma_max are not options of flow-matching grids")
-        if sigmas is not None:
-            if timesteps is not None:
-                raise ValueError("give either timesteps or sigmas")
+        if sigmas is not None and timesteps is not None and variant != "match":
+            raise ValueError("give either timesteps or sigmas")
         return _flow_grid(schedule, steps, variant, timesteps, karras, final, mu, sigmas)  # karras: bool or a kind
     if flavor == "flow":
         raise ValueError(f"flow-matching samplers need a flow schedule (NoiseSchedule.flow()), got {schedule!r}")
@@ -93,14 +92,23 @@ class _FlowLookup:
 
 def _flow_grid(schedule, steps, variant, timesteps, karras, final, mu, sigmas=None):
     T = schedule.T
-    if timesteps is not None:
+    if timesteps is not None and sigmas is None:
         if karras:
             raise ValueError("explicit timesteps and karras sigmas exclude each other")
         ts = _as_times(timesteps, steps, 0.0, float(T), f"a flow schedule (model times in [0, {T}])")
         s = np.concatenate([ts / T, np.zeros((ts.shape[0], 1))], axis=1)
         return Grid(t=ts, alpha=1.0 - s, sigma=s, t_integer=variant != "match" and bool((ts == np.round(ts)).all()),
                     lookup=_FlowLookup(T))
+    if sigmas is not None and steps is None:  # explicit timesteps came with them
+        steps = len(sigmas)
     t, s = schedule.grid_sigmas(_steps(steps), variant, mu, karras, sigmas)
+    if timesteps is not None and not schedule.params["invert_sigmas"]:
+        # FlowMatchEuler's set_timesteps(sigmas=, timesteps=): the sigmas go through the
+        # shift, the model times are used as given (float32); inversion recomputes them
+        ts = _as_times(timesteps, len(t), 0.0, float(T), f"a flow schedule (model times in [0, {T}])")
+        if ts.shape[0] != 1:
+            raise ValueError("explicit sigmas take one row of timesteps, not per-sample timesteps")
+        t = ts[0].astype(np.float32).astype(np.float64)
     t_end = None
     if variant == "match":
         if schedule.params["invert_sigmas"]:
@@ -165,14 +173,21 @@ def _cm_grid(schedule, steps, timesteps):
                 lookup=_EDMLookup(p["time_scale"]), t_end=t[-1:].copy())
 
 
-def lcm_timesteps(T: int, steps: int, original_steps: int = 50) -> np.ndarray:
+def lcm_timesteps(T: int, steps: int, original_steps: int = 50, strength: float = 1.0) -> np.ndarray:
     """LCM / TCD timesteps (diffusers' set_timesteps): ``steps`` of the distillation's
-    ``original_steps`` skipping-step schedule, descending, int-valued float64 [steps]."""
+    ``original_steps`` skipping-step schedule, descending, int-valued float64 [steps].
+    ``strength`` in (0, 1]: only the lowest ``int(original_steps * strength)`` of its
+    timesteps are spaced over (diffusers' img2img schedule of these schedulers)."""
     if not 1 <= original_steps <= T:
         raise ValueError(f"original_inference_steps must be in [1, {T}], got {original_steps}")
-    origin = np.arange(1, original_steps + 1) * (T // original_steps) - 1
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+    origin = np.arange(1, int(original_steps * strength) + 1) * (T // original_steps) - 1
     if steps > original_steps:
         raise ValueError(f"steps ({steps}) must not exceed original_inference_steps ({original_steps})")
+    if steps > len(origin):
+        raise ValueError(f"steps ({steps}) must not exceed int(original_inference_steps * strength) "
+                         f"({len(origin)})")
     idx = np.floor(np.linspace(0, len(origin), num=steps, endpoint=False)).astype(np.int64)
     return origin[::-1][idx].astype(np.float64)
 

@@ -11,7 +11,22 @@ import numpy as np
 from .core import Call, Coeffs, Op, Plan, convert
 from .grid import Grid
 
-__all__ = ["lcm", "tcd"]
+__all__ = ["lcm", "tcd", "boundary_scalings", "tcd_level"]
+
+
+def boundary_scalings(t, timestep_scaling: float = 10.0):
+    """LCM's consistency boundary scalings (c_skip, c_out) at model times t [R]: with the
+    scaled time t' = t * timestep_scaling and sigma_data 0.5, c_skip = 0.25 / (t'^2 + 0.25),
+    c_out = t' / sqrt(t'^2 + 0.25); LCM's output is c_skip x + c_out X0."""
+    st = np.asarray(t, dtype=np.float64) * timestep_scaling
+    return 0.25 / (st ** 2 + 0.25), st / np.sqrt(st ** 2 + 0.25)
+
+
+def tcd_level(grid: Grid, i: int, eta: float):
+    """(alpha, sigma) [R] of TCD's intermediate level s = floor((1 - eta) t') of step i,
+    t' the next timestep (0 after the last): TCD's pred_noised_sample is alpha X0 + sigma EPS."""
+    t_next = np.zeros(grid.rows) if i == grid.n - 1 else grid.t[:, i + 1]
+    return grid.lookup(np.floor((1.0 - eta) * t_next))
 
 
 def lcm(grid: Grid, *, pred, clamp, timestep_scaling: float = 10.0) -> Plan:
@@ -21,8 +36,7 @@ def lcm(grid: Grid, *, pred, clamp, timestep_scaling: float = 10.0) -> Plan:
     timestep), and the last step returns denoised."""
     calls = []
     for i in range(grid.n):
-        st = grid.t[:, i] * timestep_scaling
-        c_skip, c_out = 0.25 / (st ** 2 + 0.25), st / np.sqrt(st ** 2 + 0.25)
+        c_skip, c_out = boundary_scalings(grid.t[:, i], timestep_scaling)
         c = Coeffs(grid.rows, 1)
         clamped = convert(c, pred, grid.alpha[:, i], grid.sigma[:, i], x=c_skip, x0=c_out, clamp=clamp)
         last = i == grid.n - 1
@@ -41,8 +55,7 @@ def tcd(grid: Grid, *, pred, clamp, eta: float = 0.3) -> Plan:
     calls = []
     for i in range(grid.n):
         last = i == grid.n - 1
-        t_next = np.zeros(grid.rows) if last else grid.t[:, i + 1]
-        a_s, s_s = grid.lookup(np.floor((1.0 - eta) * t_next))
+        a_s, s_s = tcd_level(grid, i, eta)
         noisy = eta > 0 and not last
         k = grid.alpha[:, i + 1] / a_s if noisy else 1.0
         c = Coeffs(grid.rows, 1)

@@ -157,9 +157,11 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
         args, kwargs = _cfg_batch(args_u, kw_u, args_c, kw_c)
     else:
         args, kwargs = args_c, kw_c
-    run = _Run()  # this call's own: the Sampler may be running elsewhere at the same time
+    # This call's own run (the Sampler may be running elsewhere at the same time); without
+    # a callback nobody sees the states it makes, so it donates them to the next step.
+    run = _Run(donating=callback is None and callback_on_step_end is None and not compile)
     if initial is None:
-        x = s._init_noise(x_T)
+        x = s._init_noise(x_T, run)
     else:
         x = singular.initial_state(s, x_T, initial_predictor, cond, uncond, initial_guidance_scale)
     B = x.shape[0]

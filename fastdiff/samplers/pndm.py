@@ -21,15 +21,24 @@ PLMS_WEIGHTS = {1: [1.0], 2: [1.5, -0.5], 3: [23 / 12, -16 / 12, 5 / 12],
                 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
 
 
-def pndm(grid: Grid, *, pred, clamp, skip_prk_steps: bool = False) -> Plan:
+def pndm(grid: Grid, *, pred, clamp, skip_prk_steps: bool = False, resumed: bool = False) -> Plan:
     """PNDM (Runge-Kutta warm-up, then PLMS) or, with ``skip_prk_steps``, PLMS with a
     Heun-like second call on the first step (Stable Diffusion's PNDM setting).
 
     Model calls: N + 1 with ``skip_prk_steps`` (N >= 2), else N + 9 (N >= 4).
+
+    ``resumed``: the run diffusers' PLMS makes when a pipeline starts it mid-schedule
+    (img2img): it is handed the timesteps after the start, which lack the full run's
+    repeated second entry, so after the Heun-like second call its PLMS steps go on from
+    the third grid point, with the first call's output as their only history (the state
+    is then one level above the one the step assumes, as in diffusers). N model calls;
+    needs ``skip_prk_steps``.
     """
     if clamp is not None:
         raise ValueError("PNDM does not clip or threshold its estimates (diffusers' PNDMScheduler has "
                          "no such option)")
+    if resumed and not skip_prk_steps:
+        raise ValueError("resumed is a PLMS (skip_prk_steps=True) option")
     N, R, rule = grid.n, grid.rows, grid.rule
     if not skip_prk_steps and N < 4:
         raise ValueError(f"PNDM's Runge-Kutta warm-up needs steps >= 4, got {N}; use skip_prk_steps=True")
@@ -72,7 +81,7 @@ def pndm(grid: Grid, *, pred, clamp, skip_prk_steps: bool = False) -> Plan:
             frm1 = point(0) if rule is None else level(t[:, 1] + rule)
             to1 = point(1) if rule is None else level(t[:, 1])
             add(t[:, 1], frm1, to1, [0.5, 0.5], history=[("e", 0)], x_base=("xs", 0))
-        first_plms = 1
+        first_plms = 2 if resumed else 1
     else:
         # Runge-Kutta over the first three intervals, 4 calls each, at p_j, mid, mid, p_j+1.
         for j in range(3):

@@ -27,12 +27,14 @@ import torch
 
 from ..schedules import NoiseSchedule, TimeSharing
 from .. import _ops
+from .._ops import STEP_HEAD, step_n_basis
 from ..step import dense_perm, differentiable_step, inverse_perm
 from ..wrappers import model_output
-from .core import PREDICTIONS, Clamp, Plan
+from .core import PREDICTIONS, Clamp, Coeffs, Plan
 from .grid import build_grid
 from .grid_families import GRID_OPTIONS
 from .guidance import rescale_coeffs
+from .program import build as build_program
 from .registry import SAMPLERS, default_schedule, diffusers_args, family, resolve
 
 __all__ = ["Sampler", "make_generators", "randn", "DEFAULT_STEPS"]
@@ -401,6 +403,17 @@ class Sampler:
         self._calls_t = np.stack([c.t for c in calls])  # [n_calls, R]
         self._tables = {}
         self._local = threading.local()
+        # Steps whose coefficients change at run time (per-sample thresholding, guidance
+        # rescale) keep the general step.
+        self._programs = {} if self.guidance_rescale == 0 and not any(
+            c.op.clamp and self.clamp.kind == "dynamic" for c in calls) else None
+
+    def _program(self, owned: bool):
+        """The prepared run (``fastdiff.samplers.program``) for owned or shown states."""
+        prog = self._programs.get(owned)
+        if prog is None:
+            prog = self._programs[owned] = build_program(self.plan.calls, self._drop, owned)
+        return prog
 
     # -- description -------------------------------------------------------------------
 
@@ -502,9 +515,13 @@ class Sampler:
         """The initial state from unit-variance noise x_T [B, ...] (x_T itself for VP
         samplers, ``x_T * init_noise_sigma`` for the Euler family). Starts a new run."""
         self.reset()
-        return self._init_noise(x_T)
+        return self._init_noise(x_T, self._run)
 
-    def _init_noise(self, x_T):
+    def _init_noise(self, x_T, run=None):
+        """The initial state; with ``run``, the state and its first model input
+        ``c_in x`` are made in one pass of the fused op, into the op's recycled memory
+        (as every later state and model input of the run), and the run's folded model
+        input is set."""
         if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
             raise TypeError(f"x_T must be a floating-point tensor, got "
                             f"{x_T.dtype if isinstance(x_T, torch.Tensor) else type(x_T).__name__}")
@@ -512,7 +529,23 @@ class Sampler:
         s = self.plan.init_scale
         if s is None:
             return x_T
-        return x_T * self._rows(torch.from_numpy(s).to(x_T.device, x_T.dtype), x_T)
+        if run is None or x_T.dtype not in _STEP_DTYPES or x_T.device.type == "meta" \
+                or torch.compiler.is_compiling() or (torch.is_grad_enabled() and x_T.requires_grad):
+            return x_T * self._rows(torch.from_numpy(s).to(x_T.device, x_T.dtype), x_T)
+        coeffs = self._init_table(x_T.device, x_T.dtype)
+        n_out = (coeffs.shape[1] - STEP_HEAD) // step_n_basis(0)
+        perm = None if x_T.is_contiguous() else dense_perm(x_T)
+        v = x_T if perm is None else x_T.permute(perm)  # channels_last stays channels_last
+        outs = _ops.resolve("sampler_step", x_T.device)(v, None, v, None, [], None, coeffs, False, n_out)
+        if perm is not None:
+            outs = [o.permute(inverse_perm(perm)) for o in outs]
+        if len(outs) > 1:
+            try:
+                version = outs[0]._version
+            except RuntimeError:  # an inference tensor: no version counter
+                version = None
+            run.x_in = (outs[0], outs[1], version)
+        return outs[0]
 
     def scale_model_input(self, x: torch.Tensor, t=None) -> torch.Tensor:
         """The model input for the next call: x itself for VP samplers; ``c_in * x`` for
@@ -583,6 +616,10 @@ class Sampler:
 
     def _step(self, run, model_out, t, x, model_out_cond=None, noise=None, generator=None,
               donate=False):
+        if run.prog is not None:
+            new = self._fast_step(run, model_out, t, x, model_out_cond, noise, generator, donate)
+            if new is not None:
+                return new
         k = run.k
         if k >= self._n_calls:
             self._finished()
@@ -599,6 +636,16 @@ class Sampler:
         if t is not None and not torch.compiler.is_compiling():
             # (a traced step cannot read t's value; the compiled loop is the eager one's)
             self._check_t(t, k, x.shape[0])
+        if not run.tried and self._programs is not None and x.is_contiguous() \
+                and x.device.type != "meta" and not torch.compiler.is_compiling() and not (
+                    torch.is_grad_enabled() and _needs_grad(x, model_out, model_out_cond, noise)):
+            # Checked in full above; from here on the run follows its prepared form (once
+            # per run: a run that left it keeps the general step).
+            run.tried = True
+            if self._enter_program(run, x, donate or run.donating):
+                new = self._fast_step(run, model_out, None, x, model_out_cond, noise, generator, donate)
+                if new is not None:
+                    return new
         device = x.device
         coeffs = self._table(device, x.dtype)["coeffs"][k]
         if model_out_cond is not None and self.guidance_rescale:
@@ -658,6 +705,99 @@ class Sampler:
             run.owned.discard(name)
         run.k += 1
         return new
+
+    def _enter_program(self, run, x, owned):
+        """Make the run follow the prepared form for owned (or shown) states from its
+        current call, taking over its named tensors; False (and nothing changed) when one
+        the form would overwrite is not the run's own."""
+        owned = bool(owned)
+        recipes, internal = self._program(owned)
+        names = recipes[run.k].names
+        if {n for n, _, _ in names} != set(run.store) or any(
+                own and n not in run.owned for n, _, own in names):
+            return False
+        slots = [None] * len(internal)
+        for n, slot, _ in names:
+            slots[slot] = run.store[n]
+        if recipes[run.k].x_owned:  # entered owned from a later call: x is donated to it
+            slots[recipes[run.k].x_slot] = x
+        run.prog, run.slots = recipes, slots
+        run.fast = (_ops.resolve("sampler_step.out", x.device), _ops.resolve("sampler_step", x.device),
+                    self._table(x.device, x.dtype)["coeffs"], x.shape, x.dtype, x.device, owned)
+        return True
+
+    def _fast_step(self, run, model_out, t, x, model_out_cond, noise, generator, donate):
+        """A step of a run that follows its prepared form: the recipe's slots into one
+        fused op call. Checks only what can change between steps (the first step checked
+        everything). None when this step cannot follow the form (x replaced by a tensor
+        of another kind, autograd, a donation the form did not plan or a missing one):
+        the run then continues by names, nothing of this step done yet."""
+        k = run.k
+        if k >= self._n_calls:
+            self._finished()
+        op_into, op_new, coeffs, shape, dtype, device, owned = run.fast
+        r = run.prog[k]
+        S = run.slots
+        if not isinstance(x, torch.Tensor) or x.shape != shape or x.dtype != dtype or x.device != device \
+                or not x.is_contiguous() or (r.x_owned and x is not S[r.x_slot]) \
+                or (torch.is_grad_enabled() and _needs_grad(x, model_out, model_out_cond, noise)):
+            return self._leave_program(run)
+        if donate if not owned else r.x_owned and not donate:
+            # The caller starts donating its states (or keeps one): the other form, from here.
+            self._leave_program(run)
+            if not self._enter_program(run, x, not owned):
+                return None
+            return self._fast_step(run, model_out, t, x, model_out_cond, noise, generator, donate)
+        op, n_out, x_at, x_in_at, stored = self._runs[k]
+        m = _prediction(model_out, x, "model_out").contiguous()
+        mc = model_out_cond
+        if mc is not None:
+            mc = _prediction(mc, x, "model_out_cond").contiguous()
+            if self.guidance_scale is None:
+                raise ValueError("model_out_cond given but the sampler has no guidance_scale")
+        if t is not None and not torch.compiler.is_compiling():
+            self._check_t(t, k, x.shape[0])
+        z = None
+        if op.noise:
+            z = self._noise(x, noise, generator) if op.brownian is None or noise is not None \
+                else self._brownian_noise(run, x, op, generator)
+            z = z.contiguous()
+        S[r.x_slot] = x
+        args = (x, S[r.x_base] if r.x_base >= 0 else None, m, mc, [S[i] for i in r.history], z,
+                coeffs[k], op.clamp)
+        outs = [S[i] for i in r.outs] if owned else ()
+        if owned and all(o is not None for o in outs):
+            # Contiguous inputs of x's size and dtype are either one of these tensors
+            # exactly (a model returning its input) or share no memory with them: the
+            # op's rule for outputs that are inputs.
+            op_into(*args, out=outs)
+        else:
+            # New outputs (shown to the caller, or the run's own memory the first time):
+            # the op's recycled blocks, whose pages are mapped already (a fresh CPU
+            # allocation faults on every page at first write, several us each).
+            outs = op_new(*args, n_out)
+            for i, o in zip(r.outs, outs):
+                S[i] = o
+        for i in r.release:
+            S[i] = None
+        new = outs[x_at]
+        if x_in_at >= 0:
+            try:
+                version = new._version
+            except RuntimeError:  # an inference tensor: no version counter
+                version = None
+            run.x_in = (new, outs[x_in_at], version)
+        run.k = k + 1
+        return new
+
+    def _leave_program(self, run):
+        """Continue the run by names (the general step) from the current call."""
+        S = run.slots
+        names = run.prog[run.k].names
+        run.store = {n: S[s] for n, s, _ in names}
+        run.owned = {n for n, _, internal in names if internal}
+        run.prog = run.slots = run.fast = None
+        return None
 
     def _reuse(self, run, op, k, x, donate, n, perm, inputs):
         """Memory for call k's outputs that nothing reads after it: the donated state x
@@ -726,18 +866,58 @@ class Sampler:
                 block = torch.from_numpy(np.stack([mats[k] for k in idx]).astype(acc)).to(device)
                 for k, c in zip(idx, block.unbind(0)):
                     coeffs[k] = c
-            tab = self._tables[key] = {"coeffs": coeffs}
+            tab = {"coeffs": coeffs}
+            if any(c.c_in is not None for c in self.plan.calls):
+                # (built with the coefficients, not when first read: a compiled loop must
+                # find the tables as the eager one left them)
+                c_in = np.stack([np.ones(self.grid.rows) if c.c_in is None else c.c_in
+                                 for c in self.plan.calls])
+                tab["c_in"] = torch.from_numpy(c_in).to(device=device, dtype=dtype)
+            self._tables[key] = tab
         return tab
+
+    def _init_table(self, device, dtype):
+        """Coefficients of the fused pass that starts a run from x_T: output 0 the state
+        ``init_scale x_T``, output 1 (when the first call scales its input) the first
+        model input ``c_in init_scale x_T`` (the op's d term is zero)."""
+        key = ("init", device, dtype)
+        coeffs = self._tables.get(key)
+        if coeffs is None:
+            s, c_in = self.plan.init_scale, self.plan.calls[0].c_in
+            c = Coeffs(len(s), 1 if c_in is None else 2)
+            c.out(0, x=s)
+            if c_in is not None:
+                c.out(1, x=s * c_in)
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            coeffs = self._tables[key] = c.tensor(acc, device)
+        return coeffs
+
+    def prepare(self, device="cpu", dtype=torch.float32, batch: int | None = None) -> "Sampler":
+        """Build now what the first run on ``device`` for samples of ``dtype`` would
+        build at its first step: every call's coefficients on the device (one copy), the
+        prepared runs (``fastdiff.samplers.program``), the start and input scales, and
+        with ``batch`` the network time inputs for that batch (plain and CFG-doubled).
+        Like diffusers' ``set_timesteps(device=...)``; optional (the first step does it
+        otherwise). Returns the Sampler."""
+        device = torch.device(device)
+        if dtype not in _STEP_DTYPES:
+            raise TypeError(f"dtype must be one of {[str(d) for d in _STEP_DTYPES]}, got {dtype}")
+        self._table(device, dtype)
+        if self._programs is not None:
+            self._program(True)
+            self._program(False)
+        if self.plan.init_scale is not None:
+            self._init_table(device, dtype)
+        if batch is not None:
+            run = _Run()
+            for doubled in (False, True):
+                self._model_time(run, batch, device, doubled)
+        return self
 
     def _c_in(self, device, dtype):
         """Model-input scales of every call, [n_calls, R] (only needed when the previous
         step's folded model input cannot be used)."""
-        tab = self._table(device, dtype)
-        if "c_in" not in tab:
-            c_in = np.stack([np.ones(self.grid.rows) if c.c_in is None else c.c_in
-                             for c in self.plan.calls])
-            tab["c_in"] = torch.from_numpy(c_in).to(device=device, dtype=dtype)
-        return tab["c_in"]
+        return self._table(device, dtype)["c_in"]
 
     def _time_table(self, device):
         """Network time inputs of every call, [n_calls, R], time sharing applied."""
@@ -850,15 +1030,31 @@ class _Run:
     tensors, which of them the run may overwrite, the folded next model input (with the
     state it belongs to and that state's version counter), whether autograd records, and
     the Brownian paths of the run (made at its first noise draw)."""
-    __slots__ = ("k", "store", "owned", "x_in", "grad", "brownian")
+    __slots__ = ("k", "store", "owned", "x_in", "grad", "brownian", "prog", "slots", "fast", "donating",
+                 "tried")
 
-    def __init__(self):
+    def __init__(self, donating: bool = False):
         self.k = 0
         self.store = {}
         self.owned = set()
         self.x_in = (None, None, None)
         self.grad = False
         self.brownian = None
+        # The prepared form, while the run follows it (see Sampler._fast_step): the
+        # recipes, the slots' tensors, and (op, coefficient rows, shape, dtype, device,
+        # owned, clamp flags) fixed by the first step.
+        self.prog = None
+        self.slots = None
+        self.fast = None
+        self.donating = donating  # the loop will donate every state it made (fastdiff.sample)
+        self.tried = False  # the run was offered the prepared form
+
+
+def _needs_grad(x, m, mc, noise):
+    """Whether a step's inputs ask autograd to record it (with grad mode on)."""
+    return x.requires_grad or getattr(m, "requires_grad", False) or (
+        mc is not None and getattr(mc, "requires_grad", False)) or (
+        noise is not None and getattr(noise, "requires_grad", False))
 
 
 def _span(t, nbytes):
