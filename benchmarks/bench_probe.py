@@ -11,13 +11,21 @@ measures, on the same (sample, timestep) pairs:
     against the same probe on torch's math SDPA backend ("jvp, math attention"),
 
 and the cost of one probe chunk in units of one forward pass of the same batch
-(median time of a probe over b pairs / median time of one forward of b rows).
+(median time of a probe over b pairs / median time of one forward of b rows). A second
+table says where those forward passes go: the time inside each module type (conv,
+linear, group norm, SiLU, attention without its own linears and norm; each exclusive of
+its children) and everything else, in the same units, for a forward, the fd, jvp and
+"jvp, math attention" probes (module hooks add a little to every column).
+
+``--clock cpu`` times with the process's CPU time instead of the wall clock: with
+``--threads 1`` that is the work the call costs, whatever else the machine runs.
 
 Usage:
     python benchmarks/bench_probe.py                     # 16 samples x 1000 timesteps
     python benchmarks/bench_probe.py --timesteps 100 --samples 8 --repeats 1   # quick
     python benchmarks/bench_probe.py --json out/bench_probe.json
     python benchmarks/bench_probe.py --device cuda       # on a GPU (synchronized timing)
+    python benchmarks/bench_probe.py --models diffusers --threads 1 --clock cpu   # shared machine
 """
 from __future__ import annotations
 
@@ -43,6 +51,7 @@ from fastdiff.wrappers import model_output  # noqa: E402
 
 
 DEVICE = torch.device("cpu")  # --device
+NOW = time.perf_counter  # --clock
 
 # ---------------------------------------------------------------------------------------
 # models
@@ -118,6 +127,70 @@ def vmap_jacfwd(model, x0, noise, sched, ts, batch_size):
 
 
 # ---------------------------------------------------------------------------------------
+# where the forward passes go
+# ---------------------------------------------------------------------------------------
+
+# module class -> the row it is counted in; attention blocks count without their children
+BREAKDOWN = {"Conv2d": "conv", "Linear": "linear", "GroupNorm": "group norm", "SiLU": "silu",
+             "Attention": "attention", "SelfAttention": "attention"}
+BREAKDOWN_ROWS = ("conv", "linear", "group norm", "silu", "attention", "other")
+
+
+class ModuleClock:
+    """Time spent inside each module type (exclusive of child modules), from forward
+    hooks; ``other`` is the rest of the call (elementwise glue, the probe itself)."""
+
+    def __init__(self, model: nn.Module):
+        self.acc = dict.fromkeys(BREAKDOWN_ROWS, 0.0)
+        self.stack = []
+        self.handles = []
+        for m in model.modules():
+            row = BREAKDOWN.get(type(m).__name__)
+            if row is not None:
+                self.handles.append(m.register_forward_pre_hook(self._enter))
+                self.handles.append(m.register_forward_hook(lambda *a, row=row: self._leave(row)))
+
+    def _enter(self, *_):
+        _sync()
+        self.stack.append([NOW(), 0.0])
+
+    def _leave(self, row):
+        _sync()
+        start, children = self.stack.pop()
+        dt = NOW() - start
+        self.acc[row] += dt - children
+        if self.stack:
+            self.stack[-1][1] += dt
+
+    def run(self, fn) -> dict:
+        """Seconds per row for one ``fn()`` (and ``total``)."""
+        self.acc = dict.fromkeys(BREAKDOWN_ROWS, 0.0)
+        total = clock(fn)
+        self.acc["other"] = total - sum(self.acc.values())
+        return {**self.acc, "total": total}
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def breakdown(model, fns: dict, rounds: int) -> dict:
+    """Median over ``rounds`` of each row of each function, in units of the median
+    ``forward`` total (the first entry of ``fns`` must be "forward")."""
+    mc = ModuleClock(model)
+    try:
+        runs = {k: [] for k in fns}
+        for _ in range(rounds):
+            for k, fn in fns.items():
+                runs[k].append(mc.run(fn))
+    finally:
+        mc.remove()
+    fwd = statistics.median(r["total"] for r in runs["forward"])
+    return {k: {row: statistics.median(r[row] for r in rs) / fwd
+                for row in BREAKDOWN_ROWS + ("total",)} for k, rs in runs.items()}
+
+
+# ---------------------------------------------------------------------------------------
 # timing
 # ---------------------------------------------------------------------------------------
 
@@ -133,10 +206,10 @@ def _sync():
 def clock(fn):
     """Seconds of one ``fn()`` (device work included: synchronized before and after)."""
     _sync()
-    start = time.perf_counter()
+    start = NOW()
     fn()
     _sync()
-    return time.perf_counter() - start
+    return NOW() - start
 
 
 def timed(fn, repeats, warmup=1):
@@ -198,6 +271,8 @@ def bench_model(name, model, shape, args, gen):
         if k != "forward":
             chunk[k] = statistics.median(t / f for t, f in zip(times[k], times["forward"]))
     rows["chunk_cost_in_forwards"] = chunk
+    parts = {k: fns[k] for k in ("forward", "fd", "jvp", "jvp_math_attention") if k in fns}
+    rows["breakdown_in_forwards"] = breakdown(model, parts, max(3, args.chunk_repeats // 2))
 
     # -- full probe: K timesteps x B samples --------------------------------------------
     full = {}
@@ -220,8 +295,12 @@ def bench_model(name, model, shape, args, gen):
     ref = loop_fd(model, x0, noise, sched, sub)
     fd = fastdiff.lipschitz_t(model, x0, sched, sub, method="fd", **probe).values.float()
     jvp = fastdiff.lipschitz_t(model, x0, sched, sub, method="jvp", **probe).values.float()
+    with mock.patch.object(fastdiff.attention, "fused_jvp_applies", lambda *a: False):
+        jvp_math = fastdiff.lipschitz_t(model, x0, sched, sub, method="jvp", **probe).values.float()
     rows["check"] = {"fd_vs_loop_max_rel": ((fd - ref).abs() / ref.abs().clamp_min(1e-12)).max().item(),
-                     "jvp_vs_fd_median_rel": ((jvp - fd).abs() / fd.abs().clamp_min(1e-12)).median().item()}
+                     "jvp_vs_fd_median_rel": ((jvp - fd).abs() / fd.abs().clamp_min(1e-12)).median().item(),
+                     "jvp_vs_math_attention_max_rel":
+                         ((jvp - jvp_math).abs() / jvp_math.abs().clamp_min(1e-12)).max().item()}
     try:
         vj = vmap_jacfwd(model, x0, noise, sched, sub, b)
         rows["check"]["vmap_jacfwd_vs_jvp_max_rel"] = ((vj - jvp).abs() / jvp.clamp_min(1e-12)).max().item()
@@ -245,9 +324,15 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                   help="wall clock, or the process's CPU time (use with --threads 1)")
     args = p.parse_args(argv)
-    global DEVICE
+    global DEVICE, NOW
     DEVICE = torch.device(args.device)
+    if args.clock == "cpu":
+        if DEVICE.type == "cuda":
+            p.error("--clock cpu times CPU work; use the wall clock with --device cuda")
+        NOW = time.process_time
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     if args.threads:
@@ -275,8 +360,8 @@ def main(argv=None):
 def _print_table(results, args):
     B, K = args.samples, args.timesteps
     print(f"\nLipschitz-in-t probes, {B} samples x {K} timesteps, chunks of {args.batch_size} "
-          f"pairs, {results['threads']} threads, load avg {results['loadavg_start'][0]:.1f} -> "
-          f"{results['loadavg_end'][0]:.1f}")
+          f"pairs, {results['threads']} threads, {args.clock} clock, load avg "
+          f"{results['loadavg_start'][0]:.1f} -> {results['loadavg_end'][0]:.1f}")
     print(f"{'model':<18}{'method':<22}{'time (s)':>10}{'vs loop':>9}{'full / fwd':>12}"
           f"{'chunk / fwd':>13}")
     for name, r in results["models"].items():
@@ -305,6 +390,15 @@ def _print_table(results, args):
               f"checks: {', '.join(f'{k}={v:.2g}' for k, v in r['check'].items())}")
     print("full / fwd: full-probe time per chunk of pairs, in forwards of that many rows; "
           "chunk / fwd: one lipschitz_t call on one chunk (median of per-round ratios)")
+    print("\nWhere the forward passes go: time inside each module type, in forwards of one chunk")
+    cols = (("forward", "forward"), ("fd", "fd"), ("jvp", "jvp"),
+            ("jvp_math_attention", "jvp, math attn"))
+    print(f"{'model':<18}{'':<12}" + "".join(f"{c:>16}" for _, c in cols))
+    for name, r in results["models"].items():
+        bd = r["breakdown_in_forwards"]
+        for row in BREAKDOWN_ROWS + ("total",):
+            print(f"{name:<18}{row:<12}" + "".join(
+                f"{bd[k][row]:>16.3f}" if k in bd else f"{'-':>16}" for k, _ in cols))
 
 
 if __name__ == "__main__":

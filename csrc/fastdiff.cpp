@@ -22,6 +22,11 @@ TORCH_LIBRARY(fastdiff, m) {
   m.def(
       "sdpa_jvp(Tensor q, Tensor k, Tensor v, Tensor dq, Tensor dk, Tensor dv, float scale) "
       "-> (Tensor, Tensor)");
+  // The forward-mode tangent of group_norm along dx (weight and bias constant), from the
+  // per-group mean and rstd that native_group_norm returns with the primal.
+  m.def(
+      "group_norm_tangent(Tensor x, Tensor dx, Tensor mean, Tensor rstd, Tensor? weight, "
+      "int groups) -> Tensor");
 }
 
 // A Python module so that `import fastdiff._C` loads the library (and runs the

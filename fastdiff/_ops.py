@@ -38,9 +38,12 @@ SCHEMAS = {
     "diff_norm": "diff_norm(Tensor a, Tensor b) -> Tensor",
     "sdpa_jvp": ("sdpa_jvp(Tensor q, Tensor k, Tensor v, Tensor dq, Tensor dk, Tensor dv, "
                  "float scale) -> (Tensor, Tensor)"),
+    "group_norm_tangent": ("group_norm_tangent(Tensor x, Tensor dx, Tensor mean, Tensor rstd, "
+                           "Tensor? weight, int groups) -> Tensor"),
 }
-# Ops served by the reference on CUDA (no CUDA kernel); backends() does not count them.
-NO_CUDA_KERNEL = ("sdpa_jvp",)
+# Ops without a CUDA kernel: on CUDA tensors their Triton kernel serves them where there is
+# one and triton is installed, else the reference; backends() does not count them.
+NO_CUDA_KERNEL = ("sdpa_jvp", "group_norm_tangent")
 
 _LOAD_ERROR = None
 try:
@@ -88,6 +91,16 @@ def _triton_available() -> bool:
         return True
     except Exception:
         return False
+
+
+_TRITON_IMPORTABLE: list = []
+
+
+def _triton_importable() -> bool:
+    """:func:`_triton_available`, asked once (a failing import is slow to repeat)."""
+    if not _TRITON_IMPORTABLE:
+        _TRITON_IMPORTABLE.append(_triton_available())
+    return _TRITON_IMPORTABLE[0]
 
 
 _BACKEND = os.environ.get("FASTDIFF_BACKEND", "auto").lower()
@@ -381,17 +394,51 @@ def _sdpa_jvp_fake(q, k, v, dq, dk, dv, scale):
 
 
 # ---------------------------------------------------------------------------------------
+# group_norm_tangent
+# ---------------------------------------------------------------------------------------
+
+def group_norm_tangent_ref(x, dx, mean, rstd, weight, groups):
+    """Reference of ``fastdiff::group_norm_tangent``: the forward-mode tangent of
+    ``group_norm(x, groups, weight, bias, eps)`` along ``dx`` (weight and bias constant).
+
+    x, dx: [N, C, ...] of one dtype; mean, rstd: [N, groups] per-group mean and
+    ``(var + eps)^-1/2`` of x (what ``torch.native_group_norm`` returns with the primal);
+    weight: [C] or None. With xc = x - mean per group,
+    ``d = weight * rstd * (dx - mean(dx) - xc rstd^2 mean(xc dx))``; [N, C, ...] in x's
+    dtype, computed in float32 (float64 for float64).
+    """
+    N, C = x.shape[0], x.shape[1]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xg, tg = x.reshape(N, groups, -1).to(acc), dx.reshape(N, groups, -1).to(acc)
+    mean = mean.reshape(N, groups, 1).to(acc)
+    rstd = rstd.reshape(N, groups, 1).to(acc)
+    xc = xg - mean
+    k = (xc * tg).mean(-1, keepdim=True) * rstd * rstd
+    d = (tg - tg.mean(-1, keepdim=True) - xc * k) * rstd
+    d = d.reshape(N, C, -1)
+    if weight is not None:
+        d = d * weight.to(acc).reshape(1, C, 1)
+    return d.reshape(x.shape).to(x.dtype)
+
+
+@torch.library.register_fake("fastdiff::group_norm_tangent")
+def _group_norm_tangent_fake(x, dx, mean, rstd, weight, groups):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+# ---------------------------------------------------------------------------------------
 # dispatch
 # ---------------------------------------------------------------------------------------
 
 REFERENCE = {"timestep_embedding": embedding_ref, "sampler_step": step_ref,
              "sampler_step.out": step_out_ref, "diff_norm": diff_norm_ref,
-             "sdpa_jvp": sdpa_jvp_ref}
+             "sdpa_jvp": sdpa_jvp_ref, "group_norm_tangent": group_norm_tangent_ref}
 # Triton implementations take exactly the op's arguments (fastdiff/triton/<file>.py).
 TRITON = {"timestep_embedding": ("embedding", "timestep_embedding"),
           "sampler_step": ("step", "sampler_step"),
           "sampler_step.out": ("step", "sampler_step_out"),
-          "diff_norm": ("reduce", "diff_norm")}
+          "diff_norm": ("reduce", "diff_norm"),
+          "sdpa_jvp": ("attention", "sdpa_jvp")}
 
 if _lib_fallback is not None:
     for _name, _fn in REFERENCE.items():
@@ -451,7 +498,7 @@ def _triton_launcher(name: str):
 
 _FAKE = {"timestep_embedding": _embedding_fake, "sampler_step": _step_fake,
          "sampler_step.out": _step_out_fake, "diff_norm": _diff_norm_fake,
-         "sdpa_jvp": _sdpa_jvp_fake}
+         "sdpa_jvp": _sdpa_jvp_fake, "group_norm_tangent": _group_norm_tangent_fake}
 
 
 def _no_backward(name: str):
@@ -491,6 +538,9 @@ def _impl(name: str, device: torch.device):
     if use_triton(device):
         return triton_fn(name)
     if not has_kernel(name, device.type):
+        if (device.type == "cuda" and name in NO_CUDA_KERNEL and name in TRITON
+                and _triton_importable()):
+            return triton_fn(name)
         return REFERENCE[name]
     return op(name)
 

@@ -1,14 +1,15 @@
 """Scaled dot-product attention with a fused forward-mode AD rule.
 
 :func:`scaled_dot_product_attention` computes what
-``torch.nn.functional.scaled_dot_product_attention`` does; under ``torch.func.jvp`` (or
-``torch.autograd.forward_ad``) its tangent comes from ``fastdiff::sdpa_jvp``, which forms
-the attention output and its tangent in one pass over key blocks with an online softmax
-(the flash-attention recurrence extended by the running sums the softmax derivative
-needs), so the [Lq, Lk] attention matrix is never stored. torch's own fused attention
-kernels have no forward-AD formula, and its math backend materialises the matrix and its
-tangent. The same blocked recurrence for the JVP of attention is what continuous-time
-consistency-model training (sCM, Lu & Song 2024) needs.
+``torch.nn.functional.scaled_dot_product_attention`` does. Called with forward-mode
+tangents (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``), it reads the
+tangents off its dual inputs and makes one ``fastdiff::sdpa_jvp`` call, which forms the
+attention output and its tangent together in one pass over key blocks with an online
+softmax (the flash-attention recurrence extended by the running sums the softmax
+derivative needs): the [Lq, Lk] attention matrix is never stored, and the primal is not
+computed a second time. torch's own fused attention kernels have no forward-AD formula,
+and its math backend materialises the matrix and its tangent. Without tangents the call
+is torch's (its fused kernels, its reverse mode).
 
 With a mask, dropout, ``is_causal`` or grouped-query attention the call is passed to
 torch unchanged (run it on the math backend, ``torch.nn.attention.sdpa_kernel``, to
@@ -21,20 +22,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import _ops
+from . import _dual, _ops
 
 __all__ = ["scaled_dot_product_attention", "sdpa_jvp"]
 
 _SDPA_ARGS = (("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
                "enable_gqa"), (None, None, None, None, 0.0, False, None, False))
-
-
-def _all_backends():
-    # The primal may use torch's fused kernels even inside a math-only sdpa_kernel scope
-    # (a probe's): only its derivative had to avoid them.
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                        SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH])
 
 
 def _default_scale(q: torch.Tensor) -> float:
@@ -80,35 +73,56 @@ def sdpa_jvp(q, k, v, dq, dk, dv, scale: float | None = None):
 
 
 class _SdpaFn(torch.autograd.Function):
-    """softmax(q k^T * scale) v with the fused forward-AD rule; reverse mode through
-    torch's own attention (recomputed in backward)."""
+    """softmax(q k^T * scale) v whose forward already has the tangents ``(dq, dk, dv)``
+    (read off the dual inputs by the caller): one ``fastdiff::sdpa_jvp`` call forms the
+    output and its tangent together, and the jvp rule hands back the tangent it made.
+    Reverse mode goes through torch's attention (recomputed in backward)."""
 
     @staticmethod
-    def forward(q, k, v, scale):
-        with _all_backends():
-            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    def forward(q, k, v, scale, dq, dk, dv):
+        return _ops.call("sdpa_jvp", q, k, v, dq, dk, dv, scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, scale = inputs
-        ctx.save_for_forward(q, k, v)
+        q, k, v, scale = inputs[:4]
+        ctx.set_materialize_grads(False)  # backward sees None for an unused tangent output
+        ctx.save_for_forward(output[1])
         ctx.save_for_backward(q, k, v)
         ctx.scale = scale
 
     @staticmethod
-    def jvp(ctx, dq, dk, dv, _):
-        q, k, v = ctx.saved_tensors
-        dq, dk, dv = (torch.zeros_like(p) if t is None else t for p, t in zip((q, k, v), (dq, dk, dv)))
-        return _ops.call("sdpa_jvp", q, k, v, dq, dk, dv, ctx.scale)[1]
+    def jvp(ctx, *_):  # the input tangents are the dq, dk, dv forward already used
+        (dout,) = ctx.saved_tensors
+        # dout's own tangent is a second derivative, never asked for: callers take the
+        # output alone, and nested transforms do not come here (nested_derivatives).
+        return _dual.split(dout)[0], torch.zeros_like(dout)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, grad_dout):
+        if grad_dout is not None:
+            raise NotImplementedError(
+                "fastdiff.attention: reverse mode through the forward-mode tangent of "
+                "scaled_dot_product_attention is not implemented (sdpa_jvp has no derivative); "
+                "run torch's attention on its math backend (torch.nn.attention.sdpa_kernel) "
+                "for that")
+        if grad is None:
+            return (None,) * 7
         q, k, v = ctx.saved_tensors
         with torch.enable_grad():
             ins = [t.detach().requires_grad_() for t in (q, k, v)]
             out = F.scaled_dot_product_attention(*ins, scale=ctx.scale)
             gq, gk, gv = torch.autograd.grad(out, ins, grad)
-        return gq, gk, gv, None
+        return gq, gk, gv, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, scale, dq, dk, dv):
+        # The op takes any leading batch dims: the vmapped dim becomes one more (expanded,
+        # stride 0, where an input is not batched).
+        ts = []
+        for t, d in zip((q, k, v, dq, dk, dv), in_dims[:3] + in_dims[4:]):
+            ts.append(t.expand(info.batch_size, *t.shape) if d is None else t.movedim(d, 0))
+        q, k, v, dq, dk, dv = ts
+        return _SdpaFn.apply(q, k, v, scale, dq, dk, dv), (0, 0)
 
 
 def fused_jvp_applies(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa) -> bool:
@@ -127,11 +141,22 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     (``torch.func.jvp``, ``torch.func.jacfwd``, ``torch.autograd.forward_ad``) is fused.
 
     Shapes as torch: query [..., Lq, D], key [..., Lk, D], value [..., Lk, Dv] ->
-    [..., Lq, Dv]. Without mask, dropout, ``is_causal`` and ``enable_gqa`` the primal runs
-    on torch's attention and the tangent on ``fastdiff::sdpa_jvp``; reverse mode works too
-    (through torch's attention). Any other call goes to torch unchanged.
+    [..., Lq, Dv]. Without mask, dropout, ``is_causal`` and ``enable_gqa``, inputs that
+    carry forward-mode tangents go to ``fastdiff::sdpa_jvp`` (output and tangent in one
+    call); reverse mode through the result works too (through torch's attention,
+    recomputed in backward), and ``vmap`` of it (``jacfwd``). Inputs without tangents, and
+    any other call, go to torch unchanged.
     """
     if not fused_jvp_applies(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
         return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
                                               scale=scale, enable_gqa=enable_gqa)
-    return _SdpaFn.apply(query, key, value, _default_scale(query) if scale is None else float(scale))
+    parts = [_dual.split(t) for t in (query, key, value)]
+    if all(t is None for _, t in parts):  # no forward-mode tangent: torch's own kernels
+        return F.scaled_dot_product_attention(query, key, value, scale=scale)
+    if _dual.nested_derivatives():  # sdpa_jvp has no derivative of its own: torch's math form
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel([SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(query, key, value, scale=scale)
+    tangents = [torch.zeros_like(p) if t is None else t for p, t in parts]
+    s = _default_scale(query) if scale is None else float(scale)
+    return _SdpaFn.apply(query, key, value, s, *tangents)[0]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _ops
+from . import _dual, _ops
 from .schedules import TimeSharing, _check_bool, _check_real
 
 __all__ = ["timestep_embedding", "SinusoidalEmbedding", "patch_time_embedding",
@@ -241,14 +241,16 @@ def timestep_embedding(t, dim: int, *, flip_sin_to_cos: bool = False,
     if (not t.is_floating_point() and t.shape[0] * dim >= TABLE_MIN_ELEMENTS and not compiling
             and not _ops.use_reference()):
         table = _cached_table(dim, flip, shift, scale, mp, width, end, t.device, out_dtype)
-    if compiling or (t.is_floating_point() and (t.requires_grad or _is_functorch_wrapped(t))):
+    if compiling or (t.is_floating_point() and (t.requires_grad or _is_functorch_wrapped(t)
+                                                or _dual.has_tangent(t))):
         return _Embedding.apply(t, freqs, table, dim, flip, scale, width, end)
     return _dispatch(t, freqs, table, dim, flip, scale, width, end, False)
 
 
 def _is_functorch_wrapped(t: torch.Tensor) -> bool:
     # jvp / vmap / grad transforms wrap tensors (batched tensors included); the
-    # autograd.Function path carries their rules.
+    # autograd.Function path carries their rules (and those of forward_ad duals, which
+    # are not wrapped: the op itself would drop their tangent).
     return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 

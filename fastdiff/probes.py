@@ -18,18 +18,19 @@ Autodiff details (all scoped to a probe call, nothing stays changed):
   ``scaled_dot_product_attention`` on its math backend (the same attention written in
   differentiable ops), except where "jvp" uses the fused rule below.
 * The "jvp" method reroutes ``conv2d``, ``linear`` and ``group_norm`` (when only their
-  input carries a tangent, as in every probe) to rules that propagate the activation
-  tangent alone (torch's linear rule on a [B, L, C] input multiplies by the weight
-  expanded to a batch).
-  torch 2.13's own rules also convolve with a materialised zero weight tangent (3
-  convolutions instead of 2) and build group_norm's tangent from ~30 elementwise ops
-  (about 30x the norm itself), and the group_norm rule fails on channels-last input
-  ("view size is not compatible"), which diffusers' attention blocks produce.
+  input carries a tangent, as in every probe) to rules that read the tangent off the dual
+  input and return output and tangent together (``fastdiff._dual``), so the primal is
+  computed once, as in a plain forward pass: conv2d and linear add one product with the
+  weight (torch's conv rule also convolves a materialised zero weight tangent, and its
+  linear rule on [B, L, C] tokens multiplies by the weight expanded to a batch);
+  group_norm adds ``fastdiff::group_norm_tangent``, two passes over the input and its
+  tangent from the mean and rstd the primal's kernel returns (torch's rule is ~30
+  elementwise ops, about 30x the norm itself, and fails on channels-last input, "view
+  size is not compatible", which diffusers' attention blocks produce).
 * The "jvp" method also reroutes unmasked ``scaled_dot_product_attention`` (diffusers'
-  ``AttnProcessor2_0``) to :func:`fastdiff.attention.scaled_dot_product_attention`:
-  primal on torch's fused kernel, tangent from ``fastdiff::sdpa_jvp`` in one pass over
-  key blocks, instead of the math backend's materialised attention matrix and its
-  tangent.
+  ``AttnProcessor2_0``) to :func:`fastdiff.attention.scaled_dot_product_attention`: one
+  ``fastdiff::sdpa_jvp`` call forms the output and its tangent in one pass over key
+  blocks, instead of the math backend's materialised attention matrix and its tangent.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from . import _ops, attention
+from . import _dual, _ops, attention
 from ._files import atomic_write_text
 from .schedules import NoiseSchedule, TimeSharing
 from .wrappers import ETSDM, model_output
@@ -217,12 +218,6 @@ def _math_attention():
     return sdpa_kernel([SDPBackend.MATH])
 
 
-def _has_tangent(x) -> bool:
-    # Under torch.func.jvp only tensors computed from the primal are functorch-wrapped;
-    # parameters and closed-over inputs are plain tensors with a zero tangent.
-    return isinstance(x, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x)
-
-
 def _bind(args, kwargs, names, defaults):
     vals = dict(zip(names, defaults))
     vals.update(zip(names, args))
@@ -230,106 +225,78 @@ def _bind(args, kwargs, names, defaults):
     return [vals[n] for n in names]
 
 
-class _Conv2dJvp(torch.autograd.Function):
-    """conv2d whose tangent is conv2d(x_t, W): weight and bias are constants."""
+# The probe's forward-AD rules: each gets the primal input and its tangent (weights and
+# biases are constants) and returns (output, output tangent), which _FastJvpRules joins
+# into one dual; the primal is computed once, as in a plain forward pass.
 
-    @staticmethod
-    def forward(x, weight, bias, stride, padding, dilation, groups):
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_forward(inputs[1])
-        ctx.conv_args = inputs[3:]
-
-    @staticmethod
-    def jvp(ctx, x_t, *_):  # the other tangents are materialised zeros, by construction
-        (weight,) = ctx.saved_tensors
-        return F.conv2d(x_t, weight, None, *ctx.conv_args)
+def _conv2d_jvp(x, dx, weight, bias, stride, padding, dilation, groups):
+    """conv2d and its tangent conv2d(dx, W): torch's rule also convolves a materialised
+    zero weight tangent (3 convolutions instead of 2)."""
+    return (F.conv2d(x, weight, bias, stride, padding, dilation, groups),
+            F.conv2d(dx, weight, None, stride, padding, dilation, groups))
 
 
-class _LinearJvp(torch.autograd.Function):
-    """linear whose tangent is linear(x_t, W): torch's rule for a [B, L, C] input
-    multiplies by the weight expanded to [B, C, C'] (a copy and a batched matmul)."""
-
-    @staticmethod
-    def forward(x, weight, bias):
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_forward(inputs[1])
-
-    @staticmethod
-    def jvp(ctx, x_t, *_):
-        (weight,) = ctx.saved_tensors
-        return F.linear(x_t, weight)
+def _linear_jvp(x, dx, weight, bias):
+    """linear and its tangent dx W^T as one matrix product: torch's rule, and F.linear on
+    a [B, L, C] tangent that is not foldable in place (diffusers' transposed tokens),
+    multiply by the weight expanded to a batch instead."""
+    d = dx.reshape(-1, dx.shape[-1]) @ weight.t()
+    return F.linear(x, weight, bias), d.reshape(*dx.shape[:-1], weight.shape[0])
 
 
-class _GroupNormJvp(torch.autograd.Function):
-    """group_norm with the tangent of its input only (weight and bias are constants):
-    with xc = x - mean and r = (var + eps)^-1/2 per group,
-    d[(x - mean) r] = r (t - mean t) - xc r^3 mean(xc t), then times the weight."""
+def _group_norm_jvp(x, dx, groups, weight, bias, eps):
+    """group_norm and its tangent. The primal's kernel also returns the per-group mean and
+    rstd, from which ``fastdiff::group_norm_tangent`` forms the tangent in two passes
+    over x and dx. torch's own rule builds it from ~30 elementwise ops (about 30x the norm
+    itself, each allocating a full-size tensor) and fails on channels-last input ("view
+    size is not compatible"), which diffusers' attention blocks produce."""
+    N, C = x.shape[0], x.shape[1]
+    HxW = x.numel() // (N * C) if N * C else 0
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    xk = x if cl or x.is_contiguous() else x.contiguous()
+    out, mean, rstd = torch.native_group_norm(xk, weight, bias, N, C, HxW, groups, eps)
+    if _dual.nested_derivatives():  # the kernel has no derivative; the reference's torch ops do
+        return out, _ops.group_norm_tangent_ref(xk, dx, mean, rstd, weight, groups)
+    return out, _ops.call("group_norm_tangent", xk, dx, mean, rstd, weight, groups)
 
-    @staticmethod
-    def forward(x, groups, weight, bias, eps):
-        return F.group_norm(x, groups, weight, bias, eps)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, groups, weight, _, eps = inputs
-        ctx.save_for_forward(x, weight)
-        ctx.groups, ctx.eps = groups, eps
-
-    @staticmethod
-    def jvp(ctx, x_t, *_):
-        x, weight = ctx.saved_tensors
-        N, C, G = x.shape[0], x.shape[1], ctx.groups
-        xg, tg = x.reshape(N, G, -1), x_t.reshape(N, G, -1)
-        L = xg.shape[-1]
-        xc = xg - xg.mean(-1, keepdim=True)
-        r = torch.rsqrt(torch.linalg.vector_norm(xc, dim=-1, keepdim=True).square() / L + ctx.eps)
-        cov = torch.linalg.vecdot(tg, xc).unsqueeze(-1) * (r ** 3 / L)
-
-        def per_channel(a):  # [N, G, 1] -> [N, C, 1], times the affine weight
-            a = a.expand(N, G, C // G).reshape(N, C, 1)
-            return a if weight is None else a * weight.reshape(1, C, 1)
-
-        out = torch.addcmul(per_channel(-r * tg.mean(-1, keepdim=True)), x_t.reshape(N, C, -1),
-                            per_channel(r))
-        return torch.addcmul(out, xc.reshape(N, C, -1), per_channel(-cov)).reshape(x.shape)
+def _group_norm_valid(x, groups) -> bool:
+    """Groups that divide the channels of a non-empty x (anything else goes to
+    F.group_norm, which raises its own error)."""
+    return isinstance(groups, int) and groups > 0 and x.shape[1] % groups == 0 and x.numel() > 0
 
 
 _CONV2D = (("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
            (None, None, None, 1, 0, 1, 1))
 _GROUP_NORM = (("input", "num_groups", "weight", "bias", "eps"), (None, None, None, None, 1e-5))
 _LINEAR = (("input", "weight", "bias"), (None, None, None))
+# torch function -> (argument names and defaults, rule, index of the parameters)
+_RULES = {F.conv2d: (_CONV2D, _conv2d_jvp, (1, 2)),
+          F.linear: (_LINEAR, _linear_jvp, (1, 2)),
+          F.group_norm: (_GROUP_NORM, _group_norm_jvp, (2, 3))}
 
 
 class _FastJvpRules(TorchFunctionMode):
-    """Routes conv2d / linear / group_norm calls whose parameters carry no tangent to the rules
-    above, and unmasked attention to the fused rule of :mod:`fastdiff.attention`;
-    everything else (and any call with a tangent on a parameter) runs as is."""
+    """Routes conv2d / linear / group_norm calls whose input carries a tangent and whose
+    parameters carry none to the rules above, and unmasked attention to the fused rule of
+    :mod:`fastdiff.attention`; everything else (and any call with a tangent on a
+    parameter) runs as is."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.conv2d:
-            x, w, b, stride, padding, dilation, groups = _bind(args, kwargs, *_CONV2D)
-            if _has_tangent(x) and not _has_tangent(w) and not _has_tangent(b) \
-                    and not isinstance(padding, str):
-                return _Conv2dJvp.apply(x, w, b, stride, padding, dilation, groups)
-        elif func is F.linear:
-            x, w, b = _bind(args, kwargs, *_LINEAR)
-            if _has_tangent(x) and x.dim() >= 2 and not _has_tangent(w) and not _has_tangent(b):
-                return _LinearJvp.apply(x, w, b)
-        elif func is F.group_norm:
-            x, groups, w, b, eps = _bind(args, kwargs, *_GROUP_NORM)
-            if _has_tangent(x) and x.dim() >= 2 and not _has_tangent(w) and not _has_tangent(b):
-                return _GroupNormJvp.apply(x, groups, w, b, eps)
+        rule = _RULES.get(func)
+        if rule is not None:
+            spec, fn, params = rule
+            vals = _bind(args, kwargs, *spec)
+            x, dx = _dual.split(vals[0])
+            if (dx is not None and x.dim() >= 2
+                    and not any(_dual.has_tangent(vals[i]) for i in params)
+                    and (fn is not _group_norm_jvp or _group_norm_valid(x, vals[1]))):
+                return _dual.join(*fn(x, dx, *vals[1:]))
         elif func is F.scaled_dot_product_attention:
             q, k, v, mask, p, causal, scale, gqa = _bind(args, kwargs, *attention._SDPA_ARGS)
-            if any(map(_has_tangent, (q, k, v))) and not _has_tangent(mask) \
-                    and attention.fused_jvp_applies(q, k, v, mask, p, causal, gqa):
+            if not _dual.has_tangent(mask) and attention.fused_jvp_applies(q, k, v, mask, p,
+                                                                            causal, gqa):
                 return attention.scaled_dot_product_attention(q, k, v, scale=scale)
         return func(*args, **kwargs)
 

@@ -42,9 +42,15 @@ def _sdpa_jvp_args(device):
     return [(q, k, v, dq, dk, dv, 0.35)]
 
 
+def _group_norm_tangent_args(device):
+    x, dx = (torch.randn(3, 8, 5, 7, device=device) for _ in range(2))
+    _, mean, rstd = torch.native_group_norm(x, None, None, 3, 8, 35, 4, 1e-5)
+    return [(x, dx, mean, rstd, torch.randn(8, device=device), 4)]
+
+
 CASES = {"timestep_embedding": _embedding_args, "sampler_step": _step_args,
          "sampler_step.out": _step_args, "diff_norm": _diff_norm_args,
-         "sdpa_jvp": _sdpa_jvp_args}
+         "sdpa_jvp": _sdpa_jvp_args, "group_norm_tangent": _group_norm_tangent_args}
 
 
 def _run(name, fn, args):

@@ -119,6 +119,63 @@ def test_public_sdpa_jvp_backward_and_fallback(gen, monkeypatch):
     assert calls == []
 
 
+def test_public_sdpa_forward_ad_jacfwd_and_higher_order(gen):
+    """forward_ad duals, vmap(jacfwd), reverse mode through the output of a jvp, a jvp of a
+    jvp and a grad of a jvp: each equals torch's math-backend form (or raises)."""
+    import torch.autograd.forward_ad as fwAD
+    q, k, v, dq, dk, dv = _inputs(gen, (2, 3), 6, 10, 8, 4, spread=1.0)
+    ref_out, ref_tan = _math_jvp(q, k, v, dq, dk, dv)
+    with fwAD.dual_level():
+        o = scaled_dot_product_attention(fwAD.make_dual(q, dq), k, fwAD.make_dual(v, dv))
+        o = fwAD.unpack_dual(o.transpose(-1, -2).reshape(2, -1))  # views of the dual, too
+    _, r = _math_jvp(q, k, v, dq, torch.zeros_like(k), dv)
+    assert _rel(o.tangent, r.transpose(-1, -2).reshape(2, -1)) <= 1e-5
+
+    def jac(f):
+        return torch.func.vmap(torch.func.jacfwd(lambda a: f(a, k[0], v[0])))(q[:, :, :2])
+    got = jac(scaled_dot_product_attention)
+    with sdpa_kernel([SDPBackend.MATH]):
+        assert _rel(got, jac(F.scaled_dot_product_attention)) <= 1e-5
+
+    w = torch.randn(8, 8, generator=gen, dtype=torch.float64).float().requires_grad_()
+    out, tan = torch.func.jvp(lambda a: scaled_dot_product_attention(a @ w, k, v), (q,), (dq,))
+    (gw,) = torch.autograd.grad((out * ref_out).sum(), w)
+    ref_w = w.detach().clone().requires_grad_()
+    (rw,) = torch.autograd.grad((F.scaled_dot_product_attention(q @ ref_w, k, v) * ref_out).sum(),
+                                ref_w)
+    assert _rel(gw, rw) <= 1e-5
+    with pytest.raises(NotImplementedError, match="through the forward-mode tangent"):
+        tan.sum().backward()
+
+    def second(f, outer):  # d/d(outer) of the jvp along dq
+        return outer(lambda a: torch.func.jvp(lambda b: f(b, k, v), (a,), (dq,))[1])
+
+    hv = lambda g: torch.func.jvp(g, (q,), (dk[..., :6, :],))[1]  # noqa: E731
+    gr = lambda g: torch.func.grad(lambda a: (g(a) * ref_out).sum())(q)  # noqa: E731
+    for outer in (hv, gr):
+        got = second(scaled_dot_product_attention, outer)
+        with sdpa_kernel([SDPBackend.MATH]):
+            want = second(F.scaled_dot_product_attention, outer)
+        assert _rel(got, want) <= 1e-5
+
+
+def _op_counts(fn):
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    names = [e.name for e in prof.events()]
+    return {n: names.count(n) for n in set(names)}
+
+
+def test_primal_is_formed_once(gen):
+    """Under torch.func.jvp the output comes from the same sdpa_jvp call as the tangent:
+    no torch attention runs besides it."""
+    q, k, v, dq, dk, dv = _inputs(gen, (1, 2), 9, 12, 8, 8)
+    n = _op_counts(lambda: torch.func.jvp(scaled_dot_product_attention, (q, k, v), (dq, dk, dv)))
+    assert n.get("fastdiff::sdpa_jvp") == 1
+    assert not [name for name in n if "scaled_dot_product" in name or "softmax" in name]
+
+
 def _tiny_unet(gen):
     import diffusers
     torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
@@ -156,9 +213,87 @@ def test_probe_on_diffusers_unet_uses_fused_rule_and_matches_math_backend(gen, p
     fused = run()
     n_fused = calls.count("sdpa_jvp")
     assert n_fused > 0  # every attention layer of every probe call went through it
+    if probe == "lipschitz_t":  # one model call: each norm and attention primal runs once
+        with torch.no_grad():
+            fwd = _op_counts(lambda: unet(torch.cat([noise, noise]), torch.tensor([3.0] * 4)))
+        jvp = _op_counts(run)
+        assert jvp["aten::native_group_norm"] == fwd["aten::native_group_norm"]
+        assert jvp["fastdiff::sdpa_jvp"] == fwd["aten::scaled_dot_product_attention"]
+        assert "aten::scaled_dot_product_attention" not in jvp
     monkeypatch.setattr(attention, "fused_jvp_applies", lambda *a: False)  # math backend
     calls.clear()
     math = run()
     assert calls.count("sdpa_jvp") == 0
     assert _rel(fused, math) <= 1e-5
     assert bool((math > 0).all())
+
+
+# ---------------------------------------------------------------------------------------
+# the Triton kernel (interpreted on CPU here; compiled in tests/test_device_cuda.py)
+# ---------------------------------------------------------------------------------------
+
+# odd lengths (not multiples of the kernel's blocks, and more than one key block), head
+# dims 8..64 including non-powers of two, Dv != D, batch 1, one or two batch dims
+TRITON_SHAPES = [((1, 2), 17, 45, 8, 8), ((2,), 5, 70, 24, 40), ((1, 1), 33, 9, 64, 3)]
+
+
+@pytest.mark.parametrize("shape", TRITON_SHAPES)
+def test_triton_kernel_matches_math_backend_jvp(gen, shape):
+    from fastdiff.triton.attention import sdpa_jvp as triton_sdpa_jvp
+    # logits of about the same spread for every D (float32 rounding of s grows with it)
+    args = _inputs(gen, *shape, spread=2.0 if shape[3] <= 16 else 1.0)
+    scale = 0.3 + torch.rand((), generator=gen).item()
+    for got, mth in zip(triton_sdpa_jvp(*args, scale), _math_jvp(*args, scale=scale)):
+        assert got.shape == mth.shape and got.dtype == torch.float32
+        assert _rel(got, mth) <= 1e-5
+    args64 = [a.double() for a in args]
+    for got, mth in zip(triton_sdpa_jvp(*args64, scale), _math_jvp(*args64, scale=scale)):
+        assert got.dtype == torch.float64 and _rel(got, mth) <= 1e-12
+
+
+def test_triton_kernel_non_contiguous_and_low_precision(gen):
+    from fastdiff.triton.attention import sdpa_jvp as triton_sdpa_jvp
+    # diffusers' layout ([B, L, H, D] memory viewed as [B, H, L, D]), a column stride != 1
+    # on k, and an expanded (stride 0) head dim on v
+    q, k, v, dq, dk, dv = (t.transpose(1, 2).contiguous().transpose(1, 2)
+                           for t in _inputs(gen, (1, 3), 19, 37, 24, 24))
+    k = torch.randn(1, 3, 37, 48, generator=gen)[..., ::2]
+    v = v[:, :1].expand_as(v)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    ref = _math_jvp(q, k, v.contiguous(), dq, dk, dv)
+    for got, r in zip(triton_sdpa_jvp(q, k, v, dq, dk, dv, 24 ** -0.5), ref):
+        assert _rel(got, r) <= 1e-5
+    # float16 / bfloat16: products in the inputs' precision, sums in float32
+    for dt, tol in ((torch.float16, 2e-3), (torch.bfloat16, 1.5e-2)):
+        args = [t.to(dt) for t in (q, k, v, dq, dk, dv)]
+        ref = _ops.sdpa_jvp_ref(*args, 0.35)
+        for got, r in zip(triton_sdpa_jvp(*args, 0.35), ref):
+            assert got.dtype == dt and _rel(got, r) <= tol
+
+
+def test_triton_through_func_jvp_of_public_sdpa(gen, triton_backend, monkeypatch):
+    """torch.func.jvp of fastdiff.attention.scaled_dot_product_attention on the Triton
+    backend: one Triton call gives the output and its tangent."""
+    q, k, v, dq, dk, dv = _inputs(gen, (2, 2), 13, 21, 16, 8)
+    calls = []
+    real = _ops.triton_fn
+    monkeypatch.setattr(_ops, "triton_fn", lambda name: calls.append(name) or real(name))
+    out, tan = torch.func.jvp(scaled_dot_product_attention, (q, k, v), (dq, dk, dv))
+    assert calls == ["sdpa_jvp"]
+    ref_out, ref_tan = _math_jvp(q, k, v, dq, dk, dv)
+    assert _rel(out, ref_out) <= 1e-5 and _rel(tan, ref_tan) <= 1e-5
+
+
+def test_triton_bad_input(gen):
+    from fastdiff.triton.attention import sdpa_jvp as triton_sdpa_jvp
+    q = torch.randn(1, 2, 5, 257)
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        triton_sdpa_jvp(q, q, q, q, q, q, 1.0)
+    q = torch.randn(1, 2, 5, 4)
+    with pytest.raises(ValueError, match="same batch dims"):
+        triton_sdpa_jvp(q, q[:, :1], q, q, q[:, :1], q, 1.0)
+    with pytest.raises(TypeError, match="dtype"):
+        triton_sdpa_jvp(q, q, q.double(), q, q, q, 1.0)
+    # no keys: NaN, as torch's math backend
+    out, dout = triton_sdpa_jvp(q, q[:, :, :0], q[:, :, :0], q, q[:, :, :0], q[:, :, :0], 1.0)
+    assert out.shape == q.shape and bool(out.isnan().all() and dout.isnan().all())

@@ -2,7 +2,9 @@
 (compiled for real, not interpreted) against the pure-torch references, on fresh random
 inputs: all dtypes, odd sizes, batch 1, per-sample coefficient rows, non-contiguous
 inputs, the in-place ``.out`` overload with aliasing, more than 2^31 elements (where the
-device has the memory), opcheck, the embedding's forward-mode AD, the Lipschitz probes on
+device has the memory), opcheck, the embedding's forward-mode AD, the fused attention
+JVP (``sdpa_jvp``, served by its Triton kernel on the device) alone and under
+``torch.func.jvp``, the Lipschitz probes on
 a small UNet, and whole ``fastdiff.sample`` runs equal to the same runs on the CPU.
 
 On a machine without a GPU every case here is skipped with one reason (the summary line
@@ -18,7 +20,7 @@ from torch import nn
 
 import fastdiff
 from fastdiff import _ops
-from fastdiff._ops import diff_norm_ref, embedding_ref, step_ref
+from fastdiff._ops import diff_norm_ref, embedding_ref, sdpa_jvp_ref, step_ref
 from fastdiff.embedding import embedding_frequencies
 from test_step_op import OPCHECK_CASES, TOL, make_case
 
@@ -207,6 +209,48 @@ def test_embedding_forward_ad(gen, backend):
     d_ref = embedding_ref(t.cpu(), freqs, None, 64, False, 1.0, 20.0, 100.0, True)
     torch.testing.assert_close(tangent.cpu(), d_ref * v.cpu()[:, None], rtol=1e-5, atol=2e-6)
     torch.testing.assert_close(emb.cpu(), fn(t.cpu()), rtol=1e-5, atol=2e-6)
+
+
+# (batch dims, Lq, Lk, D, Dv): odd lengths across several blocks, head dims 8..128 with
+# non-powers of two, Dv != D, batch 1
+SDPA_CASES = [((1, 3), 17, 200, 8, 8), ((2, 4), 130, 77, 24, 40), ((1,), 1, 7, 64, 64),
+              ((2, 2), 65, 129, 128, 96)]
+SDPA_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", SDPA_CASES, ids=lambda c: "x".join(map(str, c[1:])))
+def test_sdpa_jvp(gen, backend, dtype, case):
+    """sdpa_jvp on the device ("kernels": no CUDA kernel, so the Triton one serves it)
+    against the float64 reference on the CPU; q, dq in diffusers' transposed layout."""
+    batch, lq, lk, d, dv = case
+
+    def r(*shape):
+        return torch.randn(*batch, *shape, generator=gen, dtype=torch.float64).to(dtype)
+    q, dq = (r(lq, d).transpose(-2, -3).contiguous().transpose(-2, -3) if len(batch) > 1
+             else r(lq, d) for _ in range(2))
+    args = (q, r(lk, d), r(lk, dv), dq, r(lk, d), r(lk, dv))
+    scale = 0.3 + torch.rand((), generator=gen).item()
+    got = _ops.call("sdpa_jvp", *cuda(args), scale)
+    for g, want in zip(got, sdpa_jvp_ref(*(a.double() for a in args), scale)):
+        assert g.dtype == dtype and g.shape == want.shape
+        err = (g.cpu().double() - want).abs().max() / want.abs().max()
+        assert err.item() <= SDPA_TOL[dtype]
+
+
+def test_sdpa_forward_ad_through_public_function(gen, backend):
+    """torch.func.jvp of fastdiff.attention.scaled_dot_product_attention on the device
+    equals the math-backend JVP (torch's own rules) on the device."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q, k, v, dq, dk, dv = (torch.randn(2, 3, 45, 32, generator=gen).to(DEV) for _ in range(6))
+    out, tan = torch.func.jvp(fastdiff.attention.scaled_dot_product_attention, (q, k, v),
+                              (dq, dk, dv))
+    with sdpa_kernel([SDPBackend.MATH]):
+        ref_out, ref_tan = torch.func.jvp(torch.nn.functional.scaled_dot_product_attention,
+                                          (q.double(), k.double(), v.double()),
+                                          (dq.double(), dk.double(), dv.double()))
+    for g, want in ((out, ref_out), (tan, ref_tan)):
+        assert ((g.double() - want).abs().max() / want.abs().max()).item() <= 1e-5
 
 
 class TableDenoiser(nn.Module):

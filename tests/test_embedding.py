@@ -247,6 +247,19 @@ def test_jvp_equals_finite_difference(gen, sharing):
     torch.testing.assert_close(tangent, central_difference(f, t, v), atol=1e-7, rtol=1e-7)
 
 
+def test_forward_ad_dual_level_equals_func_jvp(gen):
+    """torch.autograd.forward_ad duals (not functorch-wrapped) get the same tangent."""
+    import torch.autograd.forward_ad as fwAD
+    t = 100.5 + torch.rand(6, generator=gen, dtype=torch.float64) * 800
+    v = torch.randn(6, generator=gen, dtype=torch.float64)
+    f = lambda t: emb64(t, None)  # noqa: E731
+    _, want = torch.func.jvp(f, (t,), (v,))
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(f(fwAD.make_dual(t, v))).tangent
+    assert got is not None
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 def test_jvp_zero_inside_shared_intervals(gen):
     t = torch.rand(6, generator=gen, dtype=torch.float64) * 99.9
     v = torch.randn(6, generator=gen, dtype=torch.float64)

@@ -318,18 +318,19 @@ def test_auto_on_diffusers_unet_with_default_attention(gen):
         torch.func.jvp(lambda tt: unet(noise, tt).sample, (t,), (torch.ones_like(t),))
 
 
-@pytest.mark.parametrize("case", ["conv", "conv_strided_groups", "conv_nobias", "gn", "gn_plain",
-                                  "gn_3d", "gn_channels_last", "linear_3d", "linear_nobias",
-                                  "weight_with_tangent"])
+@pytest.mark.parametrize("case", ["conv", "conv_strided_groups", "conv_nobias", "conv_same", "gn",
+                                  "gn_plain", "gn_3d", "gn_channels_last", "gn_offset",
+                                  "gn_transposed_tangent", "linear_3d", "linear_nobias",
+                                  "linear_transposed", "weight_with_tangent"])
 def test_fast_jvp_rules_match_torch(gen, case, monkeypatch):
     """The probe's conv2d / linear / group_norm forward-AD rules against torch's own."""
     from fastdiff import probes
     used = []
-    for rule in (probes._Conv2dJvp, probes._LinearJvp, probes._GroupNormJvp):
-        def counted(ctx, *tangents, _jvp=rule.jvp):
+    for func, (spec, rule, params) in list(probes._RULES.items()):
+        def counted(*a, _rule=rule):
             used.append(1)
-            return _jvp(ctx, *tangents)
-        monkeypatch.setattr(rule, "jvp", staticmethod(counted))
+            return _rule(*a)
+        monkeypatch.setitem(probes._RULES, func, (spec, counted, params))
     torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
     x = torch.randn(3, 8, 6, 6, generator=gen, dtype=F64)
     v = torch.randn(x.shape, generator=gen, dtype=F64)
@@ -340,16 +341,27 @@ def test_fast_jvp_rules_match_torch(gen, case, monkeypatch):
         f = nn.Conv2d(8, 4, 3, stride=2, padding=2, dilation=2, groups=2).to(F64)
     elif case == "conv_nobias":
         f = nn.Conv2d(8, 6, 1, bias=False).to(F64)
-    elif case in ("gn", "gn_channels_last"):
+    elif case == "conv_same":
+        f = nn.Conv2d(8, 6, 3, padding="same", dilation=2).to(F64)
+    elif case in ("gn", "gn_channels_last", "gn_offset"):
         gn = nn.GroupNorm(4, 8).to(F64)
         with torch.no_grad():
             gn.weight.normal_(generator=gen), gn.bias.normal_(generator=gen)
         f = gn
         if case == "gn_channels_last":
             x = x.to(memory_format=torch.channels_last)
+        if case == "gn_offset":  # a mean far from 0 against the spread: no cancellation
+            x = 40 + 0.1 * x
+    elif case == "gn_transposed_tangent":  # as diffusers' attention: [B, HW, C] viewed back
+        f = nn.GroupNorm(4, 8).to(F64)
+        x = x.flatten(2)
+        v = v.flatten(2).transpose(1, 2).contiguous().transpose(1, 2)
     elif case in ("linear_3d", "linear_nobias"):  # [B, L, C] tokens, as in attention blocks
         f = nn.Linear(6, 5, bias=case == "linear_3d").to(F64)
         x, v = x.flatten(1, 2), v.flatten(1, 2)
+    elif case == "linear_transposed":  # diffusers' tokens: [B, C, HW] transposed, not foldable
+        f = nn.Linear(8, 5).to(F64)
+        x, v = x.flatten(2).transpose(1, 2), v.flatten(2).transpose(1, 2)
     elif case == "gn_plain":
         f = nn.GroupNorm(2, 8, affine=False).to(F64)
     elif case == "gn_3d":
@@ -365,6 +377,22 @@ def test_fast_jvp_rules_match_torch(gen, case, monkeypatch):
     torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(tan, ref_tan, rtol=1e-10, atol=1e-10)
     assert bool(used) == (case != "weight_with_tangent")
+
+
+def test_fast_group_norm_rule_edge_cases(gen):
+    """Groups that do not divide the channels are refused as torch refuses them; one
+    value per group (a zero tangent) agrees with torch's rule."""
+    from fastdiff import probes
+    x = torch.randn(3, 4, generator=gen, dtype=F64)
+    v = torch.randn(x.shape, generator=gen, dtype=F64)
+    with pytest.raises(RuntimeError, match="divisible"), torch.no_grad(), probes._FastJvpRules():
+        torch.func.jvp(lambda a: nn.functional.group_norm(a, 3), (x,), (v,))
+    with torch.no_grad():
+        with probes._FastJvpRules():
+            out, tan = torch.func.jvp(lambda a: nn.functional.group_norm(a, 4), (x,), (v,))
+        ref_out, ref_tan = torch.func.jvp(lambda a: nn.functional.group_norm(a, 4), (x,), (v,))
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
+    torch.testing.assert_close(tan, ref_tan, rtol=0, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------

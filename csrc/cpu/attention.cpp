@@ -42,6 +42,13 @@ struct Dims {
 #else
 #define FASTDIFF_ATTN_CLONES
 #endif
+// The helpers below are inlined into each clone of sdpa_jvp_task, so that they, too, are
+// compiled for its instruction set (called out of line they stay baseline SSE2).
+#if defined(__GNUC__)
+#define FASTDIFF_INLINE inline __attribute__((always_inline))
+#else
+#define FASTDIFF_INLINE inline
+#endif
 
 // A [L, W] matrix with unit column stride and row stride rs (diffusers' attention views
 // [B, L, H, D] memory as [B, H, L, D]: read in place rather than copied).
@@ -53,7 +60,7 @@ struct Mat {
 
 // Copies rows [r0, r0 + n) into acc-typed dst[n * W].
 template <typename T, typename acc>
-inline void load_rows(Mat<T> src, int64_t r0, int64_t n, int64_t W, acc* dst) {
+FASTDIFF_INLINE void load_rows(Mat<T> src, int64_t r0, int64_t n, int64_t W, acc* dst) {
   for (int64_t i = 0; i < n; ++i) {
     const T* p = src.p + (r0 + i) * src.rs;
     for (int64_t w = 0; w < W; ++w) dst[i * W + w] = static_cast<acc>(p[w]);
@@ -62,7 +69,7 @@ inline void load_rows(Mat<T> src, int64_t r0, int64_t n, int64_t W, acc* dst) {
 
 // The same rows transposed: dst[w * kKBlock + i] (so that loops over keys are unit-stride).
 template <typename T, typename acc>
-inline void load_rows_t(Mat<T> src, int64_t r0, int64_t n, int64_t W, acc* dst) {
+FASTDIFF_INLINE void load_rows_t(Mat<T> src, int64_t r0, int64_t n, int64_t W, acc* dst) {
   for (int64_t i = 0; i < n; ++i) {
     const T* p = src.p + (r0 + i) * src.rs;
     for (int64_t w = 0; w < W; ++w) dst[w * kKBlock + i] = static_cast<acc>(p[w]);
@@ -74,7 +81,7 @@ inline void load_rows_t(Mat<T> src, int64_t r0, int64_t n, int64_t W, acc* dst) 
 
 // s += a k_row, ds += b k_row, dsk += a dk_row over nk keys.
 template <typename acc>
-inline void qk_step(acc a, acc b, const acc* __restrict kr, const acc* __restrict dkr,
+FASTDIFF_INLINE void qk_step(acc a, acc b, const acc* __restrict kr, const acc* __restrict dkr,
                     acc* __restrict s, acc* __restrict ds, acc* __restrict dsk, int64_t nk) {
   for (int64_t j = 0; j < nk; ++j) {
     s[j] += a * kr[j];
@@ -85,7 +92,7 @@ inline void qk_step(acc a, acc b, const acc* __restrict kr, const acc* __restric
 
 // e_j = exp(s_j - mb) for s_j <= mb. float: a Cody-Waite reduction and a degree-7 Taylor
 // polynomial (relative error ~1e-7, as expf) written without calls, so it vectorizes.
-inline void exp_shifted(float* __restrict s, float mb, int64_t nk) {
+FASTDIFF_INLINE void exp_shifted(float* __restrict s, float mb, int64_t nk) {
   for (int64_t j = 0; j < nk; ++j) {
     const float x = std::max(s[j] - mb, -87.0f);  // exp(-87) ~ 1.6e-38: 0 next to exp(0)
     const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
@@ -105,13 +112,13 @@ inline void exp_shifted(float* __restrict s, float mb, int64_t nk) {
   }
 }
 
-inline void exp_shifted(double* __restrict s, double mb, int64_t nk) {
+FASTDIFF_INLINE void exp_shifted(double* __restrict s, double mb, int64_t nk) {
   for (int64_t j = 0; j < nk; ++j) s[j] = std::exp(s[j] - mb);
 }
 
 // o += e_j v_j, odv += e_j dv_j, odsv += eds_j v_j over nk keys.
 template <typename acc>
-inline void pv_step(const acc* __restrict e, const acc* __restrict eds, const acc* __restrict va,
+FASTDIFF_INLINE void pv_step(const acc* __restrict e, const acc* __restrict eds, const acc* __restrict va,
                     const acc* __restrict dva, acc* __restrict o, acc* __restrict odv,
                     acc* __restrict odsv, int64_t nk, int64_t Dv) {
   for (int64_t j = 0; j < nk; ++j) {
