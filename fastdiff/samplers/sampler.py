@@ -540,11 +540,7 @@ class Sampler:
         if perm is not None:
             outs = [o.permute(inverse_perm(perm)) for o in outs]
         if len(outs) > 1:
-            try:
-                version = outs[0]._version
-            except RuntimeError:  # an inference tensor: no version counter
-                version = None
-            run.x_in = (outs[0], outs[1], version)
+            run.x_in = _folded(outs[0], outs[1])
         return outs[0]
 
     def scale_model_input(self, x: torch.Tensor, t=None) -> torch.Tensor:
@@ -693,12 +689,8 @@ class Sampler:
             inv = inverse_perm(perm)
             outs = [o.permute(inv) for o in outs]
         new = outs[x_at]
-        if x_in_at >= 0:  # the next model input, valid for this state as long as it is unchanged
-            try:
-                version = new._version
-            except RuntimeError:  # an inference tensor: no version counter
-                version = None
-            run.x_in = (new, outs[x_in_at], version)
+        if x_in_at >= 0:
+            run.x_in = _folded(new, outs[x_in_at])
         for o, name in stored:
             store[name] = outs[o]
             if not grad:  # a graph may have saved it: never overwrite it then
@@ -1051,6 +1043,17 @@ class _Run:
         self.prog = None
         self.donating = donating  # the loop will donate every state it made (fastdiff.sample)
         self.tried = False  # the run was offered the prepared form
+
+
+def _folded(x, x_in):
+    """A run's ``x_in``: the next model input x_in made with state x, valid as long as x
+    keeps its version (None for an inference tensor, which has no version counter; the
+    compiled step, csrc/program.cpp, makes the same triple)."""
+    try:
+        version = x._version
+    except RuntimeError:
+        version = None
+    return x, x_in, version
 
 
 def _needs_grad(x, m, mc, noise):
