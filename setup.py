@@ -81,7 +81,7 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 with_cuda = _want_cuda(torch, cuda_home)
 
-sources = ["csrc/fastdiff.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+sources = ["csrc/fastdiff.cpp", "csrc/program.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is torch's choice (C++20 from 2.14)
 # -ffp-contract=off: the CPU kernels round like the PyTorch reference (no silent FMA).
 cxx_flags += ["-ffp-contract=off"]

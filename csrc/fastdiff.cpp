@@ -1,8 +1,8 @@
 // Op schemas: the one place every fastdiff op is declared. Backends register
 // implementations with TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp and csrc/cuda/*.cpp; fake
 // kernels, autograd and forward-AD rules live in fastdiff/_ops.py and fastdiff/embedding.py.
-// fastdiff/_ops.py holds the same strings for the no-extension fallback.
-#include <Python.h>
+// fastdiff/_ops.py holds the same strings for the no-extension fallback. The Python module
+// itself (PyInit__C) is defined in csrc/program.cpp.
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastdiff, m) {
@@ -28,8 +28,3 @@ TORCH_LIBRARY(fastdiff, m) {
       "group_norm_tangent(Tensor x, Tensor dx, Tensor mean, Tensor rstd, Tensor? weight, "
       "int groups) -> Tensor");
 }
-
-// A Python module so that `import fastdiff._C` loads the library (and runs the
-// registrations above); it exposes no functions of its own.
-static struct PyModuleDef fastdiff_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastdiff_module); }

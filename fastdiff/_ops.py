@@ -53,6 +53,13 @@ except ImportError as e:  # pragma: no cover - exercised by the no-extension tes
     HAS_EXTENSION = False
     _LOAD_ERROR = e
 
+
+
+def extension():
+    """The compiled module fastdiff._C, or None when it could not be loaded."""
+    return _C if HAS_EXTENSION else None
+
+
 _lib_fallback = None
 if not HAS_EXTENSION:
     warnings.warn(

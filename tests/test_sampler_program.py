@@ -131,7 +131,7 @@ def test_a_prepared_step_is_one_op_call_on_a_fixed_set_of_buffers(name, gen):
     assert all(ops in (["fastdiff.sampler_step.out"], ["fastdiff.sampler_step.default"])
                for ops in per_step[1:]), per_step
     assert n_new <= 5 and per_step[-1] == ["fastdiff.sampler_step.out"], per_step
-    own = {t.data_ptr() for t, internal in zip(run.slots, s._program(True)[1]) if internal}
+    own = {t.data_ptr() for t, internal in zip(run.prog.slots(), s._program(True)[1]) if internal}
     assert seen <= own and len(own) < len(s) // 2, (name, len(seen), len(own))
 
 
@@ -206,3 +206,79 @@ def test_prepare_and_the_fused_start_change_nothing(name, gen):
         assert torch.equal(s.scale_model_input(x, s.timesteps[0]), want_in)
     with pytest.raises(TypeError, match="dtype must be one of"):
         s.prepare("cpu", torch.int32)
+
+
+class _Out:
+    """A diffusers-style model output (``.sample``)."""
+
+    def __init__(self, sample):
+        self.sample = sample
+
+
+@pytest.mark.parametrize("name", ["dpm++2m", "euler-ancestral"])
+def test_what_the_compiled_step_hands_back_is_done_as_the_general_step_does(name, gen):
+    # Later steps of a prepared run meet inputs the compiled step leaves to Python: a
+    # model output object, another dtype, learned-variance channels, timesteps as numpy
+    # scalars or Python numbers, explicit noise of another dtype. The results stay those
+    # of the general step, the run stays in its prepared form, and bad input still raises.
+    import numpy as np
+    from fastdiff import _ops
+    assert _ops.extension() is not None  # the compiled step is what this tests
+    s = Sampler(name, steps=6)
+    ref = _general(s)
+    x_T = torch.randn(2, 3, 5, 4, generator=gen)
+    outs = [torch.randn(2, 6, 5, 4, generator=gen, dtype=F64) for _ in range(len(s))]
+    noises = [torch.randn(2, 3, 5, 4, generator=gen, dtype=F64) for _ in range(len(s))]
+    forms = [lambda m, t: (m[:, :3].float(), t), lambda m, t: (_Out(m.float()), np.float32(t)),
+             lambda m, t: (m, float(t)), lambda m, t: (_Out(m), torch.tensor([t])),
+             lambda m, t: (m[:, :3].contiguous(), torch.tensor(t, dtype=F64)), lambda m, t: (m.float(), np.float64(t))]
+    xs = {}
+    for sampler in (s, ref):
+        x = sampler.init_noise(x_T)
+        for k, t in enumerate(sampler.timesteps.tolist()):
+            m, tt = forms[k](outs[k], t)
+            with torch.no_grad():
+                x = sampler.step(m, tt, x, noise=noises[k])
+            if sampler is s and k:
+                assert s._run.prog is not None, (name, k)
+        xs[sampler is s] = x
+    assert torch.equal(xs[True], xs[False])
+    # the checks of a later step still raise, with the general step's messages
+    x = s.init_noise(x_T)
+    with torch.no_grad():
+        x = s.step(outs[0][:, :3].float(), s.timesteps[0], x, noise=noises[0])
+        assert s._run.prog is not None
+        with pytest.raises(ValueError, match="expects model time"):
+            s.step(outs[1][:, :3].float(), float(s.timesteps[0]) + 7, x)
+        with pytest.raises(ValueError, match="expected x's shape"):
+            s.step(torch.randn(2, 3, 5, 5, generator=gen), s.timesteps[1], x)
+        with pytest.raises(ValueError, match="no guidance_scale"):
+            s.step(outs[1][:, :3].float(), s.timesteps[1], x, model_out_cond=outs[1][:, :3].float())
+        if s.plan.calls[1].op.noise:  # (a sampler without noise ignores it)
+            with pytest.raises(ValueError, match="noise must be a tensor"):
+                s.step(outs[1][:, :3].float(), s.timesteps[1], x, noise=torch.randn(3, generator=gen))
+        for k in range(1, len(s)):
+            x = s.step(outs[k][:, :3].float(), s.timesteps[k], x)
+        assert s._run.prog is not None
+        with pytest.raises(ValueError, match="the run is finished"):
+            s.step(outs[0][:, :3].float(), s.timesteps[0], x)
+
+
+def test_the_reference_backend_keeps_the_general_step(gen):
+    from fastdiff import _ops
+    s = Sampler("dpm++2m", steps=5)
+    x_T = torch.randn(2, 3, 4, 4, generator=gen)
+    outs = [torch.randn(2, 3, 4, 4, generator=gen) for _ in range(len(s))]
+    got = {}
+    old = _ops.get_backend()
+    for backend in ("reference", old):
+        _ops.set_backend(backend)
+        try:
+            x = s.init_noise(x_T)
+            for k, t in enumerate(s.timesteps):
+                x = s.step(outs[k], t, x)
+            got[backend] = x
+            assert (s._run.prog is None) == (backend == "reference")
+        finally:
+            _ops.set_backend(old)
+    torch.testing.assert_close(got["reference"], got[old], rtol=1e-6, atol=1e-6)

@@ -617,7 +617,10 @@ class Sampler:
     def _step(self, run, model_out, t, x, model_out_cond=None, noise=None, generator=None,
               donate=False):
         if run.prog is not None:
-            new = self._fast_step(run, model_out, t, x, model_out_cond, noise, generator, donate)
+            new = run.prog.step(x, model_out, model_out_cond, t, noise, donate)
+            if isinstance(new, torch.Tensor):
+                return new
+            new = self._fast_step(run, model_out, t, x, model_out_cond, noise, generator, donate, new)
             if new is not None:
                 return new
         k = run.k
@@ -709,8 +712,12 @@ class Sampler:
     def _enter_program(self, run, x, owned):
         """Make the run follow the prepared form for owned (or shown) states from its
         current call, taking over its named tensors; False (and nothing changed) when one
-        the form would overwrite is not the run's own."""
+        the form would overwrite is not the run's own, or when the step's op is not a
+        compiled kernel (the reference backend keeps the general step)."""
         owned = bool(owned)
+        program = self._compiled(owned, x.device, x.dtype)
+        if program is None:
+            return False
         recipes, internal = self._program(owned)
         names = recipes[run.k].names
         if {n for n, _, _ in names} != set(run.store) or any(
@@ -721,82 +728,80 @@ class Sampler:
             slots[slot] = run.store[n]
         if recipes[run.k].x_owned:  # entered owned from a later call: x is donated to it
             slots[recipes[run.k].x_slot] = x
-        run.prog, run.slots = recipes, slots
-        run.fast = (_ops.resolve("sampler_step.out", x.device), _ops.resolve("sampler_step", x.device),
-                    self._table(x.device, x.dtype)["coeffs"], x.shape, x.dtype, x.device, owned)
+        run.prog = _ops.extension().StepRun(program, run, slots, x, run.k)
         return True
 
-    def _fast_step(self, run, model_out, t, x, model_out_cond, noise, generator, donate):
-        """A step of a run that follows its prepared form: the recipe's slots into one
-        fused op call. Checks only what can change between steps (the first step checked
-        everything). None when this step cannot follow the form (x replaced by a tensor
-        of another kind, autograd, a donation the form did not plan or a missing one):
-        the run then continues by names, nothing of this step done yet."""
-        k = run.k
-        if k >= self._n_calls:
-            self._finished()
-        op_into, op_new, coeffs, shape, dtype, device, owned = run.fast
-        r = run.prog[k]
-        S = run.slots
-        if not isinstance(x, torch.Tensor) or x.shape != shape or x.dtype != dtype or x.device != device \
-                or not x.is_contiguous() or (r.x_owned and x is not S[r.x_slot]) \
-                or (torch.is_grad_enabled() and _needs_grad(x, model_out, model_out_cond, noise)):
-            return self._leave_program(run)
-        if donate if not owned else r.x_owned and not donate:
-            # The caller starts donating its states (or keeps one): the other form, from here.
-            self._leave_program(run)
-            if not self._enter_program(run, x, not owned):
-                return None
-            return self._fast_step(run, model_out, t, x, model_out_cond, noise, generator, donate)
-        op, n_out, x_at, x_in_at, stored = self._runs[k]
-        m = _prediction(model_out, x, "model_out").contiguous()
-        mc = model_out_cond
-        if mc is not None:
-            mc = _prediction(mc, x, "model_out_cond").contiguous()
-            if self.guidance_scale is None:
-                raise ValueError("model_out_cond given but the sampler has no guidance_scale")
-        if t is not None and not torch.compiler.is_compiling():
-            self._check_t(t, k, x.shape[0])
-        z = None
-        if op.noise:
-            z = self._noise(x, noise, generator) if op.brownian is None or noise is not None \
-                else self._brownian_noise(run, x, op, generator)
-            z = z.contiguous()
-        S[r.x_slot] = x
-        args = (x, S[r.x_base] if r.x_base >= 0 else None, m, mc, [S[i] for i in r.history], z,
-                coeffs[k], op.clamp)
-        outs = [S[i] for i in r.outs] if owned else ()
-        if owned and all(o is not None for o in outs):
-            # Contiguous inputs of x's size and dtype are either one of these tensors
-            # exactly (a model returning its input) or share no memory with them: the
-            # op's rule for outputs that are inputs.
-            op_into(*args, out=outs)
-        else:
-            # New outputs (shown to the caller, or the run's own memory the first time):
-            # the op's recycled blocks, whose pages are mapped already (a fresh CPU
-            # allocation faults on every page at first write, several us each).
-            outs = op_new(*args, n_out)
-            for i, o in zip(r.outs, outs):
-                S[i] = o
-        for i in r.release:
-            S[i] = None
-        new = outs[x_at]
-        if x_in_at >= 0:
-            try:
-                version = new._version
-            except RuntimeError:  # an inference tensor: no version counter
-                version = None
-            run.x_in = (new, outs[x_in_at], version)
-        run.k = k + 1
-        return new
+    def _compiled(self, owned, device, dtype):
+        """The prepared form as the compiled extension steps it (csrc/program.cpp), built
+        once per form, device, dtype and backend; None without a compiled step op."""
+        fn, fn_out = _ops.resolve("sampler_step", device), _ops.resolve("sampler_step.out", device)
+        key = ("program", owned, device, dtype, fn)
+        if key not in self._tables:
+            ext = _ops.extension()
+            program = None
+            if ext is not None and isinstance(fn, torch._ops.OpOverload) \
+                    and isinstance(fn_out, torch._ops.OpOverload) and fn_out._schema.name == fn._schema.name:
+                recipes, internal = self._program(owned)
+                coeffs = self._table(device, dtype)["coeffs"]
+                calls = []
+                for k, r in enumerate(recipes):
+                    op, n_out, x_at, x_in_at, _ = self._runs[k]
+                    want = self._calls_t[k]
+                    w = float(want[0]) if self.grid.t_integer else float(np.float32(want[0]))
+                    calls.append((r.x_slot, r.x_owned, r.history, r.x_base, r.outs, r.release, x_at,
+                                  x_in_at, op.clamp, op.noise, want.shape[0] == 1, w, coeffs[k], n_out))
+                program = ext.StepProgram(fn._schema.name, calls, len(internal), owned,
+                                          self.guidance_scale is not None)
+            self._tables[key] = program
+        return self._tables[key]
+
+    def _fast_step(self, run, model_out, t, x, model_out_cond, noise, generator, donate, code=None):
+        """A step of a run that follows its prepared form: one call into the compiled
+        run (``run.prog``, csrc/program.cpp), which checks only what can change between
+        steps (the first step checked everything) and calls the fused op on the slots.
+        What it leaves to Python comes back as a code (``code``: the one the caller got),
+        done here before it is called again. None when this step cannot follow the form (x replaced by a tensor of
+        another kind, autograd, ...): the run then continues by names, nothing of this
+        step done yet."""
+        done = set()
+        while True:
+            new = code if code is not None else run.prog.step(x, model_out, model_out_cond, t, noise, donate)
+            code = None
+            if isinstance(new, torch.Tensor):
+                return new
+            if new in done or new == _LEAVE:
+                return self._leave_program(run)
+            done.add(new)
+            if new == _FINISHED:
+                self._finished()
+            elif new == _SWITCH:
+                # The caller starts donating its states (or keeps one): the other form.
+                owned = not run.prog.owned
+                self._leave_program(run)
+                if not self._enter_program(run, x, owned):
+                    return None
+            elif new == _PREPARE:
+                model_out = _prediction(model_out, x, "model_out").contiguous()
+                if model_out_cond is not None:
+                    model_out_cond = _prediction(model_out_cond, x, "model_out_cond").contiguous()
+                    if self.guidance_scale is None:
+                        raise ValueError("model_out_cond given but the sampler has no guidance_scale")
+            elif new == _CHECK_T:
+                self._check_t(t, run.k, x.shape[0])
+                t = None
+            elif new == _NOISE:
+                op = self._runs[run.k][0]
+                noise = self._noise(x, noise, generator) if op.brownian is None or noise is not None \
+                    else self._brownian_noise(run, x, op, generator)
+                noise = noise.contiguous()
 
     def _leave_program(self, run):
         """Continue the run by names (the general step) from the current call."""
-        S = run.slots
-        names = run.prog[run.k].names
+        S = run.prog.slots()
+        names = self._program(run.prog.owned)[0][run.k].names
         run.store = {n: S[s] for n, s, _ in names}
         run.owned = {n for n, _, internal in names if internal}
-        run.prog = run.slots = run.fast = None
+        run.prog = None
         return None
 
     def _reuse(self, run, op, k, x, donate, n, perm, inputs):
@@ -1022,6 +1027,8 @@ def _sigma_kind(exponential, beta, lu):
     return chosen[0] if chosen else None
 
 
+# What the compiled step leaves to Python (csrc/program.cpp, enum Code).
+_LEAVE, _SWITCH, _PREPARE, _CHECK_T, _NOISE, _FINISHED = 1, 2, 3, 4, 5, 6
 _STEP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -1030,8 +1037,7 @@ class _Run:
     tensors, which of them the run may overwrite, the folded next model input (with the
     state it belongs to and that state's version counter), whether autograd records, and
     the Brownian paths of the run (made at its first noise draw)."""
-    __slots__ = ("k", "store", "owned", "x_in", "grad", "brownian", "prog", "slots", "fast", "donating",
-                 "tried")
+    __slots__ = ("k", "store", "owned", "x_in", "grad", "brownian", "prog", "donating", "tried")
 
     def __init__(self, donating: bool = False):
         self.k = 0
@@ -1041,11 +1047,8 @@ class _Run:
         self.grad = False
         self.brownian = None
         # The prepared form, while the run follows it (see Sampler._fast_step): the
-        # recipes, the slots' tensors, and (op, coefficient rows, shape, dtype, device,
-        # owned, clamp flags) fixed by the first step.
+        # compiled run holding the slots' tensors (it keeps k and x_in current).
         self.prog = None
-        self.slots = None
-        self.fast = None
         self.donating = donating  # the loop will donate every state it made (fastdiff.sample)
         self.tried = False  # the run was offered the prepared form
 
