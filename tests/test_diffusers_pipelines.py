@@ -12,7 +12,8 @@ import pytest
 import torch
 from diffusers import (AutoencoderKL, CosineDPMSolverMultistepScheduler, DDIMScheduler, DDPMScheduler,
                        DEISMultistepScheduler, DPMSolverMultistepScheduler, DPMSolverSDEScheduler,
-                       DPMSolverSinglestepScheduler, EulerAncestralDiscreteScheduler,
+                       DPMSolverSinglestepScheduler, EDMDPMSolverMultistepScheduler, EDMEulerScheduler,
+                       EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler,
                        FluxPipeline, FluxTransformer2DModel, HeunDiscreteScheduler, IPNDMScheduler,
                        KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LatentConsistencyModelImg2ImgPipeline,
@@ -54,6 +55,15 @@ CASES = {
     "cosine-dpm": (CosineDPMSolverMultistepScheduler, {}),
     "lcm": (LCMScheduler, {}),
     "tcd": (TCDScheduler, {}),
+    # EDM (variance exploding, preconditioned: the UNet sees c_in x at c_noise = log(sigma) / 4)
+    "edm-euler": (EDMEulerScheduler, {"sigma_data": 0.5}),
+    "edm-euler-v-exponential": (EDMEulerScheduler, {"sigma_data": 0.5, "prediction_type": "v_prediction",
+                                                    "sigma_schedule": "exponential"}),
+    "edm-dpm++2m": (EDMDPMSolverMultistepScheduler, {"sigma_data": 0.5}),
+    "edm-dpm++3m-v-exponential": (EDMDPMSolverMultistepScheduler, {"sigma_data": 0.5, "solver_order": 3,
+                                                                   "prediction_type": "v_prediction",
+                                                                   "sigma_schedule": "exponential"}),
+    "edm-dpm++sde-2m": (EDMDPMSolverMultistepScheduler, {"sigma_data": 0.5, "algorithm_type": "sde-dpmsolver++"}),
 }
 # Mid-schedule starts (img2img, inpainting), as MID_SCHEDULE lists them: every class but
 # IPNDM, which diffusers gives no add_noise (test_ipndm_begin_index_matches_diffusers).
@@ -152,7 +162,7 @@ def test_img2img_equals_original_scheduler(parts, case):
 
 
 @pytest.mark.parametrize("case", ["ddim", "dpm++2m", "unipc", "euler", "euler-ancestral", "heun", "lms", "pndm",
-                                  "kdpm2-ancestral", "sa-solver", "lcm", "tcd"])
+                                  "kdpm2-ancestral", "sa-solver", "lcm", "tcd", "edm-dpm++2m"])
 def test_inpaint_equals_original_scheduler(parts, case):
     comps, data = parts
     pipe = StableDiffusionInpaintPipeline(**comps)  # 4-channel UNet: add_noise at every step
@@ -192,6 +202,24 @@ def test_lcm_lora_swap_by_sampler_name(parts):
         assert pipe.scheduler.config.scheduler_class == cls.__name__
         out = _call(pipe, data, latents=data["latents"].clone(), eta=0.3)
         _close(ref, out, max(float(ref.abs().max()), 1.0))
+
+
+def test_edm_swap_by_sampler_name(parts):
+    """fuse(pipe, sampler=...) between the EDM classes reads the EDM config as the other
+    class's from_config would (sigma_max, sigma_data, sigma_schedule carried over)."""
+    comps, data = parts
+    pipe = StableDiffusionPipeline(**comps)
+    pipe.set_progress_bar_config(disable=True)
+    edm = dict(sigma_min=0.01, sigma_max=30.0, sigma_data=0.5, sigma_schedule="exponential")
+    for name, cls, start in (("edm-euler", EDMEulerScheduler, EDMDPMSolverMultistepScheduler),
+                             ("EDM DPM++ 2M", EDMDPMSolverMultistepScheduler, EDMEulerScheduler)):
+        pipe.scheduler = cls.from_config(start(**edm).config)
+        ref = _call(pipe, data, latents=data["latents"].clone())
+        pipe.scheduler = start(**edm)
+        fastdiff.fuse(pipe, sampler=name)
+        assert pipe.scheduler.config.scheduler_class == cls.__name__ and pipe.scheduler.config.sigma_max == 30.0
+        out = _call(pipe, data, latents=data["latents"].clone())
+        _close(ref, out, float(ref.abs().max()))
 
 
 def test_pndm_mid_schedule_refusals(parts):
@@ -492,9 +520,113 @@ def test_consistency_lockstep_with_diffusers(gen, cls, set_kw, eta):
             x, y = r.prev_sample, prev
 
 
+@pytest.mark.parametrize("cls, config", [
+    (EDMEulerScheduler, {}),
+    (EDMEulerScheduler, {"prediction_type": "v_prediction", "sigma_schedule": "exponential",
+                         "final_sigmas_type": "sigma_min"}),
+    (EDMDPMSolverMultistepScheduler, {"solver_type": "heun"}),
+    (EDMDPMSolverMultistepScheduler, {"solver_order": 3, "prediction_type": "v_prediction",
+                                      "sigma_schedule": "exponential"}),
+    (CosineDPMSolverMultistepScheduler, {}),
+])
+def test_edm_lockstep_with_diffusers(gen, cls, config):
+    """The EDM protocol driven directly, full runs and from a begin index: timesteps
+    (c_noise = log(sigma) / 4), sigmas, init_noise_sigma, add_noise, scale_model_input
+    (c_in(sigma)), every step and its data estimate, against diffusers' own
+    precondition_outputs (c_skip x + c_out F; cosine DPM-Solver preconditions the same way)."""
+    src = cls(sigma_data=0.5, **config)
+    fused = FusedScheduler.from_scheduler(src)
+    for begin in (None, 3):
+        for sch in (src, fused):
+            sch.set_timesteps(7)
+        # (EDM DPM-Solver's Karras sigmas are computed in float32 there, float64 here: a few ulp)
+        torch.testing.assert_close(fused.timesteps, src.timesteps, rtol=1e-6, atol=0)
+        torch.testing.assert_close(fused.sigmas, src.sigmas, rtol=1e-6, atol=0)
+        assert fused.init_noise_sigma == pytest.approx(float(src.init_noise_sigma), rel=1e-6)
+        x0, noise = torch.randn(2, 4, 3, 5, generator=gen), torch.randn(2, 4, 3, 5, generator=gen)
+        start = begin or 0
+        if begin is not None:
+            for sch in (src, fused):
+                sch.set_begin_index(begin)
+        ts = src.timesteps[start:]
+        # each its own timesteps, as a pipeline passes them
+        x = src.add_noise(x0, noise, ts[:1].repeat(2))
+        y = fused.add_noise(x0, noise, fused.timesteps[start:start + 1].repeat(2))
+        torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-6 * float(x.abs().max()))
+        for i, t in enumerate(ts, start):
+            m = torch.randn(2, 4, 3, 5, generator=gen)
+            tol = dict(rtol=1e-5, atol=1e-5 * float(x.abs().max()))
+            torch.testing.assert_close(fused.scale_model_input(y, t), src.scale_model_input(x, t), **tol)
+            ref_x0 = src.precondition_outputs(x, m, src.sigmas[i])
+            seed = int(torch.randint(0, 2 ** 31, (1,), generator=gen))
+            r = src.step(m, t, x, generator=torch.Generator().manual_seed(seed))
+            f = fused.step(m, t, y, generator=torch.Generator().manual_seed(seed))
+            torch.testing.assert_close(f.prev_sample, r.prev_sample, **tol)
+            torch.testing.assert_close(f.pred_original_sample, ref_x0, **tol)
+            if getattr(r, "pred_original_sample", None) is not None:  # EDMEuler returns it
+                torch.testing.assert_close(f.pred_original_sample, r.pred_original_sample, **tol)
+            assert fused.step_index == src.step_index
+            x, y = r.prev_sample, f.prev_sample
+
+
+@pytest.mark.parametrize("cls, config", [
+    (EDMDPMSolverMultistepScheduler, {"solver_order": 3}),
+    (DPMSolverMultistepScheduler, {"solver_order": 3}),
+    (DPMSolverMultistepScheduler, {"final_sigmas_type": "sigma_min"}),
+    (DEISMultistepScheduler, {"solver_order": 3}),
+])
+def test_restart_of_a_long_run_keeps_its_final_orders(gen, cls, config):
+    """20 steps started at 8 (img2img at strength 0.6): diffusers lowers the last orders
+    (lower_order_final) only in runs under 15 steps, counted over the whole run, so the
+    12-step restart keeps the full run's final orders."""
+    src = cls(**config)
+    fused = FusedScheduler.from_scheduler(src)
+    for sch in (src, fused):
+        sch.set_timesteps(20)
+        sch.set_begin_index(8)
+    x = torch.randn(2, 4, 3, 5, generator=gen) * 3
+    y = x.clone()
+    for t in src.timesteps[8:]:
+        m = torch.randn(2, 4, 3, 5, generator=gen)
+        x, y = src.step(m, t, x).prev_sample, fused.step(m, t, y).prev_sample
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5 * float(x.abs().max()))
+
+
+def test_step_arguments_of_the_class_at_their_default(gen):
+    """A step() argument of the replaced class is accepted at its default (the same step
+    as diffusers'); another value is refused naming it, per_token_timesteps with why."""
+    src = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    fused = FusedScheduler.from_scheduler(src)
+    for sch in (src, fused):
+        sch.set_timesteps(5)
+    x = torch.randn(2, 6, 4, generator=gen)
+    m = torch.randn(2, 6, 4, generator=gen)
+    t = src.timesteps[0]
+    ref = src.step(m, t, x, per_token_timesteps=None, s_churn=0.0, s_tmax=float("inf")).prev_sample
+    out = fused.step(m, t, x, per_token_timesteps=None, s_churn=0.0, s_tmax=float("inf")).prev_sample
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    per_token = src.timesteps[1] * (0.5 + torch.rand(2, 6, generator=gen))
+    with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler.step\\(per_token_timesteps=...\\) is not "
+                                         "reproduced: .*step size per token"):
+        fused.step(m, src.timesteps[1], out, per_token_timesteps=per_token)
+    ddim_src = DDIMScheduler.from_config(SD_CONFIG)
+    ddim = FusedScheduler.from_scheduler(ddim_src)
+    for sch in (ddim_src, ddim):
+        sch.set_timesteps(5)
+    t = ddim_src.timesteps[0]  # DDIMPipeline passes use_clipped_model_output=None: diffusers' False
+    torch.testing.assert_close(ddim.step(m, t, x, use_clipped_model_output=None).prev_sample,
+                               ddim_src.step(m, t, x, use_clipped_model_output=None).prev_sample)
+    edm = FusedScheduler.from_scheduler(EDMEulerScheduler())
+    edm.set_timesteps(4)
+    with pytest.raises(ValueError, match="EDMEulerScheduler.step\\(s_churn=...\\) is not reproduced"):
+        edm.step(m, edm.timesteps[0], x, s_churn=1.0)
+    with pytest.raises(TypeError, match="unsupported argument.*'per_token_timesteps'"):
+        edm.step(m, edm.timesteps[0], x, per_token_timesteps=None)  # EDMEuler's step does not take it
+
+
 def test_refusals_name_the_class_and_why():
-    from diffusers import CMStochasticIterativeScheduler, DDIMInverseScheduler, EDMEulerScheduler
-    for cls, why in ((EDMEulerScheduler, "not verified"), (CMStochasticIterativeScheduler, "not verified"),
+    from diffusers import CMStochasticIterativeScheduler, DDIMInverseScheduler
+    for cls, why in ((CMStochasticIterativeScheduler, "not verified"),
                      (DDIMInverseScheduler, "inversion"), (diffusers_cls("RePaintScheduler"), "resampling jumps")):
         with pytest.raises(ValueError, match=f"does not reproduce {cls.__name__} in pipelines: .*{why}"):
             FusedScheduler.from_scheduler(cls())
@@ -653,9 +785,6 @@ def test_unhonourable_config_value_names_it():
         FusedScheduler.from_config(SD_CONFIG, sampler="ddpm", variance_type="learned")
     with pytest.raises(ValueError, match="unknown sampler 'dpm 7m'.*'Euler a' -> euler-ancestral"):
         FusedScheduler.from_config(SD_CONFIG, sampler="dpm 7m")
-    from diffusers import EDMDPMSolverMultistepScheduler
-    with pytest.raises(ValueError, match="does not reproduce EDMDPMSolverMultistepScheduler in pipelines"):
-        FusedScheduler.from_scheduler(EDMDPMSolverMultistepScheduler())
 
 
 def test_import_fastdiff_does_not_import_diffusers():

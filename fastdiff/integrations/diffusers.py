@@ -25,7 +25,7 @@ from diffusers.configuration_utils import ConfigMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..embedding import patch_time_embedding
-from ..samplers.core import data_eps
+from ..samplers.core import EDMPrecond, data_eps
 from ..samplers.lcm import boundary_scalings, tcd_level
 from ..samplers.from_diffusers import _REFUSED, DIFFUSERS_CLASSES, DIFFUSERS_OPTIONS, sampler_args
 from ..samplers.registry import resolve
@@ -40,11 +40,14 @@ __all__ = ["FusedScheduler", "FusedSchedulerOutput", "fuse", "MID_SCHEDULE", "PI
 # two-call classes (Heun, KDPM2, DPM++ SDE) start at a step's first call; DPM++ SDE's
 # Brownian tree spans the whole run's levels either way); "restart" runs a fresh
 # multistep solve over the remaining noise levels (its warm-up counts the steps it has
-# taken); "resumed" is PLMS's own way (``fastdiff.samplers.pndm``, option ``resumed``).
+# taken: EDM DPM-Solver's lower_order_nums, as DPM-Solver's, starts at zero while its
+# last steps' orders follow the step index in the full run); "resumed" is PLMS's own way
+# (``fastdiff.samplers.pndm``, option ``resumed``).
 MID_SCHEDULE = {
     "DDIMScheduler": "continue",
     "DDPMScheduler": "continue",
     "EulerDiscreteScheduler": "continue",
+    "EDMEulerScheduler": "continue",
     "EulerAncestralDiscreteScheduler": "continue",
     "HeunDiscreteScheduler": "continue",
     "LMSDiscreteScheduler": "continue",
@@ -62,6 +65,7 @@ MID_SCHEDULE = {
     "SASolverScheduler": "restart",
     "IPNDMScheduler": "restart",
     "CosineDPMSolverMultistepScheduler": "restart",
+    "EDMDPMSolverMultistepScheduler": "restart",
     "PNDMScheduler": "resumed",
 }
 # The classes a FusedScheduler reproduces inside pipelines (each tested there, full runs
@@ -69,8 +73,6 @@ MID_SCHEDULE = {
 PIPELINE_CLASSES = tuple(MID_SCHEDULE)
 # Classes Sampler.from_diffusers maps that FusedScheduler refuses, and why.
 _NOT_IN_PIPELINES = {
-    "EDMEulerScheduler": "not verified against diffusers inside pipelines",
-    "EDMDPMSolverMultistepScheduler": "not verified against diffusers inside pipelines",
     "CMStochasticIterativeScheduler": "not verified against diffusers inside pipelines "
                                       "(ConsistencyModelPipeline)",
     "DDIMInverseScheduler": "an inversion (data to noise) scheduler, driven by pipelines as a separate "
@@ -88,7 +90,24 @@ _STICKY_MU = ("DPMSolverMultistepScheduler", "DEISMultistepScheduler")
 # Multistep classes whose fused plan keeps order - 1 past outputs per step, so a restart's
 # solver orders can be checked against the full run's.
 _ORDER_BY_HISTORY = ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler",
-                     "CosineDPMSolverMultistepScheduler")
+                     "CosineDPMSolverMultistepScheduler", "EDMDPMSolverMultistepScheduler")
+# Multistep classes whose lower_order_final lowers the last steps' orders only in runs of
+# fewer than 15 steps, counted over the whole run: a restart's shorter tail must not lower
+# them where the full run does not (their step() takes no eta).
+_LOWER_BY_LENGTH = ("DPMSolverMultistepScheduler", "DEISMultistepScheduler", "CosineDPMSolverMultistepScheduler",
+                    "EDMDPMSolverMultistepScheduler")
+# Classes whose network output is EDM-preconditioned: their data estimate is
+# c_skip x + c_out F with the config's sigma_data (the fused plans fold it into their
+# coefficients; pred_original_sample needs it spelled out).
+_PRECONDITIONED = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", "CosineDPMSolverMultistepScheduler")
+# step() arguments of the replaced class that FusedScheduler honours only at their default
+# (a pipeline passing the default gets the same step), with why where a reason is known.
+_STEP_AT_DEFAULT = {
+    "per_token_timesteps": "FlowMatchEulerDiscreteScheduler then steps every token from its own sigma "
+                           "(per_token_timesteps / num_train_timesteps) to the largest level of the schedule "
+                           "below it, a step size per token read from the tensor's values, while a fused step "
+                           "has one set of coefficients per sample, fixed by set_timesteps",
+}
 # What step() returns besides prev_sample, by class (diffusers' output fields; the
 # tuple form's second element): LCM's consistency output, TCD's noised estimate.
 _SECOND_OUTPUT = {"LCMScheduler": "denoised", "TCDScheduler": "pred_noised_sample"}
@@ -223,6 +242,10 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
         self._step_params = set(step_params)
         # the eta a pipeline's step(eta=...) is compared with: the class's default (TCD: 0.3)
         self._eta = float(step_params["eta"].default) if "eta" in step_params else 0.0
+        self._step_defaults = {k: p.default for k, p in step_params.items()
+                               if p.default is not inspect.Parameter.empty}
+        self._pred = (EDMPrecond(self.config.prediction_type, self.config.sigma_data)
+                      if scheduler_class in _PRECONDITIONED else None)
         self._takes = set(inspect.signature(source_cls.set_timesteps).parameters) - {"self"}
         self._second = _SECOND_OUTPUT.get(scheduler_class)
         self._runs = {}
@@ -498,6 +521,12 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
         if cfg.scheduler_class in _ORDER_BY_HISTORY:  # history length = order - 1 there
             want = [min(len(full.plan.calls[b + j].op.history), j) for j in range(len(tail))]
             got = [len(c.op.history) for c in tail.plan.calls]
+            if want != got and cfg.scheduler_class in _LOWER_BY_LENGTH and cfg.get("lower_order_final"):
+                # the full run is long enough that lower_order_final changes none of its orders
+                # (the check below confirms it), the tail is not: build the tail without it
+                key = self._key[:2] + (self._key[2] + (("lower_order_final", False),),)
+                tail = self._get_run(key, None).sampler.tail(b)
+                got = [len(c.op.history) for c in tail.plan.calls]
             if want != got:
                 raise ValueError(f"FusedScheduler: {cfg.scheduler_class} started at step {b} of "
                                  f"{full.steps} uses solver orders {[w + 1 for w in want]}; a fused "
@@ -527,8 +556,9 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """The UNet input for the next call: ``sample`` itself for DDPM-type samplers,
-        ``sample / sqrt(sigma^2 + 1)`` for the Euler family (any batch, e.g. the doubled
-        CFG batch)."""
+        ``sample / sqrt(sigma^2 + 1)`` for the Euler family, EDM's c_in(sigma) =
+        ``1 / sqrt(sigma^2 + sigma_data^2)`` for the EDM classes (any batch, e.g. the
+        doubled CFG batch)."""
         run = self._started or self._start()
         c_in = run.c_in[self._offset + self._done]
         # a host number: the multiply needs no device table and reads nothing back
@@ -548,11 +578,14 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
                 one per sample.
             eta: DDIM's eta (pipelines pass it when ``step`` takes it); ignored, as by
                 diffusers, for classes whose ``step`` has no eta.
+            kwargs: other arguments of the replaced class's ``step``, accepted at their
+                default (``per_token_timesteps=None``, ``s_churn=0.0``, ...); another value
+                is a ValueError naming it.
         Returns:
             :class:`FusedSchedulerOutput` (``prev_sample`` first), whatever ``return_dict``.
         """
         if kwargs:
-            raise TypeError(f"FusedScheduler.step got unsupported argument(s) {sorted(kwargs)}")
+            self._check_step_kwargs(kwargs)
         run = self._started or self._start()
         if eta is not None and "eta" in self._step_params and eta != run.eta:
             if self._done:
@@ -570,6 +603,23 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
             self._second, lambda x0: self._second_output(s, run, k, model_output, sample, x0))
         return FusedSchedulerOutput(prev, lambda: self._x0(s, run, k, model_output, sample), second)
 
+    def _check_step_kwargs(self, kwargs):
+        """Refuse step() arguments the replaced class's step does not take (TypeError, as
+        calling it would) and those it takes at a value other than its default."""
+        cls = self.config.scheduler_class
+        unknown = sorted(set(kwargs) - set(self._step_defaults))
+        if unknown:
+            raise TypeError(f"FusedScheduler.step ({cls}) got unsupported argument(s) {unknown}")
+        for name, value in kwargs.items():
+            default = self._step_defaults[name]
+            if value is default or (default is not None and not torch.is_tensor(value) and value == default):
+                continue
+            if value is None and default is False:  # a flag diffusers tests for truth (DDIMPipeline passes
+                continue                            # use_clipped_model_output=None)
+            why = _STEP_AT_DEFAULT.get(name, "the fused step is built by set_timesteps with the class's default "
+                                             f"{default!r}")
+            raise ValueError(f"FusedScheduler: {cls}.step({name}=...) is not reproduced: {why}")
+
     def _model_output(self, model_output, sample):
         m = model_output.sample if hasattr(model_output, "sample") else model_output
         if m.shape[1] == 2 * sample.shape[1]:
@@ -580,7 +630,7 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
         """The data estimate of call k (what diffusers returns as pred_original_sample)."""
         m = self._model_output(model_output, sample)
         a, sg = run.alpha[k], run.sigma[k]
-        (px, pm), _ = data_eps(s.prediction_type, a, sg)
+        (px, pm), _ = data_eps(self._pred or s.prediction_type, a, sg)
         if run.sigma_space:
             px = px * a
         x0 = float(px) * sample + float(pm) * m

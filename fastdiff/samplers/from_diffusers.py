@@ -471,6 +471,9 @@ DIFFUSERS_CLASSES = {
     "flow-heun": ("FlowMatchHeunDiscreteScheduler", {}),
     "lcm": ("LCMScheduler", {}),
     "tcd": ("TCDScheduler", {}),
+    "edm-euler": ("EDMEulerScheduler", {}),
+    "edm-dpm++2m": ("EDMDPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "edm-dpm++sde-2m": ("EDMDPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
 }
 # Sampler options a sampler alias may imply, as diffusers config keys.
 DIFFUSERS_OPTIONS = {"karras": "use_karras_sigmas"}
