@@ -156,9 +156,10 @@ def kernel_alone(sampler: Sampler, x_T, repeats: int) -> float:
 
 def floor_run(sched, steps, model, x_T):
     """The loop floor: the same model calls, each followed by its fused pass on prepared
-    tensors, with no sampler object in between (what a loop with no Python per step
-    would cost outside the model; the model evicts the step's tensors from cache, as
-    in any real loop)."""
+    tensors, with no sampler object in between: the op called from Python through
+    ``torch.ops``, as a hand-made loop would (the model evicts the step's tensors from
+    cache, as in any real loop). fastdiff's prepared step enters C++ once and skips the
+    dispatcher's Python and autograd layers, so it can come in below this."""
     start = _now()
     s = Sampler.from_diffusers(sched, steps).prepare(x_T.device, x_T.dtype, x_T.shape[0])
     op_out, x, args, x_in = _prepared(s, s.init_noise(x_T))
