@@ -32,6 +32,9 @@ enum Code : int {
   kFinished = 6,  // a step after the run's last
 };
 
+// Passes over at least this many elements release the GIL (~100 us on one CPU core).
+constexpr int64_t kReleaseGil = 1 << 18;
+
 using StepFn = std::vector<at::Tensor>(const at::Tensor&, const std::optional<at::Tensor>&,
                                        const at::Tensor&, const std::optional<at::Tensor>&,
                                        at::TensorList, const std::optional<at::Tensor>&,
@@ -209,6 +212,10 @@ struct Run {
     for (auto s : c.outs) into = into && slots[s].defined();
     std::vector<at::Tensor> outs;
     {
+      // Other Python threads run while a long pass does (as torch.ops calls let them);
+      // a short one keeps the GIL, which costs less than handing it over.
+      std::optional<py::gil_scoped_release> no_gil;
+      if (x.numel() >= kReleaseGil) no_gil.emplace();
       // Autograd was ruled out above (no input asks for it), so the dispatcher's
       // autograd-not-implemented fallback has nothing to do: skip it.
       at::AutoDispatchBelowADInplaceOrView guard;

@@ -207,11 +207,14 @@ def test_model_returning_a_view_of_its_input(name, schedule, gen):
     assert torch.equal(got, want)
 
 
-def test_one_sampler_in_two_threads(schedule, gen):
-    # fastdiff.sample runs keep their own state; the step API has one run per thread.
-    model = _gauss_model(schedule, gen)
+@pytest.mark.parametrize("shape", [(2, 6), (2, 4, 256, 256)])
+def test_one_sampler_in_two_threads(schedule, gen, shape):
+    # fastdiff.sample runs keep their own state; the step API has one run per thread. The
+    # large shape's steps release the GIL in the compiled step, so both threads step at once.
+    model = _gauss_model(schedule, gen) if len(shape) == 2 else (lambda x, t: 0.5 * torch.tanh(x.flip(-1)))
     s = Sampler("dpm++3m", schedule, 12)
-    x_Ts = [torch.randn(2, 6, generator=gen, dtype=F64) for _ in range(2)]
+    x_Ts = [torch.randn(*shape, generator=gen, dtype=F64 if len(shape) == 2 else torch.float32)
+            for _ in range(2)]
     want = [sample(model, x_T=x_T, sampler=s, progress=False) for x_T in x_Ts]
     results, errors = {}, []
     start = threading.Barrier(2)
