@@ -283,6 +283,27 @@ def test_sample_on_cuda_equals_cpu(backend, sampler):
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("sampler", ["dpm++2m", "euler-ancestral", "heun"])
+def test_step_api_on_cuda_follows_the_compiled_run(gen, backend, sampler):
+    # Sampler.step on the device takes the compiled step after its first call (the fused
+    # op through the dispatcher, csrc/program.cpp) and gives the CPU run's states.
+    sched = fastdiff.NoiseSchedule.linear()
+    model = TableDenoiser(sched).double()
+    x_T = torch.randn(3, 4, 7, 5, generator=gen, dtype=torch.float64)
+    s = fastdiff.Sampler(sampler, sched, 9)
+    noises = [torch.randn(3, 4, 7, 5, generator=gen, dtype=torch.float64) for _ in range(len(s))]
+    got = {}
+    for dev in ("cpu", DEV):
+        m = model.to(dev)
+        x = s.init_noise(x_T.to(dev))
+        with torch.no_grad():
+            for k, t in enumerate(s.timesteps):
+                x = s.step(m(s.scale_model_input(x, t), s.model_time(3, dev)), t, x, noise=noises[k].to(dev))
+                assert k == 0 or s._run.prog is not None, (dev, k)
+        got[dev] = x.cpu()
+    torch.testing.assert_close(got[DEV], got["cpu"], rtol=1e-9, atol=1e-9)
+
+
 def test_probes_on_cuda_equal_cpu(gen):
     import diffusers
     torch.manual_seed(0)
