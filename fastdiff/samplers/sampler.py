@@ -752,9 +752,9 @@ class Sampler:
         run (``run.prog``, csrc/program.cpp), which checks only what can change between
         steps (the first step checked everything) and calls the fused op on the slots.
         What it leaves to Python comes back as a code (``code``: the one the caller got),
-        done here before it is called again. None when this step cannot follow the form (x replaced by a tensor of
-        another kind, autograd, ...): the run then continues by names, nothing of this
-        step done yet."""
+        done here before it is called again. None when this step cannot follow the form
+        (x replaced by a tensor of another kind, autograd, ...): the run then continues by
+        names, nothing of this step done yet."""
         done = set()
         while True:
             new = code if code is not None else run.prog.step(x, model_out, model_out_cond, t, noise, donate)
