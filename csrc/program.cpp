@@ -171,6 +171,8 @@ struct Run {
   py::object step(py::handle x_, py::handle m_, py::handle mc_, py::handle t_, py::handle z_,
                   bool donate) {
     if (k >= (int64_t)p->calls.size()) return py::int_((int)kFinished);
+    // The run outlives this call even if another thread drops it while the GIL is released.
+    const py::object keep = py::reinterpret_borrow<py::object>(owner);
     const Call& c = p->calls[k];
     if (!THPVariable_Check(x_.ptr())) return py::int_((int)kLeave);
     const at::Tensor& x = THPVariable_Unpack(x_.ptr());
