@@ -1,4 +1,5 @@
-"""``fastdiff info``'s self-check: every op's kernel against its pure-torch reference.
+"""``fastdiff info``'s self-check: every op's kernel against its pure-torch reference, and a
+short sampler run through the compiled step against the same run on the reference ops.
 
 Fresh random inputs each run (never zeros); prints one line per op and backend.
 """
@@ -71,8 +72,32 @@ def _close(a, b) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
+def _prepared_run(device):
+    """(max difference, whether the compiled step ran) of a short Sampler.step loop whose
+    later steps go through the compiled step (csrc/program.cpp) against the same loop on
+    the reference ops."""
+    from .samplers.sampler import Sampler
+    x_T = torch.randn(2, 4, 9, 7, device=device)
+    outs = [torch.randn_like(x_T) for _ in range(6)]
+    got, used = [], False
+    old = _ops.get_backend()
+    try:
+        for backend in (old, "reference"):
+            _ops.set_backend(backend)
+            s = Sampler("dpm++2m", steps=len(outs))
+            x = s.init_noise(x_T)
+            for k, t in enumerate(s.timesteps):
+                x = s.step(outs[k] + 0.1 * x, t, x)
+                used |= backend == old and s._run.prog is not None
+            got.append(x)
+    finally:
+        _ops.set_backend(old)
+    return _close(got[0], got[1]), used
+
+
 def selfcheck(verbose: bool = True, tol: float = 1e-5) -> bool:
-    """Compare each available backend of each op with the reference; True if all agree."""
+    """Compare each available backend of each op with the reference, and the compiled
+    step of a sampler run with the same run on the reference; True if all agree."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     ok = True
     for name, make in CASES.items():
@@ -88,4 +113,13 @@ def selfcheck(verbose: bool = True, tol: float = 1e-5) -> bool:
                 if verbose:
                     print(f"  {name:<20} {device:<5} max|kernel - reference| = {err:.2e} "
                           f"{'ok' if good else 'MISMATCH'}")
+    for device in devices:
+        if _ops.extension() is None or not _ops.has_kernel("sampler_step", device):
+            continue
+        err, used = _prepared_run(device)
+        good = used and err <= tol
+        ok &= good
+        if verbose:
+            print(f"  {'compiled step':<20} {device:<5} max|run - reference run| = {err:.2e} "
+                  f"{'ok' if good else ('MISMATCH' if used else 'NOT USED')}")
     return ok
