@@ -16,6 +16,7 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <atomic>
 #include <optional>
 #include <string>
 #include <vector>
@@ -34,6 +35,11 @@ enum Code : int {
 
 // Passes over at least this many elements release the GIL (~100 us on one CPU core).
 constexpr int64_t kReleaseGil = 1 << 18;
+
+// Bumped by fastdiff._ops.set_backend: a program holds the op its backend chose when it
+// was built, so a run stepped from here after a switch leaves for the general step (which
+// resolves the op per step) instead of keeping the old backend's kernel to its end.
+std::atomic<int64_t> g_backend_epoch{0};
 
 using StepFn = std::vector<at::Tensor>(const at::Tensor&, const std::optional<at::Tensor>&,
                                        const at::Tensor&, const std::optional<at::Tensor>&,
@@ -63,6 +69,7 @@ struct Program {
   std::vector<Call> calls;
   int64_t n_slots;
   bool owned, guided;
+  int64_t epoch;  // g_backend_epoch when the op was resolved
   c10::TypedOperatorHandle<StepFn> op;
   c10::TypedOperatorHandle<StepOutFn> op_out;
 
@@ -70,6 +77,7 @@ struct Program {
       : n_slots(n_slots_),
         owned(owned_),
         guided(guided_),
+        epoch(g_backend_epoch.load(std::memory_order_relaxed)),
         op(c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "").typed<StepFn>()),
         op_out(c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "out").typed<StepOutFn>()) {
     for (py::handle h : calls_) {
@@ -171,6 +179,7 @@ struct Run {
   py::object step(py::handle x_, py::handle m_, py::handle mc_, py::handle t_, py::handle z_,
                   bool donate) {
     if (k >= (int64_t)p->calls.size()) return py::int_((int)kFinished);
+    if (p->epoch != g_backend_epoch.load(std::memory_order_relaxed)) return py::int_((int)kLeave);
     // The run outlives this call even if another thread drops it while the GIL is released.
     const py::object keep = py::reinterpret_borrow<py::object>(owner);
     const Call& c = p->calls[k];
@@ -279,6 +288,10 @@ struct Run {
 // The extension module: importing it also runs the op registrations (csrc/fastdiff.cpp).
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastdiff's compiled kernels (registered as torch.ops.fastdiff.*) and the prepared sampler step";
+  m.def("_backend_changed", [] { g_backend_epoch.fetch_add(1, std::memory_order_relaxed); },
+        "Called by fastdiff._ops.set_backend: runs stepped here leave for the general step");
+  m.def("_backend_epoch", [] { return g_backend_epoch.load(std::memory_order_relaxed); },
+        "How many times the backend changed (a prepared program is built for one epoch)");
   py::class_<Program, std::shared_ptr<Program>>(m, "StepProgram")
       .def(py::init<const std::string&, py::list, int64_t, bool, bool>(), py::arg("op"),
            py::arg("calls"), py::arg("n_slots"), py::arg("owned"), py::arg("guided"))

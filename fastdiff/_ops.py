@@ -126,6 +126,8 @@ def set_backend(name: str) -> None:
     global _BACKEND
     if name not in _VALID_BACKENDS:
         raise ValueError(f"backend must be one of {_VALID_BACKENDS}, got {name!r}")
+    if name != _BACKEND and HAS_EXTENSION:
+        _C._backend_changed()  # runs in the compiled step hold the old backend's op
     _BACKEND = name
 
 

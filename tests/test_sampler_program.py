@@ -282,3 +282,31 @@ def test_the_reference_backend_keeps_the_general_step(gen):
         finally:
             _ops.set_backend(old)
     torch.testing.assert_close(got["reference"], got[old], rtol=1e-6, atol=1e-6)
+
+
+def test_a_backend_switch_mid_run_reaches_the_steps_after_it(gen):
+    # The compiled step holds the op its backend chose; set_backend between two steps
+    # must still reach the later steps of a running run, as it does for the general step
+    # (which resolves its op per step), and a run begun after switching back is prepared.
+    from fastdiff import _ops
+    old = _ops.get_backend()
+    x_T = torch.randn(2, 3, 4, 4, generator=gen)
+    outs = [torch.randn(2, 3, 4, 4, generator=gen) for _ in range(6)]
+    got = []
+    for s in (Sampler("dpm++2m", steps=6), _general(Sampler("dpm++2m", steps=6))):
+        try:
+            x = s.init_noise(x_T)
+            for k, t in enumerate(s.timesteps):
+                if k == 3:
+                    assert (s._run.prog is not None) == (len(got) == 0)
+                    _ops.set_backend("reference")
+                x = s.step(outs[k], t, x)
+            assert s._run.prog is None
+        finally:
+            _ops.set_backend(old)
+        got.append(x)
+        x = s.init_noise(x_T)
+        for k, t in enumerate(s.timesteps):
+            x = s.step(outs[k], t, x)
+        assert (s._run.prog is not None) == (len(got) == 1)
+    assert torch.equal(*got)

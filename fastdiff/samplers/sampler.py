@@ -727,9 +727,10 @@ class Sampler:
         """The prepared form as the compiled extension steps it (csrc/program.cpp), built
         once per form, device, dtype and backend; None without a compiled step op."""
         fn, fn_out = _ops.resolve("sampler_step", device), _ops.resolve("sampler_step.out", device)
-        key = ("program", owned, device, dtype, fn)
+        ext = _ops.extension()
+        # (a program built before a backend switch leaves its runs at their next step)
+        key = ("program", owned, device, dtype, fn, ext and ext._backend_epoch())
         if key not in self._tables:
-            ext = _ops.extension()
             program = None
             if ext is not None and isinstance(fn, torch._ops.OpOverload) \
                     and isinstance(fn_out, torch._ops.OpOverload) and fn_out._schema.name == fn._schema.name:
