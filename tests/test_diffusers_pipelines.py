@@ -813,3 +813,43 @@ def test_custom_timesteps_match_diffusers(gen, cls):
         x = src.step(m, t, x, **kw).prev_sample
         y = fused.step(m, t, y, generator=torch.Generator().manual_seed(seed)).prev_sample
         torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5 * float(x.abs().max()))
+
+
+@pytest.mark.parametrize("cls, kw", [
+    (UniPCMultistepScheduler, {}), (UniPCMultistepScheduler, {"solver_order": 3, "solver_type": "bh1", "final_sigmas_type": "sigma_min"}),
+    (UniPCMultistepScheduler, {"predict_x0": False, "final_sigmas_type": "sigma_min"}),
+    (UniPCMultistepScheduler, {"disable_corrector": [2]}),
+    (SASolverScheduler, {}), (SASolverScheduler, {"predictor_order": 3, "corrector_order": 3}),
+])
+def test_states_edited_between_steps_follow_diffusers(cls, kw):
+    """UniPC's and SA-Solver's correctors start from the sample diffusers stored: a state the
+    caller edits between steps (a callback, a blend outside a mask that changes per step)
+    enters only through the new model output. FusedScheduler does the same, for edits that
+    replace the state and edits in place."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
+    W = 0.1 * torch.randn(4, 4, generator=g)
+    x_T = torch.randn(2, 4, 6, 5, generator=g)
+    edits = {k: (0.8 + 0.4 * torch.rand(2, 4, 6, 5, generator=g), 0.3 * torch.randn(2, 4, 6, 5, generator=g))
+             for k in (1, 3, 4)}
+
+    def model(x):  # a closed-form-like denoiser plus a small mixing term: not chaotic
+        return 0.4 * x + torch.einsum("ij,bjhw->bihw", W, x)
+
+    ref = cls.from_config(SD_CONFIG, **kw)
+    out = {}
+    for name, sched in (("diffusers", ref), ("fused", FusedScheduler.from_config(ref.config))):
+        for in_place in (False, True):
+            sched.set_timesteps(8)
+            x = x_T * sched.init_noise_sigma
+            noisy = "generator" in inspect.signature(cls.step).parameters
+            step_kw = {"generator": torch.Generator().manual_seed(5)} if noisy else {}
+            for k, t in enumerate(sched.timesteps):
+                x = sched.step(model(sched.scale_model_input(x, t)), t, x, return_dict=False, **step_kw)[0]
+                if k in edits:
+                    a, b = edits[k]
+                    x = x.mul_(a).add_(b) if in_place else x * a + b
+            out[name, in_place] = x
+    for in_place in (False, True):
+        want = out["diffusers", in_place]
+        err = float((out["fused", in_place] - want).abs().max())
+        assert err <= 1e-5 * float(want.abs().max()), (in_place, err)

@@ -36,26 +36,35 @@ def _model(schedule, gen, dim=6):
     return model
 
 
-def _seeded(name, schedule, seed, model):
-    return Sampler(name, schedule, 7, seeds=[seed, seed + 1], prediction_type=model.prediction_type)
+def _seeded(name, schedule, seed, model, **kw):
+    return Sampler(name, schedule, 7, seeds=[seed, seed + 1], prediction_type=model.prediction_type, **kw)
 
 
 @pytest.mark.parametrize("name", SAMPLERS)
 def test_prepared_runs_equal_the_general_step_bitwise(name, gen):
+    _check_prepared(name, gen)
+
+
+@pytest.mark.parametrize("name", ["unipc", "sa-solver"])
+def test_prepared_runs_keeping_the_last_sample_equal_the_general_step_bitwise(name, gen):
+    _check_prepared(name, gen, keep_last_sample=True)
+
+
+def _check_prepared(name, gen, **kw):
     schedule = _schedule_for(name, __import__("fastdiff").schedules.NoiseSchedule.linear())
     model = _model(schedule, gen)
     x_T = torch.randn(2, 6, generator=gen, dtype=F64)
     seed = int(torch.randint(0, 2 ** 31, (1,), generator=gen))
-    s = _seeded(name, schedule, seed, model)
+    s = _seeded(name, schedule, seed, model, **kw)
     if s._programs is None:
         pytest.fail(f"{name}: no prepared run")  # every family in SAMPLERS has one by default
-    ref = _seeded(name, schedule, seed, model)
+    ref = _seeded(name, schedule, seed, model, **kw)
     want = sample(model, x_T=x_T, sampler=_general(ref), progress=False)
     # fastdiff.sample (owned states, updated in place) ...
     got = sample(model, x_T=x_T, sampler=s, progress=False)
     assert torch.equal(got, want), name
     # ... and the step API (every state a new tensor), which must not touch the caller's.
-    s2, keep = _seeded(name, schedule, seed, model), x_T.clone()
+    s2, keep = _seeded(name, schedule, seed, model, **kw), x_T.clone()
     x, states = s2.init_noise(x_T), []
     for t in s2.timesteps:
         x = s2.step(model(s2.scale_model_input(x, t), t), t, x)

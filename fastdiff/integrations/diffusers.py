@@ -112,6 +112,10 @@ _STEP_AT_DEFAULT = {
 # tuple form's second element): LCM's consistency output, TCD's noised estimate.
 _SECOND_OUTPUT = {"LCMScheduler": "denoised", "TCDScheduler": "pred_noised_sample"}
 _PRIVATE_KEYS = ("_class_name", "_diffusers_version", "_name_or_path")
+# Classes whose corrector starts from their stored last sample: a state the pipeline edits
+# between steps is then corrected from the stored one (fastdiff's default folds the
+# corrector into the prediction, which corrects the edited state).
+_KEEPS_LAST_SAMPLE = ("UniPCMultistepScheduler", "SASolverScheduler")
 
 
 def _diffusers_class(name):
@@ -480,6 +484,8 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
         if run is None:
             extra = {} if eta is None else {"eta": eta}
             extra.update(key[2])
+            if type(self._source).__name__ in _KEEPS_LAST_SAMPLE:
+                extra["keep_last_sample"] = True
             ts = extra.pop("lcm_timesteps", None)
             if key[0] == "timesteps" or ts is not None:
                 sampler = Sampler.from_diffusers(self._source, timesteps=list(ts or key[1]), **extra)

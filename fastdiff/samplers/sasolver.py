@@ -16,7 +16,9 @@ e^(-lambda) weights. tau = 0 is the ODE (deterministic) solver.
 Predictor and corrector of one interval share their base term and noise, so the corrected
 sample is the predicted one plus the difference of their gradient parts: as in ``unipc``
 the correction is folded into the next step's fused call, which needs only model outputs
-(history) and no stored samples. The noise of every step is drawn (diffusers draws it
+(history) and no stored samples. ``keep_last_sample=True`` instead keeps that shared base
+(the stored sample and noise term diffusers corrects from), as ``unipc`` does for a state
+edited between steps. The noise of every step is drawn (diffusers draws it
 even where tau = 0), so a generator gives diffusers' noise stream.
 """
 from __future__ import annotations
@@ -77,11 +79,13 @@ def _update(lam, a, s, frm, to, nodes, tau, predict_x0, corrector):
 
 def sa_solver(grid: Grid, *, pred, clamp, predictor_order: int = 2, corrector_order: int = 2,
               tau: float | Callable | None = None, predict_x0: bool = True,
-              lower_order_final: bool = True) -> Plan:
+              lower_order_final: bool = True, keep_last_sample: bool = False) -> Plan:
     """SA-Solver: ``predictor_order`` and ``corrector_order`` 1-4 (ramped up over the first
     steps; with ``lower_order_final`` capped by the steps left), ``tau``: a number, a
     function of the model time, or None for diffusers' default (1 for t in [200, 800]);
-    ``predict_x0``: data prediction (diffusers' "data_prediction") or noise prediction."""
+    ``predict_x0``: data prediction (diffusers' "data_prediction") or noise prediction;
+    ``keep_last_sample``: correct from the stored base as diffusers does (see the module
+    docstring)."""
     for name, o in (("predictor_order", predictor_order), ("corrector_order", corrector_order)):
         if o not in (1, 2, 3, 4):
             raise ValueError(f"{name} must be 1, 2, 3 or 4, got {o!r}")
@@ -105,25 +109,34 @@ def sa_solver(grid: Grid, *, pred, clamp, predictor_order: int = 2, corrector_or
         depth = P[i] - 1
         if i > 0:
             depth = max(depth, C[i - 1] - 1, P[i - 1])
-        c_, t = Coeffs(grid.rows, 2, depth), Terms(depth)
+        c_, t = Coeffs(grid.rows, 3 if keep_last_sample else 2, depth), Terms(depth)
 
         def m(j):
             return t.d if j == i else t.h(i - 1 - j)
         clamped = _model_term(c_, grid, i, pred, clamp, data=predict_x0)
-        corr = t.zero
+        corr, base = t.zero, "x"  # the corrected state: base + corr
         if i > 0:
-            # the corrector of interval i-1 minus its predictor, both from the same base
+            # the corrector of interval i-1: from the stored base of that interval (kept),
+            # or as its difference from the predictor added to the predicted x (folded)
             nodes_c = [i - k for k in range(C[i - 1])]
             _, wc, _ = _update(lam, a, s, i - 1, i, nodes_c, taus[:, i - 1], predict_x0, True)
-            _, wp, _ = _update(lam, a, s, i - 1, i, [i - 1 - k for k in range(P[i - 1])], taus[:, i - 1],
-                               predict_x0, False)
-            corr = sum((wc[k] * m(j) for k, j in enumerate(nodes_c)), t.zero) \
-                - sum((wp[k] * m(i - 1 - k) for k in range(P[i - 1])), t.zero)
+            corr = sum((wc[k] * m(j) for k, j in enumerate(nodes_c)), t.zero)
+            if keep_last_sample:
+                base = "x_base"
+            else:
+                _, wp, _ = _update(lam, a, s, i - 1, i, [i - 1 - k for k in range(P[i - 1])],
+                                   taus[:, i - 1], predict_x0, False)
+                corr = corr - sum((wp[k] * m(i - 1 - k) for k in range(P[i - 1])), t.zero)
         xc, wp, nz = _update(lam, a, s, i, i + 1, nodes_p, taus[:, i], predict_x0, False)
         comb = xc * corr + sum((wp[k] * m(j) for k, j in enumerate(nodes_p)), t.zero)
-        c_.combo(0, comb, x=xc, noise=nz)
+        c_.combo(0, comb, noise=nz, **{base: xc})
         c_.out(1, d=1.0)
+        outputs = ("x", ("d", i))
+        if keep_last_sample:  # this interval's base: the corrected state's term and the noise
+            c_.combo(2, xc * corr, noise=nz, **{base: xc})
+            outputs += (("xb", i),)
         history = tuple(("d", i - 1 - k) for k in range(depth))
-        calls.append(Call(grid.t[:, i], Op(c_, history=history, outputs=("x", ("d", i)),
-                                           noise=stochastic, clamp=clamped)))
+        calls.append(Call(grid.t[:, i], Op(c_, history=history, outputs=outputs, noise=stochastic,
+                                           x_base=("xb", i - 1) if base == "x_base" else None,
+                                           clamp=clamped)))
     return Plan(calls)

@@ -10,6 +10,13 @@ share their base ``(sigma_t / sigma_s) last_sample - alpha_t h_phi_1 m_s``, so
 
 which needs only the model outputs: here the corrector is folded into the same fused call
 as the next prediction, with no ``last_sample`` kept (fewer tensors read and written).
+
+The two forms differ when the caller edits the state between steps (a callback, a blend
+outside an inpainting mask): diffusers corrects from its stored ``last_sample`` and keeps
+the edit only through the new model output, the folded form corrects the edited state.
+``keep_last_sample=True`` (what ``FusedScheduler`` runs for UniPCMultistepScheduler)
+keeps the corrected sample as diffusers does, at one more tensor written and read per
+step.
 """
 from __future__ import annotations
 
@@ -51,13 +58,16 @@ def _rhos(lam, i, o, solver_type, predict_x0):
 
 def unipc(grid: Grid, *, pred, clamp, order: int = 2, solver_type: str = "bh2",
           lower_order_final: bool = True, predict_x0: bool = True,
-          disable_corrector=()) -> Plan:
+          disable_corrector=(), keep_last_sample: bool = False) -> Plan:
     """UniPC multistep sampler, diffusers' UniPCMultistepScheduler.
 
     ``order`` 1-3 (ramped up over the first steps; with ``lower_order_final`` the last
     steps use at most the number of remaining steps), ``solver_type`` "bh1" / "bh2",
     ``predict_x0``: data prediction (UniPC's default) or noise prediction;
-    ``disable_corrector``: step indices whose prediction is not corrected.
+    ``disable_corrector``: step indices whose prediction is not corrected;
+    ``keep_last_sample``: correct from the stored corrected sample, as diffusers does,
+    instead of folding the corrector into the prediction (the same result unless the
+    state is edited between steps; see the module docstring).
     """
     if order not in (1, 2, 3):
         raise ValueError(f"order (solver_order) must be 1, 2 or 3, got {order!r}")
@@ -83,28 +93,35 @@ def unipc(grid: Grid, *, pred, clamp, order: int = 2, solver_type: str = "bh2",
         corrected = i > 0 and (i - 1) not in disable_corrector
         po = orders[i - 1] if i > 0 else 0
         n_hist = max(o - 1, po if corrected else 0)
-        c, t = Coeffs(grid.rows, 2, n_hist), Terms(n_hist)
+        c, t = Coeffs(grid.rows, 3 if keep_last_sample else 2, n_hist), Terms(n_hist)
         m = [t.d] + [t.h(k) for k in range(n_hist)]  # m[k] = d_{i-k}
         fn = dict(x0=1.0) if predict_x0 else dict(eps=1.0)
         clamped = convert(c, pred, a[:, i], s[:, i], clamp=clamp, **fn)
-        corr = t.zero
+        corr, base = t.zero, dict(x=1.0)  # the corrected state: base + corr
         if corrected:
-            # UniC of interval i-1 (base output m[1] = d_{i-1}, new output m[0] = d_i),
-            # written as a correction of the predicted x (see the module docstring).
-            _, b_h, rks, rhos_p, rhos_c = steps[i - 1]
+            # UniC of interval i-1 (base output m[1] = d_{i-1}, new output m[0] = d_i).
+            h_prev, b_h, rks, rhos_p, rhos_c = steps[i - 1]
             d1s = [(m[k + 2] - m[1]) / rk for k, rk in enumerate(rks)]
-            res = sum((rp * d for rp, d in zip(rhos_p, d1s)), t.zero)
-            res = res - sum((rc * d for rc, d in zip(rhos_c[:-1], d1s)), t.zero)
-            res = res - rhos_c[-1] * (m[0] - m[1])
-            corr = scale[:, i] * b_h * res
+            res = -sum((rc * d for rc, d in zip(rhos_c[:-1], d1s)), t.zero) - rhos_c[-1] * (m[0] - m[1])
+            if keep_last_sample:  # from the stored corrected sample, as diffusers
+                corr = -scale[:, i] * h_prev * m[1] + scale[:, i] * b_h * res
+                base = dict(x_base=ratio[:, i - 1])
+            else:  # as a correction of the predicted x (see the module docstring)
+                res = res + sum((rp * d for rp, d in zip(rhos_p, d1s)), t.zero)
+                corr = scale[:, i] * b_h * res
         h_phi_1, b_h, rks, rhos_p, _ = steps[i]
         upd = -scale[:, i + 1] * h_phi_1 * m[0]
         if rhos_p:
             d1s = [(m[k + 1] - m[0]) / rk for k, rk in enumerate(rks)]
             upd = upd - scale[:, i + 1] * b_h * sum((r * d for r, d in zip(rhos_p, d1s)), t.zero)
-        c.combo(0, ratio[:, i] * corr + upd, x=ratio[:, i])
+        c.combo(0, ratio[:, i] * corr + upd, **{k: ratio[:, i] * v for k, v in base.items()})
         c.out(1, d=1.0)
+        outputs = ("x", ("d", i))
+        if keep_last_sample:
+            c.combo(2, corr, **base)
+            outputs += (("xc", i),)
         history = tuple(("d", i - 1 - k) for k in range(n_hist))
-        calls.append(Call(grid.t[:, i], Op(c, history=history, outputs=("x", ("d", i)),
+        x_base = ("xc", i - 1) if keep_last_sample and corrected else None
+        calls.append(Call(grid.t[:, i], Op(c, history=history, outputs=outputs, x_base=x_base,
                                            clamp=clamped)))
     return Plan(calls)
