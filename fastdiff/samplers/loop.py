@@ -182,10 +182,13 @@ def sample(model: Callable, shape=None, *, x_T: torch.Tensor | None = None, sche
     if progress:
         from tqdm.auto import tqdm
         steps_iter = tqdm(steps_iter, desc=f"fastdiff {s.name}", leave=False)
+    # (fastdiff.sample itself may run inside a traced function: asked once, not per step)
+    compiling = torch.compiler.is_compiling()
     for i in steps_iter:
         t = s._model_time(run, B, x.device, cfg)
         # Without a callback nobody else sees x, so it is unchanged since the step made it.
-        inp = s._model_input(run, x, trusted=callback is None and callback_on_step_end is None)
+        inp = s._model_input(run, x, trusted=callback is None and callback_on_step_end is None,
+                             compiling=compiling)
         # The loop's own states (not the caller's x_T) are dead after the step unless a
         # callback may have kept them: donate them to the step (an in-place update).
         # `out` lives on until the next model call has made its output: freed before,
