@@ -38,15 +38,29 @@ def _stats(x, groups, w):
 def test_matches_torch_forward_ad(gen, case, dtype):
     shape, groups = case
     tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+    # With a handful of elements per group the tangent (dx less its group mean and its
+    # projection on the normalised x) cancels down to the rounding of the half-precision
+    # statistics: against torch's float64 it is off by up to 10% (fp16) / 45% (bf16) of its
+    # largest value in 400 draws of (4, 6) with groups of 3, for the kernel and the
+    # reference alike. There the kernel is held to the reference in the same precision.
+    small = dtype in (torch.float16, torch.bfloat16) and x_per_group(shape, groups) < 32
     for affine in (True, False):
         x, dx, w = _case(gen, shape, groups, dtype, affine)
         mean, rstd = _stats(x, groups, w)
-        want = _torch_jvp(x, dx, groups, w)
-        for fn in (op, _ops.group_norm_tangent_ref):
+        want = _ops.group_norm_tangent_ref(x, dx, mean, rstd, w, groups).double() if small \
+            else _torch_jvp(x, dx, groups, w)
+        for fn in (op,) if small else (op, _ops.group_norm_tangent_ref):
             got = fn(x, dx, mean, rstd, w, groups)
             assert got.dtype == dtype and got.shape == x.shape
             err = (got.double() - want).abs().max() / want.abs().max()
             assert err.item() <= tol[dtype], (fn, affine, err.item())
+
+
+def x_per_group(shape, groups):
+    n = 1
+    for d in shape[1:]:
+        n *= d
+    return n // groups
 
 
 def test_channels_last_strided_and_offset(gen):
