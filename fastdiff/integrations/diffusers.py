@@ -484,7 +484,7 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
         if run is None:
             extra = {} if eta is None else {"eta": eta}
             extra.update(key[2])
-            if type(self._source).__name__ in _KEEPS_LAST_SAMPLE:
+            if self.config.scheduler_class in _KEEPS_LAST_SAMPLE:
                 extra["keep_last_sample"] = True
             ts = extra.pop("lcm_timesteps", None)
             if key[0] == "timesteps" or ts is not None:

@@ -939,6 +939,8 @@ class Sampler:
                              f"{x.shape[0]}")
 
     def _check_t(self, t, k, batch):
+        # The compiled step (csrc/program.cpp, Run::check_t) makes the common case of this
+        # check itself, with the same tolerance, and hands every other case to this one.
         want = self._calls_t[k]
         if isinstance(t, torch.Tensor):
             if t.dim() > 1 or t.numel() not in (1, batch):
