@@ -69,14 +69,17 @@ struct Program {
   std::vector<Call> calls;
   int64_t n_slots;
   bool owned, guided;
+  double t_tol;   // |t - t_want| <= t_tol (1 + |t_want|): Sampler's tolerance, from Python
   int64_t epoch;  // g_backend_epoch when the op was resolved
   c10::TypedOperatorHandle<StepFn> op;
   c10::TypedOperatorHandle<StepOutFn> op_out;
 
-  Program(const std::string& name, py::list calls_, int64_t n_slots_, bool owned_, bool guided_)
+  Program(const std::string& name, py::list calls_, int64_t n_slots_, bool owned_, bool guided_,
+          double t_tol_)
       : n_slots(n_slots_),
         owned(owned_),
         guided(guided_),
+        t_tol(t_tol_),
         epoch(g_backend_epoch.load(std::memory_order_relaxed)),
         op(c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "").typed<StepFn>()),
         op_out(c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "out").typed<StepOutFn>()) {
@@ -166,7 +169,7 @@ struct Run {
     } else {
       return kCheckT;
     }
-    return std::abs(v - c.t_want) <= 1e-6 + 1e-6 * std::abs(c.t_want) ? 0 : kCheckT;
+    return std::abs(v - c.t_want) <= p->t_tol * (1.0 + std::abs(c.t_want)) ? 0 : kCheckT;
   }
 
   void set_owner(const char* name, PyObject* value) {
@@ -293,8 +296,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("_backend_epoch", [] { return g_backend_epoch.load(std::memory_order_relaxed); },
         "How many times the backend changed (a prepared program is built for one epoch)");
   py::class_<Program, std::shared_ptr<Program>>(m, "StepProgram")
-      .def(py::init<const std::string&, py::list, int64_t, bool, bool>(), py::arg("op"),
-           py::arg("calls"), py::arg("n_slots"), py::arg("owned"), py::arg("guided"))
+      .def(py::init<const std::string&, py::list, int64_t, bool, bool, double>(), py::arg("op"),
+           py::arg("calls"), py::arg("n_slots"), py::arg("owned"), py::arg("guided"),
+           py::arg("t_tol"))
       .def_readonly("owned", &Program::owned);
   py::class_<Run>(m, "StepRun")
       .def(py::init<std::shared_ptr<Program>, py::object, py::list, const at::Tensor&, int64_t>(),

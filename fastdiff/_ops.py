@@ -238,7 +238,11 @@ def step_ref(x, x_base, model_out, model_out_cond, history, noise, coeffs, clamp
       then, for each output o, n_basis coefficients over the basis
       [x, x_base, d, noise, history_0, ..., history_{H-1}]:  out_o = sum_j C[o, j] * basis_j
 
-    Absent x_base / noise contribute zero. Returns a list of n_out tensors.
+    Absent x_base / noise contribute zero. An output whose row selects d alone (1 on d, 0
+    on x and on every other term present) is d itself: the sum would give the same values
+    but for the sign of a zero d and where another term is Inf or NaN (0 * Inf). Multistep
+    samplers store their data estimate so, and every backend skips that sum.
+    Returns a list of n_out tensors.
     """
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     nb = step_n_basis(len(history))
@@ -261,13 +265,16 @@ def step_ref(x, x_base, model_out, model_out_cond, history, noise, coeffs, clamp
     zeros = torch.zeros_like(xf)
     basis = [xf, x_base.to(acc) if x_base is not None else zeros, d,
              noise.to(acc) if noise is not None else zeros] + [h.to(acc) for h in history]
+    present = [True, x_base is not None, False, noise is not None] + [True] * len(history)
     outs = []
     for o in range(n_out):
         base = STEP_HEAD + o * nb
         y = col(base) * basis[0]
         for j in range(1, nb):
             y = y + col(base + j) * basis[j]
-        outs.append(y.to(x.dtype))
+        row = c[:, base:base + nb]
+        only_d = (row[:, 2] == 1) & (row[:, present] == 0).all(dim=1)
+        outs.append(torch.where(only_d.reshape(view), d, y).to(x.dtype))
     return outs
 
 

@@ -24,7 +24,7 @@ import harness  # noqa: E402
 
 from fastdiff import _ops  # noqa: E402
 from fastdiff._ops import diff_norm_ref, embedding_ref, step_ref  # noqa: E402
-from test_step_op import TOL, make_case  # noqa: E402
+from test_step_op import D_ROW_CASES, TOL, assert_d_row_outputs, d_row_case, make_case  # noqa: E402
 
 needs_kernel = pytest.mark.usefixtures("compiled_kernels")
 CODES = harness.dtype_codes()
@@ -109,6 +109,17 @@ def test_step_kernel(emu, gen, dtype, case):
             torch.testing.assert_close(g, r, **TOL[dtype])
             # Same per-element math (csrc/kernels/step.h), same rounding: bit-identical.
             assert torch.equal(g, k), f"grid {grid}: emulated CUDA differs from the C++ CPU kernel"
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_step_kernel_output_selecting_d(emu, gen, dtype):
+    # Outputs whose row selects d alone are d itself (Inf / NaN in the other terms, -0 d):
+    # in registers (up to 4 outputs) and one output at a time (more).
+    for case in D_ROW_CASES + [(1, 5, (1, 3), False, True, False, False)]:
+        args = d_row_case(gen, (3, 45), dtype, *case)
+        for grid in GRIDS[:2]:
+            assert_d_row_outputs(run_step(emu, args, grid), step_ref(*args), case[2])
 
 
 @needs_kernel

@@ -293,6 +293,27 @@ def test_the_reference_backend_keeps_the_general_step(gen):
     torch.testing.assert_close(got["reference"], got[old], rtol=1e-6, atol=1e-6)
 
 
+def test_programs_of_earlier_backends_are_dropped(gen):
+    # Each backend switch makes the prepared programs stale; switching back and forth many
+    # times keeps only the current one, not one per switch.
+    from fastdiff import _ops
+    old = _ops.get_backend()
+    s = Sampler("dpm++2m", steps=3)
+    x_T = torch.randn(1, 3, 4, 4, generator=gen)
+    outs = [torch.randn(1, 3, 4, 4, generator=gen) for _ in range(3)]
+    try:
+        for _ in range(5):
+            _ops.set_backend("reference")
+            _ops.set_backend(old)
+            x = s.init_noise(x_T)
+            for k, t in enumerate(s.timesteps):
+                x = s.step(outs[k], t, x)
+            assert s._run.prog is not None
+            assert len([k for k in s._tables if k[0] == "program"]) == 1
+    finally:
+        _ops.set_backend(old)
+
+
 def test_a_backend_switch_mid_run_reaches_the_steps_after_it(gen):
     # The compiled step holds the op its backend chose; set_backend between two steps
     # must still reach the later steps of a running run, as it does for the general step

@@ -634,3 +634,111 @@ def test_cpu_half_kernel_special_values_per_block(gen, dtype):
     xi = x.reshape(1, n).clone()
     torch.ops.fastdiff.sampler_step.out(xi, *args[1:-1], out=[xi])
     assert torch.equal(bits(xi), bits(out.reshape(1, n)))
+
+
+# --------------------------------------------------------------------------------------
+# Outputs whose row selects d alone (the stored data estimate of multistep samplers)
+# --------------------------------------------------------------------------------------
+
+# (n_hist, n_out, d outputs, cond, noise, x_base, clamp): the CPU kernel's routes: the
+# joint two-output pass with d last, d formed in the chunk buffer (guidance, clamp), with
+# x_base / noise present, d first, one output (with noise; alone: deterministic DDIM),
+# history past the four fused terms, d between two sums.
+D_ROW_CASES = [
+    (1, 2, (1,), False, False, False, False),
+    (4, 2, (1,), False, False, False, False),
+    (0, 2, (1,), False, False, False, False),
+    (2, 2, (1,), True, False, False, True),
+    (1, 2, (1,), False, True, True, False),
+    (3, 2, (0,), False, False, False, False),
+    (0, 1, (0,), False, True, False, False),
+    (2, 1, (0,), False, False, False, False),
+    (6, 2, (1,), False, False, False, False),
+    (2, 3, (1,), True, True, False, False),
+]
+
+
+def d_row_case(gen, shape, dtype, n_hist, n_out, d_outs, cond, noise, x_base, clamp):
+    """make_case with the rows of `d_outs` set to 1 on d and 0 elsewhere for every sample
+    but the last (per-sample rows: one sample keeps the full sum), and values the full
+    sum would not pass through: Inf and NaN in x_base, noise and the history, and zeros in
+    x and the model output that make d = -0 (no guidance, no clamp: d = w_x x + w_m m)."""
+    args = list(make_case(gen, shape, dtype, n_hist=n_hist, n_out=n_out, cond=cond, noise=noise,
+                          x_base=x_base, clamp=clamp, per_sample=True))
+    coeffs = args[6]
+    nb = step_n_basis(n_hist)
+    coeffs[:, 5:7] = coeffs[:, 5:7].abs()  # w_x, w_m > 0: -0 * w = -0, and -0 + -0 = -0
+    for o in d_outs:
+        coeffs[:-1, STEP_HEAD + o * nb:STEP_HEAD + (o + 1) * nb] = 0.0
+        coeffs[:-1, STEP_HEAD + o * nb + 2] = 1.0
+    S = args[0][0].numel()
+    specials = [float("inf"), float("-inf"), float("nan")]
+    for t in [args[1], args[5], *args[4]]:
+        if t is not None:
+            flat = t.view(t.shape[0], -1)
+            for j, v in enumerate(specials):
+                flat[:, (7 * j + 3) % S::29] = v
+    if not cond and not clamp:
+        for t in (args[0], args[2]):
+            t.view(t.shape[0], -1)[:, 5 % S::31] = -0.0
+    return tuple(args)
+
+
+def assert_same_values(out, want, bitwise=True):
+    """Bit for bit (else equal values: the sign of a zero may differ), NaN where the
+    reference has NaN (whose payload is not specified)."""
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(out), nan)
+    if not bitwise:
+        assert torch.equal(out[~nan], want[~nan])
+        return
+    int_type = {2: torch.int16, 4: torch.int32, 8: torch.int64}[out.element_size()]
+    assert torch.equal(out[~nan].view(int_type), want[~nan].view(int_type))
+
+
+def assert_d_row_outputs(outs, want, d_outs):
+    # Outputs that are d (all samples but the last): bit for bit. The rest are full sums,
+    # where the reference adds its absent terms as c * 0 and the kernels skip them, so a
+    # -0 sum may come out +0 there.
+    for o, (out, w) in enumerate(zip(outs, want)):
+        assert_same_values(out[:-1], w[:-1], bitwise=o in d_outs)
+        assert_same_values(out[-1:], w[-1:], bitwise=False)
+
+
+def test_reference_output_selecting_d_is_d(gen):
+    args = d_row_case(gen, (3, 64), torch.float32, 1, 2, (1,), False, False, False, False)
+    x, _, m, _, hist, _, coeffs, _, _ = args
+    d = coeffs[:, 5:6] * x + coeffs[:, 6:7] * m
+    out = step_ref(*args)[1]
+    assert_same_values(out[:-1], d[:-1])
+    assert bool((torch.signbit(d[:-1]) & (d[:-1] == 0)).any())  # a -0 d kept as -0
+    assert bool(torch.isnan(out[-1]).any())  # the last sample's full sum: 0 * Inf
+    # The sum over the row gives +0 where d is -0 (-0 + 0 * h): the two really differ.
+    dense = 0.0 * x + 1.0 * d + 0.0 * hist[0]
+    assert not torch.equal(torch.signbit(dense[:-1]), torch.signbit(d[:-1]))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", D_ROW_CASES, ids=lambda c: f"h{c[0]}-o{c[1]}-d{c[2][0]}")
+def test_cpu_kernel_output_selecting_d(gen, dtype, case):
+    for size in (45, 1000):  # a tail of the vector blocks; several blocks and chunks
+        args = d_row_case(gen, (3, size), dtype, *case)
+        want = step_ref(*args)
+        poison(torch.ops.fastdiff.sampler_step, args)
+        assert_d_row_outputs(torch.ops.fastdiff.sampler_step(*args), want, case[2])
+        # In place: x_next over x, the next outputs over the history tensors.
+        if len(args[4]) >= args[8] - 1:
+            x, hist = args[0].clone(), [h.clone() for h in args[4]]
+            call = (x,) + args[1:4] + (hist,) + args[5:8]
+            out = [x] + hist[:args[8] - 1]
+            torch.ops.fastdiff.sampler_step.out(*call, out=out)
+            assert_d_row_outputs(out, want, case[2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_kernel_output_selecting_d(gen, dtype):
+    kernel = _ops.triton_fn("sampler_step")
+    for case in D_ROW_CASES:
+        args = d_row_case(gen, (3, 45), dtype, *case)
+        assert_d_row_outputs(kernel(*args), step_ref(*args), case[2])

@@ -304,7 +304,9 @@ __attribute__((noinline)) void direction_loop(const T* x, const T* mu, const T* 
 
 // Every input value of a block is loaded before any output value of it is stored (an
 // output may be one of the inputs, at the same index: sampler_step.out).
-template <typename T, int kOut, bool kInlineD, bool kXBase, bool kNoise, int kHist>
+// kDLast: the last output (of one or two) is d itself (step::selects_d), stored without a
+// sum.
+template <typename T, int kOut, bool kInlineD, bool kXBase, bool kNoise, int kHist, bool kDLast>
 __attribute__((noinline)) void output_kernel(const T* x, const T* m, const Head<float> hd,
                                              const float* d, const T* xb, const T* nz,
                                              const T* h0, const T* h1, const T* h2,
@@ -338,7 +340,7 @@ __attribute__((noinline)) void output_kernel(const T* x, const T* m, const Head<
     if (kNoise) load<kT>(blk, nz + i, r, nzv);
     for (int q = 0; q < kHist; ++q) load<kT>(blk, hp[q] + i, r, hs[q]);
     Vec v[kOut][2];
-    for (int o = 0; o < kOut; ++o) {
+    for (int o = 0; o < (kDLast ? kOut - 1 : kOut); ++o) {
       for (int j = 0; j < 2; ++j) {
         Vec t = c[o][0] * xv[j];
         if (kXBase) t = step::axpy<Vec>(t, c[o][1], xbv[j]);
@@ -348,8 +350,21 @@ __attribute__((noinline)) void output_kernel(const T* x, const T* m, const Head<
         v[o][j] = t;
       }
     }
-    store<kT>(blk, y0 + i, r, v[0]);
-    if (kOut > 1) store<kT>(blk, y1 + i, r, v[kOut - 1]);
+    store<kT>(blk, y0 + i, r, kDLast && kOut == 1 ? dv : v[0]);
+    if (kOut > 1) store<kT>(blk, y1 + i, r, kDLast ? dv : v[kOut - 1]);
+  });
+}
+
+// An output that is d itself, from the chunk's d buffer (in the block's lane order).
+template <typename T>
+__attribute__((noinline)) void store_d(const float* d, int64_t n, T* y) {
+  using Block = typename BlockOf<T>::type;
+  const Block blk{};
+  for_blocks<Block::kN>(n, [&](auto tail, int64_t i, int r) {
+    constexpr bool kT = decltype(tail)::value;
+    typename Block::Vec v[2];
+    load<kT>(blk, d + i, r, v);
+    store<kT>(blk, y + i, r, v);
   });
 }
 
@@ -409,7 +424,7 @@ FASTDIFF_INLINE void direction_loop(const In* __restrict x, const In* __restrict
 // formed here from x and the model output m (no guidance, no clamp: the common case, one
 // loop instead of two), else read from the chunk's d buffer.
 template <typename In, typename Out, typename acc, int kOut, bool kInlineD, bool kXBase,
-          bool kNoise, int kHist>
+          bool kNoise, int kHist, bool kDLast>
 FASTDIFF_INLINE void output_kernel(const In* x, const In* m, const Head<acc> hd,
                                    const acc* __restrict d, const In* xb, const In* nz,
                                    const In* h0, const In* h1, const In* h2, const In* h3,
@@ -417,7 +432,7 @@ FASTDIFF_INLINE void output_kernel(const In* x, const In* m, const Head<acc> hd,
 #ifdef FASTDIFF_STEP_AVX512
   if constexpr (kVecHalf<In, Out>) {
     if (have_avx512_half())
-      return v512::output_kernel<In, kOut, kInlineD, kXBase, kNoise, kHist>(
+      return v512::output_kernel<In, kOut, kInlineD, kXBase, kNoise, kHist, kDLast>(
           x, m, hd, d, xb, nz, h0, h1, h2, h3, k, n, y0, y1);
   }
 #endif
@@ -432,7 +447,7 @@ FASTDIFF_INLINE void output_kernel(const In* x, const In* m, const Head<acc> hd,
     const acc hv2 = kHist > 2 ? cpu::to_acc(h2[i]) : acc(0);
     const acc hv3 = kHist > 3 ? cpu::to_acc(h3[i]) : acc(0);
     acc v[kOut];
-    for (int o = 0; o < kOut; ++o) {
+    for (int o = 0; o < (kDLast ? kOut - 1 : kOut); ++o) {
       acc t = k[o].x * xv;
       if (kXBase) t = step::axpy(t, k[o].xb, xbv);
       t = step::axpy(t, k[o].d, dv);
@@ -443,17 +458,18 @@ FASTDIFF_INLINE void output_kernel(const In* x, const In* m, const Head<acc> hd,
       if (kHist > 3) t = step::axpy(t, k[o].h[3], hv3);
       v[o] = t;
     }
-    y0[i] = cpu::from_acc<Out>(v[0]);
-    if (kOut > 1) y1[i] = cpu::from_acc<Out>(v[kOut - 1]);
+    y0[i] = cpu::from_acc<Out>(kDLast && kOut == 1 ? dv : v[0]);
+    if (kOut > 1) y1[i] = cpu::from_acc<Out>(kDLast ? dv : v[kOut - 1]);
   }
 }
 
-// c: output 0's coefficient row; rows nb apart.
+// c: output 0's coefficient row; rows nb apart. d_last: the last output is d itself (only
+// for the pass that Route::kInlineDLast names; see route()).
 template <typename In, typename Out, typename acc, int kOut, bool kInlineD, bool kXBase,
           bool kNoise, int kHist>
 FASTDIFF_INLINE void output_loop(const In* x, const In* m, const Head<acc>& hd, const acc* d,
                                  const In* xb, const In* nz, const In* const* hs, const acc* c,
-                                 int64_t nb, int64_t n, Out* const* ys) {
+                                 int64_t nb, int64_t n, Out* const* ys, bool d_last) {
   static_assert(kOut == 1 || kOut == 2, "one or two outputs per pass");
   OutCoeffs<acc> k[kOut];
   for (int o = 0; o < kOut; ++o) {
@@ -465,10 +481,22 @@ FASTDIFF_INLINE void output_loop(const In* x, const In* m, const Head<acc>& hd, 
     for (int j = 0; j < kMaxFusedHist; ++j)
       k[o].h[j] = j < kHist ? r[step::kBasisHist + j] : acc(0);
   }
-  output_kernel<In, Out, acc, kOut, kInlineD, kXBase, kNoise, kHist>(
-      x, m, hd, d, xb, nz, kHist > 0 ? hs[0] : nullptr, kHist > 1 ? hs[1] : nullptr,
-      kHist > 2 ? hs[2] : nullptr, kHist > 3 ? hs[3] : nullptr, k, n, ys[0],
-      kOut > 1 ? ys[1] : nullptr);
+  // No lambda here: it would be compiled outside step_segment's target clones (baseline
+  // x86-64, unvectorized).
+#define FASTDIFF_OUT_KERNEL(D_LAST)                                                           \
+  output_kernel<In, Out, acc, kOut, kInlineD, kXBase, kNoise, kHist, D_LAST>(                 \
+      x, m, hd, d, xb, nz, kHist > 0 ? hs[0] : nullptr, kHist > 1 ? hs[1] : nullptr,          \
+      kHist > 2 ? hs[2] : nullptr, kHist > 3 ? hs[3] : nullptr, k, n, ys[0],                  \
+      kOut > 1 ? ys[1] : nullptr)
+  // d_last is instantiated only for the combination route() sends here (build time).
+  if constexpr (kInlineD && !kXBase && !kNoise) {
+    if (d_last) {
+      FASTDIFF_OUT_KERNEL(true);
+      return;
+    }
+  }
+  FASTDIFF_OUT_KERNEL(false);
+#undef FASTDIFF_OUT_KERNEL
 }
 
 // History terms past kMaxFusedHist, one pass each over an acc output (keeps the order).
@@ -477,13 +505,27 @@ FASTDIFF_INLINE void axpy_loop(const acc* __restrict h, acc c, int64_t n, acc* _
   for (int64_t i = 0; i < n; ++i) y[i] = step::axpy(y[i], c, h[i]);
 }
 
+// An output that is d itself (step::selects_d): the chunk's d buffer, as direction_loop
+// wrote it, stored as Out.
+template <typename In, typename Out, typename acc>
+FASTDIFF_INLINE void store_d(const acc* __restrict d, int64_t n, Out* __restrict y) {
+#ifdef FASTDIFF_STEP_AVX512
+  if constexpr (kVecHalf<In, Out>) {
+    if (have_avx512_half()) return v512::store_d<Out>(d, n, y);
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) y[i] = cpu::from_acc<Out>(d[i]);
+}
+
 // Runtime (x_base?, noise?, history count) -> the specialised loop.
 template <typename In, typename Out, typename acc, int kOut, bool kInlineD>
 FASTDIFF_INLINE void output_any(int nh, const In* x, const In* m, const Head<acc>& hd,
                                 const acc* d, const In* xb, const In* nz, const In* const* hs,
-                                const acc* c, int64_t nb, int64_t n, Out* const* ys) {
-#define FASTDIFF_OUT_H(XB, NZ, H) \
-  output_loop<In, Out, acc, kOut, kInlineD, XB, NZ, H>(x, m, hd, d, xb, nz, hs, c, nb, n, ys)
+                                const acc* c, int64_t nb, int64_t n, Out* const* ys,
+                                bool d_last = false) {
+#define FASTDIFF_OUT_H(XB, NZ, H)                                                        \
+  output_loop<In, Out, acc, kOut, kInlineD, XB, NZ, H>(x, m, hd, d, xb, nz, hs, c, nb, n, ys, \
+                                                       d_last)
 #define FASTDIFF_OUT(XB, NZ)                             \
   switch (nh) {                                          \
     case 0: FASTDIFF_OUT_H(XB, NZ, 0); break;            \
@@ -501,28 +543,52 @@ FASTDIFF_INLINE void output_any(int nh, const In* x, const In* m, const Head<acc
 #undef FASTDIFF_OUT_H
 }
 
-// One chunk: d, then the outputs (two in one pass where kMaxJointOut allows; without
-// guidance and clamp, d is formed in that same pass). With more than kMaxFusedHist history
-// terms, Out must be acc (the remaining terms are added in further passes over y).
+// How chunk() forms one sample's outputs. kInline: d inside the output loop (no guidance,
+// no clamp, every output in one pass); kInlineDLast: the same where the last output (of
+// one or two) is d itself and the other is not (multistep samplers: x_next and the stored
+// data estimate; deterministic DDIM: x_next = d; compiled without x_base and noise only);
+// kBuffered: d into the chunk's buffer first, then the outputs, those that are d itself
+// last (they read no input, so an output that is an input is still read before it is
+// written).
+enum class Route { kInline, kInlineDLast, kBuffered };
+
+template <typename acc>
+FASTDIFF_INLINE bool selects_d(const acc* row, int64_t o, int64_t n_hist, bool xb, bool nz) {
+  return step::selects_d(row + step::kHead + o * step::n_basis(n_hist), n_hist, xb, nz);
+}
+
+template <typename acc>
+FASTDIFF_INLINE Route route(const acc* row, bool cond, bool clamp, bool xb, bool nz,
+                            int64_t n_hist, int64_t n_out) {
+  bool any_d = false;
+  for (int64_t o = 0; o < n_out; ++o) any_d = any_d || selects_d(row, o, n_hist, xb, nz);
+  const bool joint = n_out == 1 || (n_out == 2 && kMaxJointOut<acc> > 1);
+  if (cond || clamp || n_hist > kMaxFusedHist || !joint) return Route::kBuffered;
+  if (!any_d) return Route::kInline;
+  if (!xb && !nz && (n_out == 1 || !selects_d(row, 0, n_hist, xb, nz))) return Route::kInlineDLast;
+  return Route::kBuffered;
+}
+
+// One chunk: d, then the outputs (two in one pass where kMaxJointOut allows; on the inline
+// routes d is formed in that same pass). With more than kMaxFusedHist history terms, Out
+// must be acc (the remaining terms are added in further passes over y).
 template <typename In, typename Out, typename acc>
-FASTDIFF_INLINE void chunk(const In* x, const In* xb, const In* m, const In* mc, const In* nz,
-                           const In* const* hs, int64_t n_hist, const acc* row, bool clamp,
-                           int64_t n_out, int64_t n, acc* d, Out* const* ys) {
+FASTDIFF_INLINE void chunk(Route how, const In* x, const In* xb, const In* m, const In* mc,
+                           const In* nz, const In* const* hs, int64_t n_hist, const acc* row,
+                           bool clamp, int64_t n_out, int64_t n, acc* d, Out* const* ys) {
   const Head<acc> h(row);
   const int nh = (int)std::min<int64_t>(n_hist, kMaxFusedHist);
   const int64_t nb = step::n_basis(n_hist);
   const acc* c = row + step::kHead;
-  if (mc == nullptr && !clamp && n_hist <= kMaxFusedHist) {
+  if (how != Route::kBuffered) {
     if (n_out == 1) {
-      output_any<In, Out, acc, 1, true>(nh, x, m, h, d, xb, nz, hs, c, nb, n, ys);
-      return;
+      output_any<In, Out, acc, 1, true>(nh, x, m, h, d, xb, nz, hs, c, nb, n, ys,
+                                        how == Route::kInlineDLast);
+    } else if constexpr (kMaxJointOut<acc> > 1) {
+      output_any<In, Out, acc, 2, true>(nh, x, m, h, d, xb, nz, hs, c, nb, n, ys,
+                                        how == Route::kInlineDLast);
     }
-    if constexpr (kMaxJointOut<acc> > 1) {
-      if (n_out == 2) {
-        output_any<In, Out, acc, 2, true>(nh, x, m, h, d, xb, nz, hs, c, nb, n, ys);
-        return;
-      }
-    }
+    return;
   }
   if (mc != nullptr) {
     if (clamp) direction_loop<In, acc, true, true>(x, m, mc, h, n, d);
@@ -531,19 +597,24 @@ FASTDIFF_INLINE void chunk(const In* x, const In* xb, const In* m, const In* mc,
     if (clamp) direction_loop<In, acc, false, true>(x, m, mc, h, n, d);
     else direction_loop<In, acc, false, false>(x, m, mc, h, n, d);
   }
+  bool any_d = false;
+  for (int64_t o = 0; o < n_out; ++o) any_d = any_d || selects_d(row, o, n_hist, xb, nz);
   if constexpr (kMaxJointOut<acc> > 1) {
-    if (n_hist <= kMaxFusedHist && n_out == 2) {
+    if (!any_d && n_hist <= kMaxFusedHist && n_out == 2) {
       output_any<In, Out, acc, 2, false>(nh, x, m, h, d, xb, nz, hs, c, nb, n, ys);
       return;
     }
   }
   for (int64_t o = 0; o < n_out; ++o) {
+    if (selects_d(row, o, n_hist, xb, nz)) continue;
     output_any<In, Out, acc, 1, false>(nh, x, m, h, d, xb, nz, hs, c + o * nb, nb, n, ys + o);
     if constexpr (std::is_same<In, acc>::value && std::is_same<Out, acc>::value) {
       for (int64_t k = kMaxFusedHist; k < n_hist; ++k)
         axpy_loop<acc>(hs[k], c[o * nb + step::kBasisHist + k], n, ys[o]);
     }
   }
+  for (int64_t o = 0; o < n_out; ++o)
+    if (selects_d(row, o, n_hist, xb, nz)) store_d<In, Out, acc>(d, n, ys[o]);
 }
 
 // Elements [i0, i1) of an input, as acc values: the tensor itself when it is stored in
@@ -575,6 +646,8 @@ FASTDIFF_STEP_CLONES void step_segment(const StepPtrs<T>& p, const acc* row, boo
                              std::is_same<T, c10::Half>::value;
   const bool one_pass = p.n_hist <= kMaxFusedHist &&
                         (p.n_out == 1 || (p.n_out == 2 && kMaxJointOut<acc> > 1));
+  const Route how = route(row, p.m_cond != nullptr, clamp, p.x_base != nullptr,
+                          p.noise != nullptr, p.n_hist, p.n_out);
   if constexpr (kSame || kHalfType) {
     // float16 directly only with the vector loops (its scalar conversion is slow).
     const bool direct = kSame || (p.n_hist <= kMaxFusedHist &&
@@ -582,16 +655,15 @@ FASTDIFF_STEP_CLONES void step_segment(const StepPtrs<T>& p, const acc* row, boo
     if (direct && (one_pass || !p.alias)) {
       std::vector<const T*> hs(std::max<int64_t>(p.n_hist, 1));
       std::vector<T*> ys(p.n_out);
-      // Without guidance and clamp, d is formed inside the output loop (chunk()): no
-      // buffer to fill, so the whole segment is one piece (the per-chunk set-up of the
+      // On the inline routes d is formed inside the output loop (chunk()): no buffer
+      // to fill, so the whole segment is one piece (the per-chunk set-up of the
       // loops took 5-14% of the time at half precision in a profile).
-      const bool inline_d = p.m_cond == nullptr && !clamp && one_pass;
-      const int64_t piece = inline_d ? std::max<int64_t>(i1 - i0, 1) : kChunk;
+      const int64_t piece = how != Route::kBuffered ? std::max<int64_t>(i1 - i0, 1) : kChunk;
       for (int64_t c0 = i0; c0 < i1; c0 += piece) {
         const int64_t n = std::min(piece, i1 - c0);
         for (int64_t k = 0; k < p.n_hist; ++k) hs[k] = p.hist[k] + c0;
         for (int64_t o = 0; o < p.n_out; ++o) ys[o] = p.out[o] + c0;
-        chunk<T, T, acc>(p.x + c0, p.x_base ? p.x_base + c0 : nullptr, p.m + c0,
+        chunk<T, T, acc>(how, p.x + c0, p.x_base ? p.x_base + c0 : nullptr, p.m + c0,
                          p.m_cond ? p.m_cond + c0 : nullptr, p.noise ? p.noise + c0 : nullptr,
                          hs.data(), p.n_hist, row, clamp, p.n_out, n, dbuf, ys.data());
       }
@@ -607,8 +679,9 @@ FASTDIFF_STEP_CLONES void step_segment(const StepPtrs<T>& p, const acc* row, boo
     const int64_t n = std::min(kChunk, i1 - c0);
     for (int64_t k = 0; k < p.n_hist; ++k)
       hs[k] = as_acc<T, acc>(p.hist[k], c0, n, kSame ? nullptr : hbuf.data() + k * kChunk);
-    chunk<acc, acc, acc>(as_acc<T, acc>(p.x, c0, n, xbuf), as_acc<T, acc>(p.x_base, c0, n, xbbuf),
-                         as_acc<T, acc>(p.m, c0, n, mbuf), as_acc<T, acc>(p.m_cond, c0, n, mcbuf),
+    chunk<acc, acc, acc>(how, as_acc<T, acc>(p.x, c0, n, xbuf),
+                         as_acc<T, acc>(p.x_base, c0, n, xbbuf), as_acc<T, acc>(p.m, c0, n, mbuf),
+                         as_acc<T, acc>(p.m_cond, c0, n, mcbuf),
                          as_acc<T, acc>(p.noise, c0, n, nzbuf), hs.data(), p.n_hist, row, clamp,
                          p.n_out, n, dbuf, ys.data());
     for (int64_t o = 0; o < p.n_out; ++o) narrow<T, acc>(ys[o], n, p.out[o] + c0);

@@ -46,6 +46,11 @@ __global__ void step_kernel(const Params<T> p) {
     const acc* __restrict__ row = p.coeffs + (p.coeff_rows == 1 ? 0 : b * p.ncols);
     const step::Head<acc> h(row);
     const acc* __restrict__ C = row + step::kHead;
+    const bool xb_in = p.x_base != nullptr, nz_in = p.noise != nullptr;
+    bool only_d[kOut > 0 ? kOut : 1];  // outputs that are d itself (step::selects_d)
+#pragma unroll
+    for (int o = 0; o < (kOut > 0 ? kOut : 1); ++o)
+      only_d[o] = kOut > 0 && step::selects_d(C + o * nb, p.n_hist, xb_in, nz_in);
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.S;
          i += (int64_t)gridDim.x * blockDim.x) {
       const int64_t e = b * p.S + i;
@@ -74,14 +79,14 @@ __global__ void step_kernel(const Params<T> p) {
             y[o] = step::axpy(y[o], C[o * nb + step::kBasisHist + k], hv);
         }
 #pragma unroll
-        for (int o = 0; o < kOut; ++o) store(p.out[o], e, y[o]);
+        for (int o = 0; o < kOut; ++o) store(p.out[o], e, only_d[o] ? d : y[o]);
       } else {
         for (int64_t o = 0; o < p.n_out; ++o) {
           const acc* c = C + o * nb;
           acc v = head(c);
           for (int64_t k = 0; k < p.n_hist; ++k)
             v = step::axpy(v, c[step::kBasisHist + k], load(p.hist[k], e));
-          store(p.out[o], e, v);
+          store(p.out[o], e, step::selects_d(c, p.n_hist, xb_in, nz_in) ? d : v);
         }
       }
     }

@@ -40,6 +40,9 @@ from .registry import SAMPLERS, default_schedule, diffusers_args, family, resolv
 __all__ = ["Sampler", "make_generators", "randn", "DEFAULT_STEPS"]
 
 DEFAULT_STEPS = 20
+# A step's model time must equal the expected one to within this, relative and absolute
+# (Sampler._check_t; the compiled step is given it too).
+_T_TOL = 1e-6
 
 
 def _seed_list(seeds) -> list:
@@ -733,6 +736,8 @@ class Sampler:
         # (a program built before a backend switch leaves its runs at their next step)
         key = ("program", owned, device, dtype, fn, ext and ext._backend_epoch())
         if key not in self._tables:
+            for old in [k for k in self._tables if k[0] == "program" and k[5] != key[5]]:
+                del self._tables[old]  # built for an earlier backend: never used again
             program = None
             if ext is not None and isinstance(fn, torch._ops.OpOverload) \
                     and isinstance(fn_out, torch._ops.OpOverload) and fn_out._schema.name == fn._schema.name:
@@ -746,7 +751,7 @@ class Sampler:
                     calls.append((r.x_slot, r.x_owned, r.history, r.x_base, r.outs, r.release, x_at,
                                   x_in_at, op.clamp, op.noise, want.shape[0] == 1, w, coeffs[k], n_out))
                 program = ext.StepProgram(fn._schema.name, calls, len(internal), owned,
-                                          self.guidance_scale is not None)
+                                          self.guidance_scale is not None, _T_TOL)
             self._tables[key] = program
         return self._tables[key]
 
@@ -940,7 +945,7 @@ class Sampler:
 
     def _check_t(self, t, k, batch):
         # The compiled step (csrc/program.cpp, Run::check_t) makes the common case of this
-        # check itself, with the same tolerance, and hands every other case to this one.
+        # check itself (given _T_TOL) and hands every other case to this one.
         want = self._calls_t[k]
         if isinstance(t, torch.Tensor):
             if t.dim() > 1 or t.numel() not in (1, batch):
@@ -951,14 +956,14 @@ class Sampler:
             if t.numel() == 1 and want.shape[0] == 1:  # the common case, without numpy's
                 w = float(want[0])                     # allclose (~20 us per step)
                 w = w if self.grid.t_integer else float(np.float32(w))
-                if abs(float(t) - w) <= 1e-6 + 1e-6 * abs(w):
+                if abs(float(t) - w) <= _T_TOL * (1.0 + abs(w)):
                     return
             t = t.detach().double().reshape(-1).numpy()
         elif isinstance(t, (int, float, np.integer, np.floating)) and not isinstance(t, (bool, np.bool_)):
             t = np.array([float(t)])
         else:
             raise TypeError(f"t must be a number or a tensor, got {type(t).__name__}")
-        if not np.allclose(t, want if self.grid.t_integer else want.astype(np.float32), rtol=1e-6, atol=1e-6):
+        if not np.allclose(t, want if self.grid.t_integer else want.astype(np.float32), rtol=_T_TOL, atol=_T_TOL):
             raise ValueError(f"step {k} expects model time {want.tolist() if want.size < 5 else want[:4].tolist()}"
                              f", got {t.tolist() if t.size < 5 else t[:4].tolist()}: call step once per entry "
                              "of sampler.timesteps, in order (or reset())")

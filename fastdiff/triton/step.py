@@ -27,32 +27,42 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 @triton.jit
+def _term(y, only, c, v):
+    # One more basis term: y + c * v, and whether the row still selects d alone.
+    return y + c * v, only & (c == 0)
+
+
+@triton.jit
 def _output(row, NB: tl.constexpr, x, xb, d, nz, h0, h1, h2, h3, h4, h5, h6, h7,
             N_HIST: tl.constexpr, HAS_XB: tl.constexpr, HAS_NOISE: tl.constexpr):
-    # sum_j C_j * basis_j over [x, x_base, d, noise, h_0..], accumulated in basis order.
-    y = tl.load(row) * x
+    # sum_j C_j * basis_j over [x, x_base, d, noise, h_0..], accumulated in basis order;
+    # a row that selects d alone (1 on d, 0 on every present term) gives d itself.
+    c_x = tl.load(row)
+    c_d = tl.load(row + 2)
+    y = c_x * x
+    only = (c_x == 0) & (c_d == 1)
     if HAS_XB:
-        y = y + tl.load(row + 1) * xb
-    y = y + tl.load(row + 2) * d
+        y, only = _term(y, only, tl.load(row + 1), xb)
+    y = y + c_d * d
     if HAS_NOISE:
-        y = y + tl.load(row + 3) * nz
+        y, only = _term(y, only, tl.load(row + 3), nz)
     if N_HIST > 0:
-        y = y + tl.load(row + 4) * h0
+        y, only = _term(y, only, tl.load(row + 4), h0)
     if N_HIST > 1:
-        y = y + tl.load(row + 5) * h1
+        y, only = _term(y, only, tl.load(row + 5), h1)
     if N_HIST > 2:
-        y = y + tl.load(row + 6) * h2
+        y, only = _term(y, only, tl.load(row + 6), h2)
     if N_HIST > 3:
-        y = y + tl.load(row + 7) * h3
+        y, only = _term(y, only, tl.load(row + 7), h3)
     if N_HIST > 4:
-        y = y + tl.load(row + 8) * h4
+        y, only = _term(y, only, tl.load(row + 8), h4)
     if N_HIST > 5:
-        y = y + tl.load(row + 9) * h5
+        y, only = _term(y, only, tl.load(row + 9), h5)
     if N_HIST > 6:
-        y = y + tl.load(row + 10) * h6
+        y, only = _term(y, only, tl.load(row + 10), h6)
     if N_HIST > 7:
-        y = y + tl.load(row + 11) * h7
-    return y
+        y, only = _term(y, only, tl.load(row + 11), h7)
+    return tl.where(only, d, y)
 
 
 @triton.jit
