@@ -853,3 +853,46 @@ def test_states_edited_between_steps_follow_diffusers(cls, kw):
         want = out["diffusers", in_place]
         err = float((out["fused", in_place] - want).abs().max())
         assert err <= 1e-5 * float(want.abs().max()), (in_place, err)
+
+
+COPY_CASES = [(DPMSolverMultistepScheduler, {}), (UniPCMultistepScheduler, {}),
+              (EulerAncestralDiscreteScheduler, {}), (DDIMScheduler, {})]
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("case", range(len(COPY_CASES)), ids=lambda i: COPY_CASES[i][0].__name__)
+def test_a_copy_made_mid_run_continues_the_run(gen, case, how):
+    """A FusedScheduler copied in the middle of a run (copy.deepcopy, pickle) continues
+    that run, history and step index included, as a copy of diffusers' scheduler does;
+    the original goes on unaffected (the copy has its own history tensors)."""
+    import copy
+    import pickle
+    cls, kw = COPY_CASES[case]
+    src = cls(**kw)
+    noisy = cls is EulerAncestralDiscreteScheduler
+    fused = FusedScheduler.from_scheduler(src)
+    for sch in (src, fused):
+        sch.set_timesteps(8)
+    x = torch.randn(2, 4, 3, 5, generator=gen) * src.init_noise_sigma
+    y = x.clone()
+    ms = [torch.randn(2, 4, 3, 5, generator=gen) for _ in src.timesteps]
+    seeds = [int(s) for s in torch.randint(0, 2 ** 31, (len(ms),), generator=gen)]
+
+    def run(sch, x, k0, k1):
+        for k in range(k0, k1):
+            t = sch.timesteps[k]
+            kw = {"generator": torch.Generator().manual_seed(seeds[k])} if noisy else {}
+            x = sch.step(ms[k], t, x, **kw).prev_sample
+        return x
+
+    x, y = run(src, x, 0, 3), run(fused, y, 0, 3)
+    if how == "deepcopy":
+        src_c, fused_c = copy.deepcopy(src), copy.deepcopy(fused)
+    else:
+        src_c, fused_c = pickle.loads(pickle.dumps(src)), pickle.loads(pickle.dumps(fused))
+    assert fused_c.step_index == 3 and getattr(src_c, "step_index", 3) == 3
+    xc, yc = run(src_c, x.clone(), 3, 8), run(fused_c, y.clone(), 3, 8)
+    x, y = run(src, x, 3, 8), run(fused, y, 3, 8)
+    scale = float(x.abs().max())
+    torch.testing.assert_close(yc, xc, rtol=1e-5, atol=1e-5 * scale)
+    torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5 * scale)

@@ -328,6 +328,33 @@ def test_pickle_keeps_the_generator_state_and_to_dict_refuses_a_generator(gen):
     assert Sampler("ddim", steps=4, seeds=[1]) != Sampler("ddim", steps=4, seeds=[2])
 
 
+@pytest.mark.parametrize("name", ["dpm++2m", "unipc", "dpm++2m-sde", "heun"])
+@pytest.mark.parametrize("donate", [False, True])
+def test_copies_made_mid_run(name, donate, gen):
+    # copy.deepcopy and pickle carry the run in progress (step index, history), from the
+    # compiled step's slots too; the copy's history is its own (the original, stepping
+    # on with donated states, does not change it); copy.copy starts a new run.
+    s = Sampler(name, steps=6, seeds=[3, 4])
+    x_T = torch.randn(2, 3, 4, 4, generator=gen)
+    outs = [torch.randn(2, 3, 4, 4, generator=gen) for _ in range(len(s))]
+
+    def steps(sampler, x, k0, k1):
+        for k in range(k0, k1):
+            x = sampler.step(outs[k], sampler.timesteps[k], x, donate=donate)
+        return x
+
+    x = steps(s, s.init_noise(x_T), 0, 3)
+    assert s._run.prog is not None or name == "dpm++2m-sde"
+    copies = [copy.deepcopy(s), pickle.loads(pickle.dumps(s))]
+    x_copies = [x.clone() for _ in copies]
+    want = steps(s, x, 3, len(s))  # the original run, on to its end
+    for c, xc in zip(copies, x_copies):
+        assert c.step_index == 3
+        assert torch.equal(steps(c, xc, 3, len(s)), want)
+    fresh = copy.copy(s)
+    assert fresh.step_index == 0
+
+
 # -- memory layout -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["dpm++2m", "euler", "heun", "dpm++2s", "unipc", "ddpm"])

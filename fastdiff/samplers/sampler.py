@@ -346,8 +346,9 @@ class Sampler:
 
     def __getstate__(self):
         # The plan holds closures over the schedule; the arguments rebuild it exactly. The
-        # noise source is kept as it is now (generators pickle their state); runs in
-        # progress are not kept (an unpickled Sampler starts a new run).
+        # noise source is kept as it is now (generators pickle their state), and so is this
+        # thread's run in progress (its step index and history), so a copy made mid-run
+        # (copy.deepcopy, pickle) continues it: diffusers pipelines copy their scheduler.
         args, options = self._args
         args = dict(args)
         if self._seed_gens is None or self.generator is not self._seed_gens:
@@ -355,6 +356,9 @@ class Sampler:
         state = {"args": args, "options": options, "tails": self._tails}
         if self._seed_gens is not None and self.generator is self._seed_gens:
             state["seed_gens"] = self.generator  # the seeds' streams, where they are now
+        run = getattr(self._local, "run", None)
+        if run is not None and run.k > 0:
+            state["run"] = self._run_state(run)
         return state
 
     def __setstate__(self, state):
@@ -363,6 +367,35 @@ class Sampler:
             self.__dict__.update(self._tailed(state["tails"]).__dict__)
         if "seed_gens" in state:
             self.generator = self._seed_gens = state["seed_gens"]
+        if "run" in state:
+            r = state["run"]
+            run = self._local.run = _Run(r["donating"])
+            run.k, run.store, run.owned = r["k"], dict(r["store"]), set(r["owned"])
+            run.grad, run.brownian = r["grad"], r["brownian"]
+
+    def __copy__(self):
+        # A shallow copy would share the run's history tensors, which the run overwrites
+        # in place: it starts a new run instead (as tail() wants).
+        state = self.__getstate__()
+        state.pop("run", None)
+        new = type(self).__new__(type(self))
+        new.__setstate__(state)
+        return new
+
+    def _run_state(self, run):
+        """A run's state by names (its history tensors, which of them it may overwrite),
+        also while the compiled step holds them; the folded next model input is left out
+        (remade from the state at the next step)."""
+        store, owned = run.store, run.owned
+        if run.k >= self._n_calls:  # finished: its next step says so, no history needed
+            store, owned = {}, set()
+        elif run.prog is not None:
+            slots = run.prog.slots()
+            names = self._program(run.prog.owned)[0][run.k].names
+            store = {n: slots[s] for n, s, _ in names}
+            owned = {n for n, _, internal in names if internal}
+        return {"k": run.k, "store": store, "owned": owned, "grad": run.grad,
+                "brownian": run.brownian, "donating": run.donating}
 
     def _finalize(self):
         calls = self.plan.calls
