@@ -618,8 +618,6 @@ def test_step_arguments_of_the_class_at_their_default(gen):
                                ddim_src.step(m, t, x, use_clipped_model_output=None).prev_sample)
     edm = FusedScheduler.from_scheduler(EDMEulerScheduler())
     edm.set_timesteps(4)
-    with pytest.raises(ValueError, match="EDMEulerScheduler.step\\(s_churn=...\\) is not reproduced"):
-        edm.step(m, edm.timesteps[0], x, s_churn=1.0)
     with pytest.raises(TypeError, match="unsupported argument.*'per_token_timesteps'"):
         edm.step(m, edm.timesteps[0], x, per_token_timesteps=None)  # EDMEuler's step does not take it
 
@@ -896,3 +894,39 @@ def test_a_copy_made_mid_run_continues_the_run(gen, case, how):
     scale = float(x.abs().max())
     torch.testing.assert_close(yc, xc, rtol=1e-5, atol=1e-5 * scale)
     torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5 * scale)
+
+
+CHURN_CASES = [(EulerDiscreteScheduler, {}, {"s_churn": 3.0, "s_tmin": 0.2, "s_tmax": 8.0, "s_noise": 1.01}),
+               (EulerDiscreteScheduler, {"prediction_type": "v_prediction"}, {"s_churn": 1.0}),
+               (EDMEulerScheduler, {}, {"s_churn": 2.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003}),
+               (FlowMatchHeunDiscreteScheduler, {"shift": 3.0},
+                {"s_churn": 4.0, "s_tmin": 0.3, "s_tmax": 0.95, "s_noise": 1.02}),
+               (FlowMatchEulerDiscreteScheduler, {"shift": 3.0}, {"s_churn": 4.0, "s_noise": 1.02})]
+
+
+@pytest.mark.parametrize("case", range(len(CHURN_CASES)), ids=lambda i: CHURN_CASES[i][0].__name__)
+def test_churn_step_arguments_follow_diffusers(gen, case):
+    """EDM's churn passed to step(), as a pipeline's loop would pass it every step: the
+    fused run is built with it and equals diffusers' steps drawing the same noise
+    (FlowMatchEulerDiscreteScheduler takes and ignores it: so does FusedScheduler); a run
+    without it afterwards is the plain one again; a change mid-run is refused."""
+    cls, config, churn = CHURN_CASES[case]
+    src = cls(**config)
+    fused = FusedScheduler.from_scheduler(src)
+    for kw in (churn, {}):
+        for sch in (src, fused):
+            sch.set_timesteps(6)
+        x = torch.randn(2, 4, 3, 5, generator=gen) * getattr(src, "init_noise_sigma", 1.0)
+        y = x.clone()
+        for t in src.timesteps:
+            m = torch.randn(2, 4, 3, 5, generator=gen)
+            seed = int(torch.randint(0, 2 ** 31, (1,), generator=gen))
+            x = src.step(m, t, x, generator=torch.Generator().manual_seed(seed), **kw).prev_sample
+            y = fused.step(m, t, y, generator=torch.Generator().manual_seed(seed), **kw).prev_sample
+            torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5 * float(x.abs().max()))
+    assert fused.sampler.stochastic is False
+    if cls is not FlowMatchEulerDiscreteScheduler:
+        fused.set_timesteps(6)
+        fused.step(m, fused.timesteps[0], y)
+        with pytest.raises(ValueError, match="s_churn/s_tmin/s_tmax/s_noise changed in the middle of a run"):
+            fused.step(m, fused.timesteps[1], y, **churn)

@@ -17,6 +17,7 @@ and ``fastdiff.FusedScheduler`` load it on first use).
 from __future__ import annotations
 
 import inspect
+import numbers
 
 import diffusers
 import numpy as np
@@ -108,6 +109,13 @@ _STEP_AT_DEFAULT = {
                            "below it, a step size per token read from the tensor's values, while a fused step "
                            "has one set of coefficients per sample, fixed by set_timesteps",
 }
+# EDM's churn, as step() arguments (Karras et al. 2022): where a class applies it, values
+# other than the defaults build the run's sampler with them (fixed for the whole run,
+# chosen at its first step, as eta); FlowMatchEulerDiscreteScheduler takes them and
+# ignores them, so they are accepted at any value there.
+_CHURN_ARGS = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+_CHURN_CLASSES = ("EulerDiscreteScheduler", "EDMEulerScheduler", "FlowMatchHeunDiscreteScheduler")
+_IGNORES_CHURN = ("FlowMatchEulerDiscreteScheduler",)
 # What step() returns besides prev_sample, by class (diffusers' output fields; the
 # tuple form's second element): LCM's consistency output, TCD's noised estimate.
 _SECOND_OUTPUT = {"LCMScheduler": "denoised", "TCDScheduler": "pred_noised_sample"}
@@ -188,12 +196,12 @@ class FusedSchedulerOutput:
 
 class _Run:
     """A fused sampler and what the scheduler derives from it once: per-call noise levels
-    (alpha, sigma) and model-input scales (None: the sample itself), the DDIM eta it
-    was built with, and whether its steps draw no noise (``direct``: a step can then go
+    (alpha, sigma) and model-input scales (None: the sample itself), the DDIM eta and
+    the churn options ((name, value) pairs, _CHURN_ARGS) it was built with, and whether its steps draw no noise (``direct``: a step can then go
     straight to the compiled step)."""
 
-    def __init__(self, sampler: Sampler, eta: float = 0.0):
-        self.sampler, self.eta = sampler, eta
+    def __init__(self, sampler: Sampler, eta: float = 0.0, churn: tuple = ()):
+        self.sampler, self.eta, self.churn = sampler, eta, churn
         grid, calls = sampler.grid, sampler.plan.calls
         if grid.rows != 1:
             raise ValueError("FusedScheduler runs one grid for the whole batch")
@@ -491,7 +499,8 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
                 sampler = Sampler.from_diffusers(self._source, timesteps=list(ts or key[1]), **extra)
             else:
                 sampler = Sampler.from_diffusers(self._source, key[1], **extra)
-            run = self._runs[(key, eta)] = _Run(sampler, self._eta if eta is None else eta)
+            churn = tuple(kv for kv in key[2] if kv[0] in _CHURN_ARGS)
+            run = self._runs[(key, eta)] = _Run(sampler, self._eta if eta is None else eta, churn)
             while len(self._runs) > 4:  # a few recent step counts, their device tables kept
                 self._runs.pop(next(iter(self._runs)))
         return run
@@ -520,9 +529,9 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
         if mode == "continue":
             self._pending, self._offset = True, b
         elif mode == "restart":
-            self._started = _Run(self._restart(full, b), self._run.eta)
+            self._started = _Run(self._restart(full, b), self._run.eta, self._run.churn)
         else:
-            self._started = _Run(self._resumed_plms(b), self._run.eta)
+            self._started = _Run(self._resumed_plms(b), self._run.eta, self._run.churn)
         return self._started
 
     def _restart(self, full, b):
@@ -592,19 +601,25 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
                 one per sample.
             eta: DDIM's eta (pipelines pass it when ``step`` takes it); ignored, as by
                 diffusers, for classes whose ``step`` has no eta.
-            kwargs: other arguments of the replaced class's ``step``, accepted at their
-                default (``per_token_timesteps=None``, ``s_churn=0.0``, ...); another value
-                is a ValueError naming it.
+            kwargs: other arguments of the replaced class's ``step``. EDM's churn
+                (``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``) is applied as diffusers
+                does where the class applies it (the same values for a whole run; a change
+                in the middle of a run is a ValueError), and accepted at any value where
+                diffusers ignores it (FlowMatchEulerDiscreteScheduler); every other
+                argument is accepted at its default (``per_token_timesteps=None``, ...), and
+                another value is a ValueError naming it.
         Returns:
             :class:`FusedSchedulerOutput` (``prev_sample`` first), whatever ``return_dict``.
         """
-        if kwargs:
-            self._check_step_kwargs(kwargs)
+        churn = self._check_step_kwargs(kwargs) if kwargs else ()
         run = self._started or self._start()
-        if eta is not None and "eta" in self._step_params and eta != run.eta:
+        new_eta = eta is not None and "eta" in self._step_params and eta != run.eta
+        if new_eta or churn != run.churn:
             if self._done:
-                raise ValueError("FusedScheduler: eta changed in the middle of a run")
-            self._run = self._get_run(self._key, float(eta))
+                what = "eta" if new_eta else "/".join(_CHURN_ARGS)
+                raise ValueError(f"FusedScheduler: {what} changed in the middle of a run")
+            key = self._key[:2] + (self._key[2] + churn,)
+            self._run = self._get_run(key, float(eta) if new_eta else None)
             run = self._start()
         s = run.sampler
         if self._pending:
@@ -623,20 +638,31 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
 
     def _check_step_kwargs(self, kwargs):
         """Refuse step() arguments the replaced class's step does not take (TypeError, as
-        calling it would) and those it takes at a value other than its default."""
+        calling it would) and those it takes at a value other than its default, except
+        EDM's churn; returns the churn options to build the run with ((name, value)
+        pairs, those not at their default)."""
         cls = self.config.scheduler_class
         unknown = sorted(set(kwargs) - set(self._step_defaults))
         if unknown:
             raise TypeError(f"FusedScheduler.step ({cls}) got unsupported argument(s) {unknown}")
+        churn = []
         for name, value in kwargs.items():
             default = self._step_defaults[name]
             if value is default or (default is not None and not torch.is_tensor(value) and value == default):
+                continue
+            if name in _CHURN_ARGS and cls in _IGNORES_CHURN:
+                continue
+            if name in _CHURN_ARGS and cls in _CHURN_CLASSES:
+                if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                    raise TypeError(f"FusedScheduler.step: {name} must be a number, got {type(value).__name__}")
+                churn.append((name, float(value)))
                 continue
             if value is None and default is False:  # a flag diffusers tests for truth (DDIMPipeline passes
                 continue                            # use_clipped_model_output=None)
             why = _STEP_AT_DEFAULT.get(name, "the fused step is built by set_timesteps with the class's default "
                                              f"{default!r}")
             raise ValueError(f"FusedScheduler: {cls}.step({name}=...) is not reproduced: {why}")
+        return tuple(sorted(churn))
 
     def _model_output(self, model_output, sample):
         m = model_output.sample if hasattr(model_output, "sample") else model_output
