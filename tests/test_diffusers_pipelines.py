@@ -930,3 +930,41 @@ def test_churn_step_arguments_follow_diffusers(gen, case):
         fused.step(m, fused.timesteps[0], y)
         with pytest.raises(ValueError, match="s_churn/s_tmin/s_tmax/s_noise changed in the middle of a run"):
             fused.step(m, fused.timesteps[1], y, **churn)
+
+
+@pytest.mark.parametrize("cls, config", [(EulerDiscreteScheduler, {"use_karras_sigmas": True}),
+                                         (EulerDiscreteScheduler, {"use_exponential_sigmas": True}),
+                                         (EulerDiscreteScheduler, {"prediction_type": "v_prediction"})],
+                         ids=["karras", "exponential", "v_prediction"])
+def test_churn_bounds_at_the_schedules_levels_follow_diffusers(gen, cls, config):
+    """s_tmin / s_tmax set to one of the run's noise levels (as read from diffusers'
+    sigmas) include that level, as diffusers' float32 comparison does; one-element
+    tensors are taken as their values."""
+    src = cls(**config)
+    src.set_timesteps(5)
+    levels = [float(v) for v in src.sigmas[:5]]
+    for j in (1, 3):
+        for churn in ({"s_churn": 2.0, "s_tmin": levels[j], "s_tmax": levels[j]},
+                      {"s_churn": torch.tensor(2.0), "s_tmin": levels[j]},
+                      {"s_churn": 2, "s_tmax": levels[j], "s_noise": np.float32(1.01)}):
+            src = cls(**config)
+            fused = FusedScheduler.from_scheduler(src)
+            for sch in (src, fused):
+                sch.set_timesteps(5)
+            x = torch.randn(2, 4, 3, 5, generator=gen) * src.init_noise_sigma
+            y = x.clone()
+            for t in src.timesteps:
+                m = torch.randn(2, 4, 3, 5, generator=gen)
+                seed = int(torch.randint(0, 2 ** 31, (1,), generator=gen))
+                x = src.step(m, t, x, generator=torch.Generator().manual_seed(seed), **churn).prev_sample
+                y = fused.step(m, t, y, generator=torch.Generator().manual_seed(seed), **churn).prev_sample
+            torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5 * float(x.abs().max()))
+
+
+def test_churn_with_a_non_finite_noise_scale_is_refused(gen):
+    fused = FusedScheduler.from_scheduler(EulerDiscreteScheduler())
+    fused.set_timesteps(4)
+    x = torch.randn(1, 4, 3, 3, generator=gen)
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="s_noise must be a finite number"):
+            fused.step(torch.randn_like(x), fused.timesteps[0], x, s_churn=1.0, s_noise=bad)

@@ -355,6 +355,59 @@ def test_copies_made_mid_run(name, donate, gen):
     assert fresh.step_index == 0
 
 
+
+@pytest.mark.parametrize("name", ["dpm++sde", "cosine-dpm"])
+def test_copies_made_mid_run_keep_the_brownian_paths(name, gen):
+    # The Brownian-tree samplers' run holds torchsde trees, which neither pickle nor
+    # deep-copy as they are: a copy regrows them and goes on drawing the same noise.
+    s = Sampler(name, steps=5, seeds=[3, 4])
+    x_T = torch.randn(2, 3, 4, 4, generator=gen)
+    outs = [torch.randn(2, 3, 4, 4, generator=gen) for _ in range(len(s))]
+
+    def steps(sampler, x, k0, k1):
+        for k in range(k0, k1):
+            x = sampler.step(outs[k] + 0.1 * torch.tanh(x), sampler.timesteps[k], x)
+        return x
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchsde's tolerance warnings at the ends
+        for k in (1, 3, len(s)):
+            x = steps(s, s.init_noise(x_T), 0, k)
+            copies = [copy.deepcopy(s), pickle.loads(pickle.dumps(s)), copy.deepcopy(copy.deepcopy(s))]
+            x_copies = [x.clone() for _ in copies]
+            want = steps(s, x, k, len(s))
+            for c, xc in zip(copies, x_copies):
+                assert c.step_index == k
+                assert torch.equal(steps(c, xc, k, len(s)), want)
+
+
+def test_a_copy_made_mid_run_continues_in_another_thread(gen):
+    # The copy's run goes to the first thread that uses the copy, not only to the thread
+    # that made it (a server may copy a scheduler and step it in a worker).
+    s = Sampler("dpm++2m", steps=6)
+    x_T = torch.randn(2, 3, 4, 4, generator=gen)
+    outs = [torch.randn(2, 3, 4, 4, generator=gen) for _ in range(len(s))]
+    x = s.init_noise(x_T)
+    for k in range(2):
+        x = s.step(outs[k], s.timesteps[k], x)
+    c = copy.deepcopy(s)
+    got = {}
+
+    def worker():
+        got["k"], y = c.step_index, x.clone()
+        for k in range(2, len(c)):
+            y = c.step(outs[k], c.timesteps[k], y)
+        got["x"] = y
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    for k in range(2, len(s)):
+        x = s.step(outs[k], s.timesteps[k], x)
+    assert got["k"] == 2 and torch.equal(got["x"], x)
+    assert c.step_index == 0  # this thread's run of the copy is a new one
+
+
 # -- memory layout -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["dpm++2m", "euler", "heun", "dpm++2s", "unipc", "ddpm"])

@@ -736,6 +736,35 @@ def test_cpu_kernel_output_selecting_d(gen, dtype, case):
             assert_d_row_outputs(out, want, case[2])
 
 
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_kernel_several_outputs_selecting_d(gen, dtype):
+    # Several d outputs (of six; of four in place, over x, the model output and history
+    # tensors), eight history terms, -0 coefficients on the other terms (zero too),
+    # vector-block edges and a size split into parallel tasks.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for case in ((8, 6, (0, 2, 5), True, True, True, False), (8, 4, (0, 3), False, False, False, False)):
+            for size in (17, 513, 40000):
+                args = d_row_case(gen, (3, size), dtype, *case)
+                nb = step_n_basis(8)
+                for o in case[2]:
+                    present = [0, 4, 11] + [j for j, on in ((1, case[5]), (3, case[4])) if on]
+                    args[6][:-1, STEP_HEAD + o * nb + torch.tensor(present)] = -0.0
+                want = step_ref(*args)
+                assert_d_row_outputs(torch.ops.fastdiff.sampler_step(*args), want, case[2])
+                if case[1] > 4:
+                    continue
+                x, m, hist = args[0].clone(), args[2].clone(), [h.clone() for h in args[4]]
+                out = [x, m, hist[7], hist[0]]
+                torch.ops.fastdiff.sampler_step.out(x, args[1], m, args[3], hist, *args[5:8], out=out)
+                assert_d_row_outputs(out, want, case[2])
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_triton_kernel_output_selecting_d(gen, dtype):
     kernel = _ops.triton_fn("sampler_step")

@@ -617,7 +617,8 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
         if new_eta or churn != run.churn:
             if self._done:
                 what = "eta" if new_eta else "/".join(_CHURN_ARGS)
-                raise ValueError(f"FusedScheduler: {what} changed in the middle of a run")
+                raise ValueError(f"FusedScheduler: {what} changed in the middle of a run (the fused run is "
+                                 "built with the values of its first step: pass the same ones at every step)")
             key = self._key[:2] + (self._key[2] + churn,)
             self._run = self._get_run(key, float(eta) if new_eta else None)
             run = self._start()
@@ -648,6 +649,9 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
         churn = []
         for name, value in kwargs.items():
             default = self._step_defaults[name]
+            if name in _CHURN_ARGS and torch.is_tensor(value) and value.numel() == 1 \
+                    and not value.dtype.is_complex and value.dtype != torch.bool:
+                value = value.item()  # diffusers takes a one-element tensor as its value
             if value is default or (default is not None and not torch.is_tensor(value) and value == default):
                 continue
             if name in _CHURN_ARGS and cls in _IGNORES_CHURN:

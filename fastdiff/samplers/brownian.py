@@ -36,16 +36,37 @@ class BrownianNoise:
         if self.batched and len(seeds) != x.shape[0]:
             raise ValueError(f"got {len(seeds)} seeds for a batch of {x.shape[0]}")
         shape = tuple(x.shape[1:]) if self.batched else tuple(x.shape)
-        seeds = list(seeds) if self.batched else [seeds]
+        seeds = [int(s) for s in seeds] if self.batched else [int(seeds)]
         t0, t1 = np.broadcast_to(t0, (len(seeds),)), np.broadcast_to(t1, (len(seeds),))
-        self.trees = [torchsde.BrownianInterval(t0=float(a), t1=float(b), size=shape, dtype=x.dtype,
-                                                device=x.device, entropy=int(s), tol=1e-6, pool_size=24,
-                                                halfway_tree=True)
+        self._made = (shape, x.dtype, x.device, [float(a) for a in t0], [float(b) for b in t1], seeds)
+        self._asked = []  # the increments drawn so far, in order (see __getstate__)
+        self._grow()
+
+    def _grow(self):
+        import torchsde
+        shape, dtype, device, t0, t1, seeds = self._made
+        self.trees = [torchsde.BrownianInterval(t0=a, t1=b, size=shape, dtype=dtype, device=device,
+                                                entropy=s, tol=1e-6, pool_size=24, halfway_tree=True)
                       for s, a, b in zip(seeds, t0, t1)]
+
+    def __getstate__(self):
+        # torchsde's trees neither pickle (a lambda) nor deep-copy (their cache is keyed by
+        # the identity of their nodes): a copy (a Sampler copied mid-run) grows its own
+        # from the same seeds and draws the increments drawn so far again, which leaves
+        # its trees as the original's are, so it goes on drawing the same noise.
+        return {"batched": self.batched, "made": self._made, "asked": list(self._asked)}
+
+    def __setstate__(self, state):
+        self.batched, self._made = state["batched"], state["made"]
+        self._asked = []
+        self._grow()
+        for sa, sb in state["asked"]:
+            self(sa, sb)
 
     def __call__(self, sa, sb) -> torch.Tensor:
         """Standardised increment between the levels sa and sb (floats, or [R] arrays with
         one entry per path)."""
+        self._asked.append((sa, sb))
         sa, sb = np.broadcast_to(sa, (len(self.trees),)), np.broadcast_to(sb, (len(self.trees),))
         out = []
         for tree, a, b in zip(self.trees, sa, sb):

@@ -37,7 +37,7 @@ def edm_euler(grid: Grid, *, pred, clamp, sigma_data: float = 0.5, s_churn: floa
     call: x' = (1 + dt w) x + dt w_m F + c (1 + dt w) z with d = w x + w_m F."""
     P, sig, calls = EDMPrecond(pred, sigma_data), grid.sigma, []
     for i in range(grid.n):
-        gamma, sh = churn(sig[:, i], grid.n, s_churn, s_tmin, s_tmax, clamp)
+        gamma, sh = churn(sig[:, i], grid.n, s_churn, s_tmin, s_tmax, clamp, s_noise)
         up = s_noise * np.sqrt(sh ** 2 - sig[:, i] ** 2)
         c = Coeffs(grid.rows, 1)
         one = np.ones_like(sh)

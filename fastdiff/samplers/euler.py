@@ -19,16 +19,23 @@ from .grid import Grid, _from_sk
 __all__ = ["euler", "euler_ancestral", "heun", "init_scale", "churn"]
 
 
-def churn(sk, n: int, s_churn: float, s_tmin: float, s_tmax: float, clamp=None):
+def churn(sk, n: int, s_churn: float, s_tmin: float, s_tmax: float, clamp=None, s_noise: float = 1.0):
     """EDM's stochastic churn (Karras et al. 2022, diffusers' Euler ``step``): gamma =
     min(s_churn / n, sqrt(2) - 1) where s_tmin <= sk <= s_tmax, else 0, n the number of
-    steps; returns (gamma [R], sk_hat = sk (1 + gamma) [R])."""
+    steps; returns (gamma [R], sk_hat = sk (1 + gamma) [R]). ``s_noise`` (the churn noise's
+    scale, applied by the caller) is only checked here."""
     if not (s_churn >= 0 and s_tmin <= s_tmax):
         raise ValueError(f"need s_churn >= 0 and s_tmin <= s_tmax, got {s_churn}, {s_tmin}, {s_tmax}")
+    if not math.isfinite(s_noise):
+        raise ValueError(f"s_noise must be a finite number, got {s_noise}")
     if s_churn > 0 and clamp is not None:
         raise ValueError("s_churn cannot be combined with clipping / thresholding (the data estimate "
                          "would be taken from the state before the churn noise)")
-    gamma = np.where((s_tmin <= sk) & (sk <= s_tmax), min(s_churn / n, math.sqrt(2) - 1), 0.0)
+    # diffusers and k-diffusion compare their float32 levels with the bounds (which torch
+    # rounds to float32): a bound set to one of the levels includes it there too
+    with np.errstate(over="ignore"):
+        lv, lo, hi = np.asarray(sk, dtype=np.float32), np.float32(s_tmin), np.float32(s_tmax)
+    gamma = np.where((lo <= lv) & (lv <= hi), min(s_churn / n, math.sqrt(2) - 1), 0.0)
     return gamma, sk * (gamma + 1)
 
 
@@ -69,7 +76,7 @@ def euler(grid: Grid, *, pred, clamp, init_noise_sigma=None, s_churn: float = 0.
     """
     sk, calls = grid.sk, []
     for i in range(grid.n):
-        gamma, sh = churn(sk[:, i], grid.n, s_churn, s_tmin, s_tmax, clamp)
+        gamma, sh = churn(sk[:, i], grid.n, s_churn, s_tmin, s_tmax, clamp, s_noise)
         c = Coeffs(grid.rows, 1)
         if not (gamma > 0).any():
             clamped = derivative(c, grid, i, pred, clamp)

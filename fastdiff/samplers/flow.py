@@ -55,7 +55,7 @@ def flow_heun(grid: Grid, *, pred, clamp, s_churn: float = 0.0, s_tmin: float = 
     corrector draws (and discards) a noise tensor too, as diffusers does.
     """
     s, calls = grid.sigma, []
-    gamma, sh = churn(s[:, :-1], 2 * grid.n - 1, s_churn, s_tmin, s_tmax, clamp)
+    gamma, sh = churn(s[:, :-1], 2 * grid.n - 1, s_churn, s_tmin, s_tmax, clamp, s_noise)
     if (gamma > 0).any() and pred != "flow_prediction":
         raise ValueError("churn in flow-heun reads the model output as the velocity: prediction_type "
                          "must be 'flow_prediction'")

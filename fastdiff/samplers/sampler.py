@@ -356,7 +356,7 @@ class Sampler:
         state = {"args": args, "options": options, "tails": self._tails}
         if self._seed_gens is not None and self.generator is self._seed_gens:
             state["seed_gens"] = self.generator  # the seeds' streams, where they are now
-        run = getattr(self._local, "run", None)
+        run = getattr(self._local, "run", None) or self.__dict__.get("_carried")
         if run is not None and run.k > 0:
             state["run"] = self._run_state(run)
         return state
@@ -368,8 +368,10 @@ class Sampler:
         if "seed_gens" in state:
             self.generator = self._seed_gens = state["seed_gens"]
         if "run" in state:
+            # The copy's run is that of the first thread that uses the copy (the copy may
+            # be made in one thread and stepped in another, as a server hands it on).
             r = state["run"]
-            run = self._local.run = _Run(r["donating"])
+            run = self._carried = _Run(r["donating"])
             run.k, run.store, run.owned = r["k"], dict(r["store"]), set(r["owned"])
             run.grad, run.brownian = r["grad"], r["brownian"]
 
@@ -539,7 +541,8 @@ class Sampler:
     def _run(self) -> "_Run":
         run = getattr(self._local, "run", None)
         if run is None:
-            run = self._local.run = _Run()
+            # (dict.pop is atomic: one thread takes a copy's carried run, see __setstate__)
+            run = self._local.run = self.__dict__.pop("_carried", None) or _Run()
         return run
 
     def reset(self):
