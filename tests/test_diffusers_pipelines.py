@@ -904,6 +904,23 @@ CHURN_CASES = [(EulerDiscreteScheduler, {}, {"s_churn": 3.0, "s_tmin": 0.2, "s_t
                (FlowMatchEulerDiscreteScheduler, {"shift": 3.0}, {"s_churn": 4.0, "s_noise": 1.02})]
 
 
+def _churn_lockstep(src, fused, steps, churn, gen):
+    """diffusers' scheduler and FusedScheduler stepped side by side with the same model
+    outputs, noise seeds and step() arguments: [(diffusers' state, fused state)] per step,
+    and the last model output."""
+    for sch in (src, fused):
+        sch.set_timesteps(steps)
+    x = torch.randn(2, 4, 3, 5, generator=gen) * getattr(src, "init_noise_sigma", 1.0)
+    y, states = x.clone(), []
+    for t in src.timesteps:
+        m = torch.randn(2, 4, 3, 5, generator=gen)
+        seed = int(torch.randint(0, 2 ** 31, (1,), generator=gen))
+        x = src.step(m, t, x, generator=torch.Generator().manual_seed(seed), **churn).prev_sample
+        y = fused.step(m, t, y, generator=torch.Generator().manual_seed(seed), **churn).prev_sample
+        states.append((x, y))
+    return states, m
+
+
 @pytest.mark.parametrize("case", range(len(CHURN_CASES)), ids=lambda i: CHURN_CASES[i][0].__name__)
 def test_churn_step_arguments_follow_diffusers(gen, case):
     """EDM's churn passed to step(), as a pipeline's loop would pass it every step: the
@@ -914,15 +931,8 @@ def test_churn_step_arguments_follow_diffusers(gen, case):
     src = cls(**config)
     fused = FusedScheduler.from_scheduler(src)
     for kw in (churn, {}):
-        for sch in (src, fused):
-            sch.set_timesteps(6)
-        x = torch.randn(2, 4, 3, 5, generator=gen) * getattr(src, "init_noise_sigma", 1.0)
-        y = x.clone()
-        for t in src.timesteps:
-            m = torch.randn(2, 4, 3, 5, generator=gen)
-            seed = int(torch.randint(0, 2 ** 31, (1,), generator=gen))
-            x = src.step(m, t, x, generator=torch.Generator().manual_seed(seed), **kw).prev_sample
-            y = fused.step(m, t, y, generator=torch.Generator().manual_seed(seed), **kw).prev_sample
+        states, m = _churn_lockstep(src, fused, 6, kw, gen)
+        for x, y in states:
             torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5 * float(x.abs().max()))
     assert fused.sampler.stochastic is False
     if cls is not FlowMatchEulerDiscreteScheduler:
@@ -948,16 +958,7 @@ def test_churn_bounds_at_the_schedules_levels_follow_diffusers(gen, cls, config)
                       {"s_churn": torch.tensor(2.0), "s_tmin": levels[j]},
                       {"s_churn": 2, "s_tmax": levels[j], "s_noise": np.float32(1.01)}):
             src = cls(**config)
-            fused = FusedScheduler.from_scheduler(src)
-            for sch in (src, fused):
-                sch.set_timesteps(5)
-            x = torch.randn(2, 4, 3, 5, generator=gen) * src.init_noise_sigma
-            y = x.clone()
-            for t in src.timesteps:
-                m = torch.randn(2, 4, 3, 5, generator=gen)
-                seed = int(torch.randint(0, 2 ** 31, (1,), generator=gen))
-                x = src.step(m, t, x, generator=torch.Generator().manual_seed(seed), **churn).prev_sample
-                y = fused.step(m, t, y, generator=torch.Generator().manual_seed(seed), **churn).prev_sample
+            (x, y), = _churn_lockstep(src, FusedScheduler.from_scheduler(src), 5, churn, gen)[0][-1:]
             torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5 * float(x.abs().max()))
 
 

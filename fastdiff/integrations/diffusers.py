@@ -197,8 +197,9 @@ class FusedSchedulerOutput:
 class _Run:
     """A fused sampler and what the scheduler derives from it once: per-call noise levels
     (alpha, sigma) and model-input scales (None: the sample itself), the DDIM eta and
-    the churn options ((name, value) pairs, _CHURN_ARGS) it was built with, and whether its steps draw no noise (``direct``: a step can then go
-    straight to the compiled step)."""
+    the churn options ((name, value) pairs, _CHURN_ARGS) it was built with, and whether
+    its steps draw no noise (``direct``: a step can then go straight to the compiled
+    step)."""
 
     def __init__(self, sampler: Sampler, eta: float = 0.0, churn: tuple = ()):
         self.sampler, self.eta, self.churn = sampler, eta, churn

@@ -392,10 +392,7 @@ class Sampler:
         if run.k >= self._n_calls:  # finished: its next step says so, no history needed
             store, owned = {}, set()
         elif run.prog is not None:
-            slots = run.prog.slots()
-            names = self._program(run.prog.owned)[0][run.k].names
-            store = {n: slots[s] for n, s, _ in names}
-            owned = {n for n, _, internal in names if internal}
+            store, owned = self._named(run)
         return {"k": run.k, "store": store, "owned": owned, "grad": run.grad,
                 "brownian": run.brownian, "donating": run.donating}
 
@@ -831,12 +828,16 @@ class Sampler:
                     else self._brownian_noise(run, x, op, generator)
                 noise = noise.contiguous()
 
-    def _leave_program(self, run):
-        """Continue the run by names (the general step) from the current call."""
+    def _named(self, run):
+        """(store, owned) of a run in the compiled step at its current call: the slots'
+        tensors by name, and the names it may overwrite."""
         S = run.prog.slots()
         names = self._program(run.prog.owned)[0][run.k].names
-        run.store = {n: S[s] for n, s, _ in names}
-        run.owned = {n for n, _, internal in names if internal}
+        return {n: S[s] for n, s, _ in names}, {n for n, _, internal in names if internal}
+
+    def _leave_program(self, run):
+        """Continue the run by names (the general step) from the current call."""
+        run.store, run.owned = self._named(run)
         run.prog = None
         return None
 
